@@ -1,0 +1,3 @@
+"""F-LMM on PyTorch Lightning."""
+
+__version__ = "0.1.0"
