@@ -37,3 +37,13 @@ class GroundingSample:
     @property
     def num_objects(self) -> int:
         return len(self.phrases)
+
+
+@dataclass
+class SkippedSample:
+    """A sample left out under ``on_bad_sample: skip``; travels with the batch so that it is counted."""
+
+    dataset: str
+    sample_id: str
+    path: str
+    reason: str
