@@ -32,7 +32,9 @@ class GroundingSample:
 
     def __post_init__(self) -> None:
         if not self.utterances:
-            self.utterances = [piece for k, p in enumerate(self.phrases) for piece in ((p, k), (".", NOT_GROUNDED))]
+            self.utterances = [
+                piece for k, p in enumerate(self.phrases) for piece in ((p, k), (".", NOT_GROUNDED))
+            ]
 
     @property
     def num_objects(self) -> int:

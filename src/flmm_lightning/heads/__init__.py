@@ -1,0 +1,31 @@
+"""Trainable heads on top of the frozen LMM: U-Net mask head, SAM refiner, losses."""
+
+from flmm_lightning.heads.losses import MaskLosses, bce_loss, dice_loss, mask_losses
+from flmm_lightning.heads.sam_refiner import (
+    SamRefiner,
+    binarize_coarse,
+    build_sam,
+    masks_to_boxes,
+    prompt_masks,
+    resize_boxes,
+    sam_input_image,
+    select_candidate,
+)
+from flmm_lightning.heads.unet import UNetMaskHead, crop_to_content
+
+__all__ = [
+    "MaskLosses",
+    "SamRefiner",
+    "UNetMaskHead",
+    "bce_loss",
+    "binarize_coarse",
+    "build_sam",
+    "crop_to_content",
+    "dice_loss",
+    "mask_losses",
+    "masks_to_boxes",
+    "prompt_masks",
+    "resize_boxes",
+    "sam_input_image",
+    "select_candidate",
+]

@@ -1,0 +1,26 @@
+"""Frozen LMM adapters (one module per family) and attention capture.
+
+The boundary types import eagerly; the adapters (which import transformers) load on first access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from flmm_lightning.lmm.base import FrozenLMM, GroundingFeatures, LMMBatch, PromptBuilder, PromptInputs
+
+_LAZY = {
+    "Qwen2VLAdapter": "flmm_lightning.lmm.qwen2_vl",
+    "Qwen2VLPromptBuilder": "flmm_lightning.lmm.qwen2_vl",
+    "AttentionCapture": "flmm_lightning.lmm.capture",
+    "build_capture": "flmm_lightning.lmm.capture",
+}
+
+__all__ = ["FrozenLMM", "GroundingFeatures", "LMMBatch", "PromptBuilder", "PromptInputs", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,7 @@ class PromptInputs:
 
     input_ids: torch.Tensor  # long [S]: chat prompt with image tokens, then the utterance tokens
     mask_ids: torch.Tensor  # long [S]: object index per token, -1 elsewhere
-    pixel_inputs: dict[str, torch.Tensor]  # processor outputs for this image (e.g. pixel_values, image_grid_thw)
+    pixel_inputs: dict[str, torch.Tensor]  # processor outputs for this image (pixel_values, image_grid_thw)
     grid_hw: tuple[int, int]  # attention-map grid (h, w) of this image
     padded_hw: tuple[int, int]  # size (pixels) of the processed image the grid covers, padding included
     content_box: tuple[int, int, int, int]  # (top, left, height, width) of the real image inside padded_hw
@@ -51,7 +51,7 @@ class GroundingFeatures:
     """What the frozen LMM says about the objects of one sample."""
 
     attention_maps: torch.Tensor  # float [n, C, h, w]: merged over each object's tokens; C = L*H (2*L*H NeXT)
-    text_embeddings: list[torch.Tensor]  # per object: text_proj(mixed hidden states of its tokens) [t_k, D_sam]
+    text_embeddings: list[torch.Tensor]  # per object: text_proj(mixed hidden states of its tokens) [t_k, D]
     padded_hw: tuple[int, int]
     content_box: tuple[int, int, int, int]
 

@@ -1,0 +1,7 @@
+"""torchmetrics metrics of the grounding benchmarks: RefCOCO masks and boxes, PNG average recall."""
+
+from flmm_lightning.metrics.boxes import BoxIoUMetric
+from flmm_lightning.metrics.panoptic import PanopticNarrativeRecall
+from flmm_lightning.metrics.referring import ReferringSegmentationMetric
+
+__all__ = ["BoxIoUMetric", "PanopticNarrativeRecall", "ReferringSegmentationMetric"]

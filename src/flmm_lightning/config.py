@@ -1,0 +1,29 @@
+"""Hydra/OmegaConf glue: where the configs live and the resolvers that build offline assets on demand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _asset(name: str, cache_dir: str) -> str:
+    from flmm_lightning import assets
+
+    return str(assets.ensure_asset(name, cache_dir=cache_dir))
+
+
+def _synthetic(root: str) -> str:
+    from flmm_lightning.data.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(root)
+    return str(Path(root).resolve())
+
+
+def register_resolvers() -> None:
+    """``${flmm_asset:<name>,<cache_dir>}`` builds a tiny offline model when missing and returns its path;
+    ``${flmm_synthetic:<root>}`` writes the synthetic dataset when missing and returns its root."""
+    OmegaConf.register_new_resolver("flmm_asset", _asset, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("flmm_synthetic", _synthetic, replace=True, use_cache=True)

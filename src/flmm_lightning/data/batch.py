@@ -1,0 +1,77 @@
+"""Encoding samples for the model in dataloader workers, and collating them into one batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from flmm_lightning.data.sample import GroundingSample, SkippedSample
+from flmm_lightning.heads.sam_refiner import sam_input_image
+from flmm_lightning.lmm.base import LMMBatch, PromptBuilder, PromptInputs
+
+
+@dataclass
+class EncodedSample:
+    """A sample with everything the model needs precomputed on the CPU side."""
+
+    sample: GroundingSample
+    prompt: PromptInputs
+    sam_image: torch.Tensor  # uint8 [3, h, w], longest side resized to the SAM encoder's input size
+
+
+@dataclass
+class GroundingBatch:
+    samples: list[GroundingSample]
+    lmm: LMMBatch | None  # None when every item of the batch was skipped
+    sam_images: list[torch.Tensor]  # uint8 [3, h_b, w_b]
+    skipped: list[SkippedSample]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+class EncodedDataset(Dataset):
+    """Runs the LMM processor and SAM's resize on each item, so that this work happens in workers."""
+
+    def __init__(self, dataset: Dataset | list, prompt_builder: PromptBuilder, sam_image_size: int) -> None:
+        self.dataset = dataset
+        self.prompt_builder = prompt_builder
+        self.sam_image_size = sam_image_size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> EncodedSample | SkippedSample:
+        item = self.dataset[index]
+        if isinstance(item, SkippedSample):
+            return item
+        return self.encode(item)
+
+    def encode(self, item: GroundingSample) -> EncodedSample:
+        return EncodedSample(
+            sample=item,
+            prompt=self.prompt_builder(item),
+            sam_image=sam_input_image(item.image, self.sam_image_size),
+        )
+
+
+class GroundingCollate:
+    """Collates encoded samples into one padded batch; skipped samples ride along to be counted."""
+
+    def __init__(self, prompt_builder: PromptBuilder) -> None:
+        self.prompt_builder = prompt_builder
+
+    def __call__(self, items: Sequence[EncodedSample | SkippedSample]) -> GroundingBatch:
+        encoded = [item for item in items if isinstance(item, EncodedSample)]
+        skipped = [item for item in items if isinstance(item, SkippedSample)]
+        if not encoded:
+            return GroundingBatch(samples=[], lmm=None, sam_images=[], skipped=skipped)
+        return GroundingBatch(
+            samples=[item.sample for item in encoded],
+            lmm=self.prompt_builder.collate([item.prompt for item in encoded]),
+            sam_images=[item.sam_image for item in encoded],
+            skipped=skipped,
+        )

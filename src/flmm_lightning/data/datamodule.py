@@ -1,0 +1,105 @@
+"""The LightningDataModule: concatenated training sets, named evaluation splits."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch.distributed as dist
+from lightning import LightningDataModule
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
+
+from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
+from flmm_lightning.data.png import PNGDataset
+from flmm_lightning.data.sampler import UnpaddedDistributedSampler
+from flmm_lightning.lmm.base import PromptBuilder
+
+
+class GroundingDataModule(LightningDataModule):
+    """``train`` is the concatenation of ``train_sets``; ``val``/``test`` have one dataloader per named split.
+
+    Split names (``refcoco_val``, ``png_val``, ...) are reused as metric prefixes. Samplers are built here
+    (the Trainer runs with ``use_distributed_sampler=False``): under DDP the evaluation sampler gives every
+    sample to exactly one rank, without the padding Lightning's default sampler adds, so a distributed
+    evaluation measures the same objects as a single process.
+    """
+
+    def __init__(
+        self,
+        prompt_builder: PromptBuilder,
+        sam_image_size: int,
+        train_sets: Mapping[str, Dataset] | None = None,
+        val_sets: Mapping[str, Dataset] | None = None,
+        test_sets: Mapping[str, Dataset] | None = None,
+        batch_size: int = 1,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.prompt_builder = prompt_builder
+        self.sam_image_size = sam_image_size
+        self.train_sets = dict(train_sets or {})
+        self.val_sets = dict(val_sets or {})
+        self.test_sets = dict(test_sets or {})
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.collate = GroundingCollate(prompt_builder)
+
+    @property
+    def val_names(self) -> list[str]:
+        return list(self.val_sets)
+
+    @property
+    def test_names(self) -> list[str]:
+        return list(self.test_sets)
+
+    def split_kind(self, name: str) -> str:
+        """``"png"`` for narrative splits (recall metrics), ``"res"`` for referring splits."""
+        dataset = self.val_sets.get(name) or self.test_sets.get(name)
+        return "png" if isinstance(dataset, PNGDataset) else "res"
+
+    def _encoded(self, dataset: Dataset) -> EncodedDataset:
+        return EncodedDataset(dataset, self.prompt_builder, self.sam_image_size)
+
+    def _loader(
+        self, dataset: Dataset, sampler: Sampler | None, shuffle: bool, batch_size: int
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=shuffle if sampler is None else False,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.train_sets:
+            raise ValueError("no training dataset configured (data.train_sets is empty)")
+        dataset = self._encoded(ConcatDataset(list(self.train_sets.values())))
+        sampler = None
+        if dist.is_available() and dist.is_initialized():
+            sampler = DistributedSampler(dataset, shuffle=True, seed=self.seed)
+        return self._loader(dataset, sampler, shuffle=True, batch_size=self.batch_size)
+
+    def _eval_loaders(self, sets: Mapping[str, Dataset]) -> list[DataLoader]:
+        loaders = []
+        for dataset in sets.values():
+            encoded = self._encoded(dataset)
+            sampler = None
+            if dist.is_available() and dist.is_initialized():
+                sampler = UnpaddedDistributedSampler(encoded)
+            loaders.append(self._loader(encoded, sampler, shuffle=False, batch_size=self.eval_batch_size))
+        return loaders
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.val_sets)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.test_sets)

@@ -1,0 +1,271 @@
+"""RefCOCO / RefCOCO+ / RefCOCOg in the refer API's layout: ``instances.json`` + ``refs(<split_by>).p``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torch.utils.data import Dataset
+
+from flmm_lightning.data.bad_samples import (
+    BadSampleError,
+    BadSampleReason,
+    OnBadSample,
+    apply_policy,
+    check_on_bad_sample,
+)
+from flmm_lightning.data.images import load_rgb_image
+from flmm_lightning.data.safe_pickle import load_refs
+from flmm_lightning.data.sample import GroundingSample, SkippedSample
+
+TextMode = Literal["select_first", "random", "all"]
+TEXT_MODES: tuple[str, ...] = ("select_first", "random", "all")
+
+
+def decode_segmentation(segmentation: list | dict, height: int, width: int) -> np.ndarray:
+    """A COCO segmentation (polygons, uncompressed or compressed RLE) as a uint8 ``[height, width]`` mask.
+
+    Raises ``ValueError`` when an RLE was encoded for another size: its runs would land on wrong pixels.
+    """
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return np.zeros((height, width), dtype=np.uint8)
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation, dict):
+        size = [int(v) for v in segmentation["size"]]
+        if size != [height, width]:
+            raise ValueError(f"RLE of size {size[0]}x{size[1]} (HxW) on an image of {height}x{width}")
+        counts = segmentation["counts"]
+        if isinstance(counts, list):
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    else:
+        raise ValueError(f"unknown segmentation type {type(segmentation).__name__}")
+    return mask_utils.decode(rle)
+
+
+@dataclass(frozen=True)
+class _Ref:
+    ref_id: int
+    ann_id: int
+    sentences: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Item:
+    sample_id: str
+    image_id: int
+    file_name: str
+    width: int
+    height: int
+    refs: tuple[_Ref, ...]
+    # A problem found while indexing; under on_bad_sample="skip" it is reported when the item is read.
+    problem: BadSampleError | None = None
+
+
+class RefCocoDataset(Dataset):
+    """One split of a refer API dataset; each item a ``GroundingSample`` (or a ``SkippedSample``).
+
+    Files: ``<data_root>/<dataset>/instances.json``, ``<data_root>/<dataset>/refs(<split_by>).p`` and the
+    images ``<data_root>/<image_dir>/<file_name of instances.json>``. Splits are whatever the refs file
+    holds (refcoco/refcoco+ unc: train/val/testA/testB; refcocog umd: train/val/test; google: train/val).
+
+    ``text_mode`` picks which sentences of each ref become objects; sentences are the ``raw`` text,
+    stripped and lower-cased:
+
+    - ``select_first``: the first sentence (the reference's evaluation protocol);
+    - ``random``: one sentence drawn per ref on every read (training). The generator is keyed on
+      ``seed`` and ``torch.initial_seed()``, which the DataLoader sets per worker and per epoch, so draws
+      change every epoch and repeat under a fixed global seed;
+    - ``all``: one object per sentence, each with the ref's mask.
+
+    The reference's "concat" mode (all refs of an image in one sequence) is ``group_by_image=True``: one
+    sample per image holding every ref of the split on it, in the refs file's order. ``group_by_image=False``
+    gives one sample per ref. ``object_ids`` are the ref ids (repeated per sentence under ``all``).
+    """
+
+    def __init__(
+        self,
+        data_root: str | Path,
+        dataset: str,
+        split_by: str,
+        split: str,
+        image_dir: str | Path,
+        text_mode: TextMode = "select_first",
+        group_by_image: bool = True,
+        on_bad_sample: OnBadSample = "raise",
+        seed: int = 0,
+    ) -> None:
+        if text_mode not in TEXT_MODES:
+            hint = " (the reference's concat mode is group_by_image=True)" if text_mode == "concat" else ""
+            raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}{hint}")
+        self.on_bad_sample = check_on_bad_sample(on_bad_sample)
+        self.text_mode = text_mode
+        self.group_by_image = group_by_image
+        self.seed = seed
+        self.name = f"{dataset}({split_by})/{split}"
+        self.image_root = Path(data_root) / image_dir
+        self.refs_path = Path(data_root) / dataset / f"refs({split_by}).p"
+        self.instances_path = Path(data_root) / dataset / "instances.json"
+
+        all_refs = load_refs(self.refs_path)
+        splits = sorted({str(ref["split"]) for ref in all_refs})
+        if split not in splits:
+            raise ValueError(f"{self.refs_path}: no split {split!r}; splits in this file: {splits}")
+        refs = [ref for ref in all_refs if ref["split"] == split]
+        with self.instances_path.open() as file:
+            instances = json.load(file)
+        images = {image["id"]: image for image in instances["images"]}
+        annotations = {annotation["id"]: annotation for annotation in instances["annotations"]}
+        # Only the annotations this split uses are kept: a full instances.json is large, and every
+        # dataloader worker holds a copy of the dataset.
+        self._segmentations: dict[int, Any] = {
+            ann_id: annotations[ann_id]["segmentation"]
+            for ann_id in (ref["ann_id"] for ref in refs)
+            if ann_id in annotations
+        }
+        self._items = self._index(refs, images, annotations)
+        self._rng: np.random.Generator | None = None
+        self._rng_key: int | None = None
+
+    def _index(
+        self, refs: list[dict[str, Any]], images: dict[int, dict], annotations: dict[int, dict]
+    ) -> list[_Item]:
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for ref in refs:
+            key = ref["image_id"] if self.group_by_image else ref["ref_id"]
+            groups.setdefault(key, []).append(ref)
+        items = []
+        for key, group in groups.items():
+            sample_id = f"image_id={key}" if self.group_by_image else f"ref_id={key}"
+            item = self._make_item(sample_id, group, images, annotations)
+            if item.problem is not None and self.on_bad_sample == "raise":
+                raise item.problem
+            items.append(item)
+        return items
+
+    def _make_item(
+        self,
+        sample_id: str,
+        group: list[dict[str, Any]],
+        images: dict[int, dict],
+        annotations: dict[int, dict],
+    ) -> _Item:
+        image_id = group[0]["image_id"]
+        image = images.get(image_id)
+        refs = tuple(
+            _Ref(ref["ref_id"], ref["ann_id"], tuple(s["raw"].strip().lower() for s in ref["sentences"]))
+            for ref in group
+        )
+        return _Item(
+            sample_id=sample_id,
+            image_id=int(image_id),
+            file_name=image["file_name"] if image else "",
+            width=int(image["width"]) if image else 0,
+            height=int(image["height"]) if image else 0,
+            refs=refs,
+            problem=self._find_problem(sample_id, image_id, image, refs, annotations),
+        )
+
+    def _find_problem(
+        self,
+        sample_id: str,
+        image_id: int,
+        image: dict | None,
+        refs: tuple[_Ref, ...],
+        annotations: dict[int, dict],
+    ) -> BadSampleError | None:
+        """The cheap consistency checks between the refs file and instances.json."""
+        if image is None:
+            return self._indexing_error(sample_id, f"image_id {image_id} is not in {self.instances_path}")
+        for ref in refs:
+            annotation = annotations.get(ref.ann_id)
+            if annotation is None:
+                return self._indexing_error(
+                    sample_id, f"ref_id {ref.ref_id}: ann_id {ref.ann_id} is not in {self.instances_path}"
+                )
+            if annotation["image_id"] != image_id:
+                return self._indexing_error(
+                    sample_id,
+                    f"ref_id {ref.ref_id}: ann_id {ref.ann_id} is on image {annotation['image_id']} "
+                    f"in {self.instances_path}, the ref says image {image_id}",
+                )
+            if not ref.sentences:
+                return self._indexing_error(sample_id, f"ref_id {ref.ref_id} has no sentences")
+        return None
+
+    def _indexing_error(self, sample_id: str, detail: str) -> BadSampleError:
+        return BadSampleError(
+            self.name, sample_id, str(self.refs_path), BadSampleReason.MISSING_ANNOTATION, detail
+        )
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> GroundingSample | SkippedSample:
+        item = self._items[index]
+        try:
+            return self._load(item)
+        except BadSampleError as error:
+            return apply_policy(error, self.on_bad_sample)
+
+    def _load(self, item: _Item) -> GroundingSample:
+        if item.problem is not None:
+            raise item.problem
+        image_path = self.image_root / item.file_name
+        image = load_rgb_image(
+            image_path, dataset=self.name, sample_id=item.sample_id, expected_wh=(item.width, item.height)
+        )
+        phrases: list[str] = []
+        masks: list[torch.Tensor] = []
+        object_ids: list[str] = []
+        for ref in item.refs:
+            mask = self._decode(item, ref)
+            for sentence in self._choose_sentences(ref.sentences):
+                phrases.append(sentence)
+                masks.append(mask)
+                object_ids.append(str(ref.ref_id))
+        count = len(phrases)
+        return GroundingSample(
+            image=image,
+            phrases=phrases,
+            masks=torch.stack(masks),
+            is_thing=torch.ones(count, dtype=torch.bool),
+            is_plural=torch.zeros(count, dtype=torch.bool),
+            image_id=item.image_id,
+            file_name=item.file_name,
+            object_ids=object_ids,
+        )
+
+    def _decode(self, item: _Item, ref: _Ref) -> torch.Tensor:
+        where = f"ref_id {ref.ref_id}, ann_id {ref.ann_id}"
+        path = str(self.instances_path)
+        try:
+            mask = decode_segmentation(self._segmentations[ref.ann_id], item.height, item.width)
+        except ValueError as error:
+            reason = BadSampleReason.SIZE_MISMATCH
+            raise BadSampleError(self.name, item.sample_id, path, reason, f"{where}: {error}") from error
+        if not mask.any():
+            reason = BadSampleReason.EMPTY_MASK
+            raise BadSampleError(self.name, item.sample_id, path, reason, f"{where} decodes to an empty mask")
+        return torch.from_numpy(np.ascontiguousarray(mask)).bool()
+
+    def _choose_sentences(self, sentences: tuple[str, ...]) -> tuple[str, ...]:
+        if self.text_mode == "select_first":
+            return sentences[:1]
+        if self.text_mode == "random":
+            return (sentences[int(self._generator().integers(len(sentences)))],)
+        return sentences
+
+    def _generator(self) -> np.random.Generator:
+        key = torch.initial_seed()
+        if self._rng is None or self._rng_key != key:
+            self._rng = np.random.default_rng([self.seed, key])
+            self._rng_key = key
+        return self._rng

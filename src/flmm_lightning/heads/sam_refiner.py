@@ -1,0 +1,321 @@
+"""SAM refiner: coarse mask logits + text embeddings -> fine mask logits at the original image size.
+
+A frozen SAM image encoder and a trainable prompt encoder + mask decoder. Each object is prompted with
+the box of its binarised coarse mask, its coarse logits as a mask prompt and its text embeddings as extra
+sparse tokens (reference: ``flmm/models/mask_head/mask_refiner.py``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
+
+SAM_NAMES = ("vit_b", "vit_l", "vit_h", "tiny")
+
+
+def _build_tiny_sam() -> Sam:
+    """A SAM with the real architecture at toy size (256 px input, 16x16 embedding, 64 channels)."""
+    img_size, patch_size, embed_dim = 256, 16, 64
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=64,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=4.0,
+            out_chans=embed_dim,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=8,
+            global_attn_indexes=(1,),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=embed_dim,
+            image_embedding_size=(img_size // patch_size, img_size // patch_size),
+            input_image_size=(img_size, img_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=embed_dim, mlp_dim=128, num_heads=2),
+            transformer_dim=embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=embed_dim,
+        ),
+    )
+
+
+def build_sam(name: str, checkpoint: str | None) -> Sam:
+    """``vit_b`` / ``vit_l`` / ``vit_h`` (segment_anything registry) or ``tiny``; optionally load weights."""
+    if name == "tiny":
+        sam = _build_tiny_sam()
+    elif name in sam_model_registry and name != "default":
+        # Weights are loaded below rather than by the registry: map to CPU, weights_only, clear errors.
+        sam = sam_model_registry[name](checkpoint=None)
+    else:
+        raise ValueError(f"unknown SAM model {name!r}; expected one of {SAM_NAMES}")
+    if checkpoint is not None:
+        state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        missing, unexpected = sam.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"SAM checkpoint {checkpoint} does not match the {name!r} architecture: "
+                f"missing keys {missing}, unexpected keys {unexpected}"
+            )
+    return sam.eval()
+
+
+def sam_input_image(image: Image.Image, img_size: int) -> torch.Tensor:
+    """uint8 ``[3, h, w]``: the RGB image resized so that its longer side is ``img_size`` (SAM's resize)."""
+    resized = ResizeLongestSide(img_size).apply_image(np.asarray(image.convert("RGB")))  # [h, w, 3]
+    return torch.from_numpy(resized).permute(2, 0, 1).contiguous()
+
+
+def binarize_coarse(coarse_logits: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+    """bool ``[n, H, W]``: ``sigmoid`` of the coarse logits ``[n, h, w]``, upsampled bilinearly, ``> 0.5``.
+
+    Sigmoid before the upsampling, as in the reference.
+    """
+    probs = coarse_logits.detach().float().sigmoid()[:, None]  # [n, 1, h, w]
+    return F.interpolate(probs, size=original_size, mode="bilinear")[:, 0] > 0.5  # [n, H, W]
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """long ``[n, 4]``: ``[x0, y0, x1 + 1, y1 + 1]`` of each bool mask ``[n, H, W]``.
+
+    An empty mask gives the whole image, ``[0, 0, W, H]``.
+    """
+    h, w = masks.shape[-2:]
+    rows = masks.any(dim=2).to(torch.uint8)  # [n, H]
+    cols = masks.any(dim=1).to(torch.uint8)  # [n, W]
+    # argmax returns the first maximal index: first occupied row/column, or last one on the flipped axis.
+    y0 = rows.argmax(dim=1)
+    y1 = h - rows.flip(1).argmax(dim=1)
+    x0 = cols.argmax(dim=1)
+    x1 = w - cols.flip(1).argmax(dim=1)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1)  # [n, 4]
+    whole = torch.tensor([0, 0, w, h], device=masks.device)
+    return torch.where(masks.flatten(1).any(dim=1, keepdim=True), boxes, whole)
+
+
+def resize_boxes(boxes: torch.Tensor, original_size: tuple[int, int], img_size: int) -> torch.Tensor:
+    """float32 ``[n, 4]``: boxes in original-image pixels mapped into the resized-image frame.
+
+    ``ResizeLongestSide.apply_boxes`` arithmetic (float64, then float32 like the reference's tensor).
+    """
+    new_h, new_w = ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], img_size)
+    scale = boxes.new_tensor([new_w / original_size[1], new_h / original_size[0]] * 2, dtype=torch.float64)
+    return (boxes.double() * scale).float()
+
+
+def prompt_masks(
+    coarse_logits: torch.Tensor, input_size: tuple[int, int], img_size: int, mask_input_size: tuple[int, int]
+) -> torch.Tensor:
+    """Mask prompts ``[n, 1, *mask_input_size]`` from coarse logits ``[n, h, w]``.
+
+    Resized to the resized-image size, padded right/bottom to the encoder size with
+    ``min(-1, min logit over the image's objects)`` (the padded image area is background), then resized to
+    the prompt encoder's mask input size. Differentiable w.r.t. the logits; the pad value is not.
+    """
+    dtype = coarse_logits.dtype
+    n = coarse_logits.shape[0]
+    resized = F.interpolate(coarse_logits[:, None].float(), size=input_size, mode="bilinear").to(dtype)
+    pad_value = coarse_logits.detach().amin().clamp(max=-1.0)
+    padded = pad_value.expand(n, 1, img_size, img_size).clone()  # [n, 1, S, S]
+    padded[..., : input_size[0], : input_size[1]] = resized
+    return F.interpolate(padded.float(), size=mask_input_size, mode="bilinear").to(dtype)
+
+
+def select_candidate(fine: torch.Tensor, coarse_binary: torch.Tensor) -> torch.Tensor:
+    """``[g, H, W]``: per object the candidate of ``fine`` ``[g, k, H, W]`` whose ``> 0`` mask has the highest
+    IoU with the binarised coarse mask ``[g, H, W]`` (the first one on ties)."""
+    g = fine.shape[0]
+    candidates = (fine.detach() > 0).flatten(2).float()  # [g, k, H*W]
+    target = coarse_binary.flatten(1)[:, None].float()  # [g, 1, H*W]
+    intersection = (candidates * target).sum(-1)  # [g, k]
+    union = (candidates + target - candidates * target).sum(-1)  # [g, k]
+    best = (intersection / (union + 1e-12)).argmax(dim=1)  # [g]
+    return fine[torch.arange(g, device=fine.device), best]
+
+
+class SamRefiner(nn.Module):
+    """Frozen SAM image encoder + trainable prompt encoder and mask decoder.
+
+    The image encoder never trains (``requires_grad`` False, eval mode through ``train()``) and is left out
+    of ``state_dict()``; loading a state dict without its keys keeps the encoder's current weights.
+    """
+
+    def __init__(
+        self,
+        sam: Sam,
+        use_text: bool = True,
+        use_mask: bool = True,
+        use_box: bool = True,
+        multimask_output: bool = False,
+    ) -> None:
+        super().__init__()
+        self.sam = sam
+        self.use_text = use_text
+        self.use_mask = use_mask
+        self.use_box = use_box
+        self.multimask_output = multimask_output
+        self.sam.image_encoder.requires_grad_(False)
+        self.sam.image_encoder.eval()
+        self.register_state_dict_post_hook(_drop_image_encoder)
+        self.register_load_state_dict_pre_hook(_keep_image_encoder)
+
+    @property
+    def img_size(self) -> int:
+        return self.sam.image_encoder.img_size
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of SAM's prompt tokens: the text projection must output this."""
+        return self.sam.prompt_encoder.embed_dim
+
+    def train(self, mode: bool = True) -> SamRefiner:
+        super().train(mode)
+        self.sam.image_encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Image embeddings ``[B, C, He, We]`` of resized uint8 images ``[3, h_b, w_b]``.
+
+        The images come from ``sam_input_image`` (longer side = ``img_size``).
+        """
+        encoder = self.sam.image_encoder
+        dtype = encoder.patch_embed.proj.weight.dtype
+        # Sam.preprocess: SAM's pixel normalisation, then zero padding right/bottom to img_size.
+        batch = [self.sam.preprocess(image.to(self.sam.device)) for image in images]  # [3, S, S] each
+        return encoder(torch.stack(batch).to(dtype))
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        coarse_logits: list[torch.Tensor],
+        text_embeddings: list[list[torch.Tensor]],
+        input_sizes: list[tuple[int, int]],
+        original_sizes: list[tuple[int, int]],
+    ) -> list[torch.Tensor]:
+        """Fine logits ``[n_b, H_b, W_b]`` per image.
+
+        image_embeddings: ``[B, C, He, We]`` from ``encode_images``; coarse_logits: per image
+        ``[n_b, h_b, w_b]`` (processor padding already removed); text_embeddings: per image, per object
+        ``[t, C]``; input_sizes: resized image ``(h, w)``; original_sizes: image ``(H, W)``.
+        """
+        return [
+            self._refine_image(image_embeddings[b : b + 1], coarse, texts, input_size, original_size)
+            for b, (coarse, texts, input_size, original_size) in enumerate(
+                zip(coarse_logits, text_embeddings, input_sizes, original_sizes, strict=True)
+            )
+        ]
+
+    def _refine_image(
+        self,
+        image_embedding: torch.Tensor,
+        coarse_logits: torch.Tensor,
+        text_embeddings: list[torch.Tensor],
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+    ) -> torch.Tensor:
+        # image_embedding: [1, C, He, We]; coarse_logits: [n, h, w]
+        n = coarse_logits.shape[0]
+        if n == 0:
+            return coarse_logits.new_zeros((0, *original_size))
+        coarse_binary = binarize_coarse(coarse_logits, original_size)  # [n, H, W]
+        boxes = None
+        if self.use_box:
+            boxes = resize_boxes(masks_to_boxes(coarse_binary), original_size, self.img_size)  # [n, 4]
+        masks = None
+        if self.use_mask:
+            mask_input_size = self.sam.prompt_encoder.mask_input_size
+            masks = prompt_masks(coarse_logits, input_size, self.img_size, mask_input_size)  # [n, 1, M, M]
+
+        # Objects with different text lengths cannot share a sparse-token tensor (padding tokens would be
+        # attended to), so objects are batched per token count.
+        groups: dict[int, list[int]] = {}
+        for k, text in enumerate(text_embeddings):
+            groups.setdefault(text.shape[0] if self.use_text else 0, []).append(k)
+
+        order, fine = [], []
+        for members in groups.values():
+            index = torch.tensor(members, device=coarse_logits.device)
+            texts = torch.stack([text_embeddings[k] for k in members]) if self.use_text else None  # [g, t, C]
+            fine.append(
+                self._refine_group(
+                    image_embedding,
+                    None if boxes is None else boxes[index],
+                    None if masks is None else masks[index],
+                    texts,
+                    coarse_binary[index],
+                    input_size,
+                    original_size,
+                )
+            )
+            order.append(index)
+        return torch.cat(fine)[torch.cat(order).argsort()]  # [n, H, W]
+
+    def _refine_group(
+        self,
+        image_embedding: torch.Tensor,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+        texts: torch.Tensor | None,
+        coarse_binary: torch.Tensor,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+    ) -> torch.Tensor:
+        # image_embedding: [1, C, He, We]; boxes: [g, 4]; masks: [g, 1, M, M]; texts: [g, t, C];
+        # coarse_binary: [g, H, W]
+        g = coarse_binary.shape[0]
+        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=masks)
+        # Without box and mask prompts the prompt encoder answers for a batch of one.
+        dense = dense.expand(g, -1, -1, -1)  # [g, C, He, We]
+        sparse = sparse.expand(g, -1, -1).to(dense.dtype)  # [g, 2 | 0, C]
+        if texts is not None:
+            sparse = torch.cat([sparse, texts.to(dense.dtype)], dim=1)  # [g, 2 + t, C]
+        low_res, _ = self.sam.mask_decoder(
+            image_embeddings=image_embedding,  # repeated per prompt inside the decoder
+            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=self.multimask_output,
+        )  # [g, k, 4He, 4We], k = 3 if multimask else 1
+        fine = self.sam.postprocess_masks(low_res, input_size, original_size)  # [g, k, H, W]
+        return select_candidate(fine, coarse_binary) if self.multimask_output else fine[:, 0]  # [g, H, W]
+
+
+def _drop_image_encoder(
+    module: SamRefiner, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    encoder_prefix = prefix + "sam.image_encoder."
+    for key in [k for k in state_dict if k.startswith(encoder_prefix)]:
+        del state_dict[key]
+
+
+def _keep_image_encoder(
+    module: SamRefiner,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    # Filling absent encoder keys with the encoder's own tensors makes strict loading of our checkpoints
+    # work; copying a tensor onto itself is a no-op in torch.
+    for key, value in module.sam.image_encoder.state_dict(prefix=prefix + "sam.image_encoder.").items():
+        state_dict.setdefault(key, value)

@@ -1,0 +1,160 @@
+"""Functional halves of the grounding metrics.
+
+Each ``_*_update`` turns one batch of masks into sufficient statistics and each ``_*_compute`` turns the
+accumulated statistics into the reported numbers. Every statistic is a sum (the PNG average recall too,
+see ``_recall_threshold_counts``), so the metric classes keep O(1) state reduced with ``"sum"``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torchvision.ops import masks_to_boxes
+
+PR_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+BOX_ACC_THRESHOLD = 0.5
+PNG_ACC_THRESHOLD = 0.5
+RECALL_STEP = 1e-5
+NUM_RECALL_THRESHOLDS = 100_000
+# Order of the rows in the PNG subset statistics; "" is every object.
+PNG_SUBSETS: tuple[str, ...] = ("", "_things", "_stuff", "_singulars", "_plurals")
+
+
+def _check_masks(pred_masks: Tensor, gt_masks: Tensor) -> None:
+    if pred_masks.dtype != torch.bool or gt_masks.dtype != torch.bool:
+        raise ValueError(f"Expected boolean masks, got {pred_masks.dtype} and {gt_masks.dtype}")
+    if pred_masks.ndim != 3 or pred_masks.shape != gt_masks.shape:
+        raise ValueError(
+            "Expected masks of the same shape [n, H, W], "
+            f"got {tuple(pred_masks.shape)} and {tuple(gt_masks.shape)}"
+        )
+
+
+def _ratio(numerator: Tensor, denominator: Tensor) -> float:
+    denominator_ = float(denominator)
+    return float(numerator) / denominator_ if denominator_ else math.nan
+
+
+def _intersection_union(pred_masks: Tensor, gt_masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-object pixel counts (int64 [n]) of the intersection and of the union."""
+    intersection = (pred_masks & gt_masks).flatten(1).sum(1)
+    union = (pred_masks | gt_masks).flatten(1).sum(1)
+    return intersection, union
+
+
+def _mask_iou(intersection: Tensor, union: Tensor) -> Tensor:
+    """Per-object IoU in float64; an empty prediction of an empty object is perfect, not undefined."""
+    iou = intersection.double() / union.clamp(min=1).double()
+    return torch.where(union > 0, iou, torch.ones_like(iou))
+
+
+def _referring_segmentation_update(
+    pred_masks: Tensor, gt_masks: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Return the summed intersection, union and IoU, the number of objects at or above each of
+    ``PR_THRESHOLDS``, and the number of objects."""
+    _check_masks(pred_masks, gt_masks)
+    intersection, union = _intersection_union(pred_masks, gt_masks)
+    iou = _mask_iou(intersection, union)
+    thresholds = torch.tensor(PR_THRESHOLDS, dtype=torch.float64, device=iou.device)
+    hits = (iou[:, None] >= thresholds).sum(0)
+    num_objects = torch.tensor(iou.numel(), dtype=torch.int64, device=iou.device)
+    return intersection.sum(), union.sum(), iou.sum(), hits, num_objects
+
+
+def _referring_segmentation_compute(
+    intersection: Tensor, union: Tensor, iou_sum: Tensor, hits: Tensor, num_objects: Tensor
+) -> dict[str, float]:
+    result = {"cIoU": _ratio(intersection, union), "mIoU": _ratio(iou_sum, num_objects)}
+    result.update({f"Pr@{t:g}": _ratio(h, num_objects) for t, h in zip(PR_THRESHOLDS, hits, strict=True)})
+    return result
+
+
+def mask_box_iou(pred_masks: Tensor, gt_masks: Tensor) -> Tensor:
+    """Per-object IoU (float64 [n]) of the tight boxes of two boolean ``[n, H, W]`` mask stacks, on
+    inclusive pixel areas; an empty mask has no box (IoU 0, or 1 when both are empty)."""
+    _check_masks(pred_masks, gt_masks)
+    # masks_to_boxes gives [x0, y0, x1, y1] with inclusive corners; its float coordinates are exact integers.
+    pred_boxes = masks_to_boxes(pred_masks).long()
+    gt_boxes = masks_to_boxes(gt_masks).long()
+    top_left = torch.maximum(pred_boxes[:, :2], gt_boxes[:, :2])
+    bottom_right = torch.minimum(pred_boxes[:, 2:], gt_boxes[:, 2:])
+    intersection = (bottom_right - top_left + 1).clamp(min=0).prod(1)
+    pred_area = (pred_boxes[:, 2:] - pred_boxes[:, :2] + 1).prod(1)
+    gt_area = (gt_boxes[:, 2:] - gt_boxes[:, :2] + 1).prod(1)
+    iou = intersection.double() / (pred_area + gt_area - intersection).double()
+    # An empty mask gets the box [0, 0, 0, 0] from masks_to_boxes, which is a real one-pixel box.
+    pred_empty = ~pred_masks.flatten(1).any(1)
+    gt_empty = ~gt_masks.flatten(1).any(1)
+    return torch.where(pred_empty | gt_empty, (pred_empty & gt_empty).double(), iou)
+
+
+def _box_iou_update(pred_masks: Tensor, gt_masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Return the summed box IoU, the number of objects with box IoU >= ``BOX_ACC_THRESHOLD`` and the
+    number of objects."""
+    iou = mask_box_iou(pred_masks, gt_masks)
+    num_objects = torch.tensor(iou.numel(), dtype=torch.int64, device=iou.device)
+    return iou.sum(), (iou >= BOX_ACC_THRESHOLD).sum(), num_objects
+
+
+def _box_iou_compute(iou_sum: Tensor, hits: Tensor, num_objects: Tensor) -> dict[str, float]:
+    return {
+        "box_mIoU": _ratio(iou_sum, num_objects),
+        f"box_Acc@{BOX_ACC_THRESHOLD:g}": _ratio(hits, num_objects),
+    }
+
+
+def _recall_threshold_counts(iou: Tensor) -> Tensor:
+    """Per object, how many of the thresholds ``t_i = i * RECALL_STEP`` (i < ``NUM_RECALL_THRESHOLDS``,
+    the values of ``np.arange(0, 1, RECALL_STEP)``) satisfy ``t_i <= iou``.
+
+    The PNG average recall is ``sum_i RECALL_STEP * mean(iou >= t_i)``, which equals ``RECALL_STEP *
+    sum(counts) / n``: a sum over objects, so no per-object state and no loop over thresholds.
+    """
+    last = torch.floor(iou / RECALL_STEP).long()
+    # The division and the rounded products i * RECALL_STEP can disagree by one step right at a threshold;
+    # settle it against the very products the reference compares with.
+    last = last + ((last + 1).double() * RECALL_STEP <= iou).long()
+    last = last - (last.double() * RECALL_STEP > iou).long()
+    return (last + 1).clamp(min=0, max=NUM_RECALL_THRESHOLDS)
+
+
+def _panoptic_narrative_update(
+    pred_masks: Tensor, gt_masks: Tensor, is_thing: Tensor, is_plural: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Return, per row of ``PNG_SUBSETS``, the summed recall-threshold counts and the number of objects;
+    then the number of objects with IoU > ``PNG_ACC_THRESHOLD`` and the summed pixel accuracy."""
+    _check_masks(pred_masks, gt_masks)
+    n = pred_masks.shape[0]
+    for name, flags in (("is_thing", is_thing), ("is_plural", is_plural)):
+        if flags.dtype != torch.bool or flags.shape != (n,):
+            raise ValueError(
+                f"Expected `{name}` to be a boolean tensor of shape ({n},), "
+                f"got {flags.dtype} {tuple(flags.shape)}"
+            )
+    intersection, union = _intersection_union(pred_masks, gt_masks)
+    iou = _mask_iou(intersection, union)
+    counts = _recall_threshold_counts(iou)
+    everything = torch.ones_like(is_thing)
+    subsets = torch.stack([everything, is_thing, ~is_thing, ~is_plural, is_plural])
+    recall_counts = (subsets * counts).sum(1)
+    num_objects = subsets.sum(1)
+    hits = (iou > PNG_ACC_THRESHOLD).sum()
+    num_pixels = pred_masks.shape[1] * pred_masks.shape[2]
+    # Pixels where prediction and truth agree are those outside the symmetric difference.
+    pixel_acc = 1.0 - (union - intersection).double() / num_pixels
+    return recall_counts, num_objects, hits, pixel_acc.sum()
+
+
+def _panoptic_narrative_compute(
+    recall_counts: Tensor, num_objects: Tensor, hits: Tensor, pixel_acc_sum: Tensor
+) -> dict[str, float]:
+    result = {
+        f"AR{suffix}": RECALL_STEP * _ratio(count, n)
+        for suffix, count, n in zip(PNG_SUBSETS, recall_counts, num_objects, strict=True)
+    }
+    result[f"Acc@{PNG_ACC_THRESHOLD:g}"] = _ratio(hits, num_objects[0])
+    result["pixel_acc"] = _ratio(pixel_acc_sum, num_objects[0])
+    return result

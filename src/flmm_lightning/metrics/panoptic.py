@@ -1,0 +1,71 @@
+"""Panoptic narrative grounding (PNG): average recall over IoU thresholds, per object kind."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from flmm_lightning.metrics.functional import (
+    PNG_SUBSETS,
+    _panoptic_narrative_compute,
+    _panoptic_narrative_update,
+)
+
+
+class PanopticNarrativeRecall(Metric):
+    """Average recall of per-object mask IoU, as the PNG benchmark reports it.
+
+    ``update(pred_masks, gt_masks, is_thing, is_plural)`` takes boolean ``[n, H, W]`` masks and boolean
+    ``[n]`` flags. A plural phrase counts as a thing: the caller passes ``is_thing`` already True for
+    plurals. ``compute()`` returns a dict of floats:
+
+    - ``AR``: area under "fraction of objects with IoU >= t" for ``t = i * 1e-5``, ``i < 100000``
+      (``sum_i 1e-5 * recall(t_i)``), exactly as the reference evaluates it;
+    - ``AR_things`` / ``AR_stuff`` / ``AR_singulars`` / ``AR_plurals``: the same on ``is_thing``,
+      ``~is_thing``, ``~is_plural``, ``is_plural``; NaN for an empty subset;
+    - ``Acc@0.5``: fraction of objects with IoU > 0.5 (strict);
+    - ``pixel_acc``: mean per-object fraction of pixels where prediction equals truth.
+
+    Both-empty objects have IoU 1. The AR is linear in one integer per object (how many thresholds its
+    IoU reaches), so the state is a few int64/float64 sums: constant size however many objects, exact,
+    and reduced across DDP ranks by torchmetrics.
+
+    Log it like :class:`~flmm_lightning.metrics.ReferringSegmentationMetric`: ``compute()`` in
+    ``on_validation_epoch_end`` on every rank, ``self.log_dict`` of the floats, then ``reset()``.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    plot_lower_bound = 0.0
+    plot_upper_bound = 1.0
+
+    recall_counts: Tensor
+    num_objects: Tensor
+    hits: Tensor
+    pixel_acc_sum: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        num_subsets = len(PNG_SUBSETS)
+        self.add_state("recall_counts", torch.zeros(num_subsets, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("num_objects", torch.zeros(num_subsets, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("hits", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("pixel_acc_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, pred_masks: Tensor, gt_masks: Tensor, is_thing: Tensor, is_plural: Tensor) -> None:
+        recall_counts, num_objects, hits, pixel_acc_sum = _panoptic_narrative_update(
+            pred_masks, gt_masks, is_thing, is_plural
+        )
+        self.recall_counts += recall_counts
+        self.num_objects += num_objects
+        self.hits += hits
+        self.pixel_acc_sum += pixel_acc_sum
+
+    def compute(self) -> dict[str, float]:
+        return _panoptic_narrative_compute(
+            self.recall_counts, self.num_objects, self.hits, self.pixel_acc_sum
+        )

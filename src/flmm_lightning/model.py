@@ -1,0 +1,310 @@
+"""The LightningModule: frozen LMM -> U-Net mask head -> SAM refiner -> losses and metrics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch import nn
+
+from flmm_lightning.data.bad_samples import BadSampleSummary
+from flmm_lightning.data.batch import GroundingBatch
+from flmm_lightning.heads.losses import MaskLosses, mask_losses
+from flmm_lightning.heads.sam_refiner import SamRefiner
+from flmm_lightning.heads.unet import UNetMaskHead, crop_to_content
+from flmm_lightning.lmm.base import FrozenLMM, GroundingFeatures
+from flmm_lightning.metrics import BoxIoUMetric, PanopticNarrativeRecall, ReferringSegmentationMetric
+
+# Parameters under these prefixes are frozen and come from their own pretrained files: never checkpointed.
+FROZEN_PREFIXES = ("lmm.model.", "sam.sam.image_encoder.")
+
+
+@dataclass
+class GroundingPrediction:
+    """Mask logits of every object of one sample."""
+
+    coarse_logits: torch.Tensor  # [n, h, w] at the U-Net's output size, processor padding removed
+    fine_logits: torch.Tensor  # [n, H, W] at the image's own size
+    features: GroundingFeatures
+
+
+@dataclass
+class EvalStepOutput:
+    """What a validation/test step hands to callbacks (overlays, per-object tables)."""
+
+    batch: GroundingBatch
+    pred_masks: list[torch.Tensor]  # bool [n, H, W] per sample
+    ious: list[torch.Tensor]  # float [n] per sample
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint that does not fit this model (other LMM, missing or misshapen trainable weights)."""
+
+
+def warmup_cosine_factor(
+    step: int, total_steps: int, warmup_ratio: float, warmup_start_factor: float
+) -> float:
+    """Learning-rate factor: linear warm-up from ``warmup_start_factor`` over the first ``warmup_ratio`` of
+    the steps, then cosine decay to 0 over the rest (the paper recipe)."""
+    warmup_steps = max(1, round(total_steps * warmup_ratio))
+    if step < warmup_steps:
+        return warmup_start_factor + (1.0 - warmup_start_factor) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class FLMMModule(LightningModule):
+    def __init__(
+        self,
+        lmm: FrozenLMM,
+        sam: SamRefiner,
+        mask_head: Callable[[int], UNetMaskHead],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        warmup_ratio: float = 0.03,
+        warmup_start_factor: float = 1e-5,
+        coarse_bce_weight: float = 1.0,
+        coarse_dice_weight: float = 1.0,
+        fine_bce_weight: float = 1.0,
+        fine_dice_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.lmm = lmm
+        self.sam = sam
+        self.mask_head = mask_head(lmm.attention_channels)
+        self.optimizer_factory = optimizer
+        self.warmup_ratio = warmup_ratio
+        self.warmup_start_factor = warmup_start_factor
+        self.loss_weights = {
+            "coarse_bce": coarse_bce_weight,
+            "coarse_dice": coarse_dice_weight,
+            "fine_bce": fine_bce_weight,
+            "fine_dice": fine_dice_weight,
+        }
+        # The resolved config (plain containers) rides in every checkpoint so that eval/predict rebuild
+        # the same model from ``ckpt=`` alone.
+        self.run_config: dict[str, Any] = {}
+        self.eval_metrics = nn.ModuleDict()
+        self.bad_samples = BadSampleSummary()
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(self, batch: GroundingBatch) -> list[GroundingPrediction]:
+        features = self.lmm(batch.lmm)
+        coarse = self._coarse_logits(features)
+        image_embeddings = self.sam.encode_images(batch.sam_images)
+        fine = self.sam(
+            image_embeddings,
+            coarse,
+            [f.text_embeddings for f in features],
+            input_sizes=[tuple(image.shape[-2:]) for image in batch.sam_images],
+            original_sizes=[(s.image.height, s.image.width) for s in batch.samples],
+        )
+        return [GroundingPrediction(c, f, feat) for c, f, feat in zip(coarse, fine, features, strict=True)]
+
+    def _coarse_logits(self, features: list[GroundingFeatures]) -> list[torch.Tensor]:
+        """Runs the U-Net once per distinct grid size (it treats every object independently)."""
+        by_grid: dict[tuple[int, ...], list[int]] = {}
+        for index, feature in enumerate(features):
+            by_grid.setdefault(tuple(feature.attention_maps.shape[-2:]), []).append(index)
+        coarse: list[torch.Tensor | None] = [None] * len(features)
+        for indices in by_grid.values():
+            maps = torch.cat([features[i].attention_maps for i in indices])  # [sum n, C, h, w]
+            logits = self.mask_head(maps.to(self.mask_head_dtype))  # [sum n, h', w']
+            for i, chunk in zip(indices, logits.split([len(features[i].attention_maps) for i in indices])):
+                coarse[i] = crop_to_content(chunk, features[i].padded_hw, features[i].content_box)
+        return coarse
+
+    @property
+    def mask_head_dtype(self) -> torch.dtype:
+        return next(self.mask_head.parameters()).dtype
+
+    # ----------------------------------------------------------------------------------------- training
+    def _losses(
+        self, batch: GroundingBatch, predictions: list[GroundingPrediction]
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample losses weighted by the sample's object count, as the reference averages them."""
+        totals: dict[str, torch.Tensor] = {}
+        num_objects = 0
+        for sample, prediction in zip(batch.samples, predictions, strict=True):
+            gt = sample.masks.to(prediction.fine_logits.device)
+            n = sample.num_objects
+            for stage, logits in (("coarse", prediction.coarse_logits), ("fine", prediction.fine_logits)):
+                stage_losses: MaskLosses = mask_losses(logits, gt)
+                for name in ("bce", "dice", "accuracy", "iou"):
+                    key = f"{stage}_{name}"
+                    totals[key] = totals.get(key, 0.0) + getattr(stage_losses, name) * n
+            num_objects += n
+        averaged = {key: value / num_objects for key, value in totals.items()}
+        averaged["loss"] = sum(weight * averaged[key] for key, weight in self.loss_weights.items())
+        return averaged
+
+    def training_step(self, batch: GroundingBatch, batch_idx: int) -> torch.Tensor | None:
+        self.bad_samples.update(batch.skipped)
+        if not batch.samples:
+            return None
+        losses = self._losses(batch, self(batch))
+        loss = losses.pop("loss")
+        self.log_dict({f"train/{key}": value for key, value in losses.items()}, batch_size=len(batch))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._report_bad_samples()
+
+    def _report_bad_samples(self) -> None:
+        if self.bad_samples.total:
+            self.print(f"skipped samples (on_bad_sample=skip):\n{self.bad_samples}")
+            self.bad_samples.reset()
+
+    # ----------------------------------------------------------------------------------------- evaluation
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        for name in dict.fromkeys(datamodule.val_names + datamodule.test_names):
+            if name not in self.eval_metrics:
+                self.eval_metrics[name] = self._metrics_for(datamodule.split_kind(name))
+        self._split_names = {"validate": datamodule.val_names, "test": datamodule.test_names}
+
+    @staticmethod
+    def _metrics_for(kind: str) -> nn.ModuleDict:
+        if kind == "png":
+            return nn.ModuleDict({"fine": PanopticNarrativeRecall()})
+        return nn.ModuleDict(
+            {
+                "fine": ReferringSegmentationMetric(),
+                "box": BoxIoUMetric(),
+                "coarse": ReferringSegmentationMetric(),
+            }
+        )
+
+    def _eval_step(self, batch: GroundingBatch, dataloader_idx: int, stage: str) -> EvalStepOutput:
+        split = self._split_names[stage][dataloader_idx]
+        metrics = self.eval_metrics[split]
+        self.bad_samples.update(batch.skipped)
+        pred_masks: list[torch.Tensor] = []
+        ious: list[torch.Tensor] = []
+        if not batch.samples:
+            return EvalStepOutput(batch, pred_masks, ious)
+        for sample, prediction in zip(batch.samples, self(batch), strict=True):
+            gt = sample.masks.to(prediction.fine_logits.device)
+            # The fine logits are already at the image's size, so "sigmoid(resized) > 0.5" is "logit > 0".
+            pred = prediction.fine_logits > 0
+            if isinstance(metrics["fine"], PanopticNarrativeRecall):
+                metrics["fine"].update(
+                    pred, gt, sample.is_thing.to(gt.device), sample.is_plural.to(gt.device)
+                )
+            else:
+                metrics["fine"].update(pred, gt)
+                metrics["box"].update(pred, gt)
+                coarse = F.interpolate(
+                    prediction.coarse_logits[None].float(), size=gt.shape[-2:], mode="bilinear"
+                )
+                metrics["coarse"].update(coarse[0] > 0, gt)
+            pred_masks.append(pred)
+            intersection = (pred & gt).flatten(1).sum(1)
+            union = (pred | gt).flatten(1).sum(1)
+            ious.append(torch.where(union > 0, intersection / union.clamp(min=1), 1.0))
+        return EvalStepOutput(batch, pred_masks, ious)
+
+    def validation_step(
+        self, batch: GroundingBatch, batch_idx: int, dataloader_idx: int = 0
+    ) -> EvalStepOutput:
+        return self._eval_step(batch, dataloader_idx, "validate")
+
+    def test_step(self, batch: GroundingBatch, batch_idx: int, dataloader_idx: int = 0) -> EvalStepOutput:
+        return self._eval_step(batch, dataloader_idx, "test")
+
+    def split_results(self, stage: str) -> dict[str, dict[str, float]]:
+        """Computes (synchronised across ranks) and resets the metrics of every split of ``stage``."""
+        results: dict[str, dict[str, float]] = {}
+        for split in self._split_names[stage]:
+            values: dict[str, float] = {}
+            for group, metric in self.eval_metrics[split].items():
+                computed = metric.compute()
+                prefix = "" if group in ("fine", "box") else f"{group}_"
+                values.update({f"{prefix}{name}": float(value) for name, value in computed.items()})
+                metric.reset()
+            results[split] = values
+        return results
+
+    def _log_split_results(self, stage: str) -> None:
+        results = self.split_results(stage)
+        self.last_results = results
+        flat = {
+            f"{split}/{name}": value for split, values in results.items() for name, value in values.items()
+        }
+        self.log_dict(
+            {k: v for k, v in flat.items() if not math.isnan(v)}, sync_dist=False, rank_zero_only=True
+        )
+        self._report_bad_samples()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_split_results("validate")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split_results("test")
+
+    # ----------------------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine_factor(step, total_steps, self.warmup_ratio, self.warmup_start_factor),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def train(self, mode: bool = True) -> FLMMModule:
+        super().train(mode)
+        # Frozen parts stay in eval mode whatever Lightning asks (dropout/norm statistics untouched).
+        self.lmm.model.eval()
+        self.sam.sam.image_encoder.eval()
+        return self
+
+    def trainable_keys(self) -> Iterator[str]:
+        for key in super().state_dict(keep_vars=True):
+            if not key.startswith(FROZEN_PREFIXES):
+                yield key
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        return {k: v for k, v in full.items() if not k[len(prefix) :].startswith(FROZEN_PREFIXES)}
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Loads the trainable part; any missing, unexpected or misshapen trainable key is an error naming it."""
+        expected = super().state_dict()
+        trainable = {k: v for k, v in expected.items() if not k.startswith(FROZEN_PREFIXES)}
+        problems = []
+        missing = sorted(set(trainable) - set(state_dict))
+        if missing:
+            problems.append(f"missing trainable keys: {', '.join(missing[:10])}")
+        unexpected = sorted(k for k in state_dict if k not in trainable)
+        if unexpected:
+            problems.append(f"keys this model does not have: {', '.join(unexpected[:10])}")
+        for key in sorted(set(trainable) & set(state_dict)):
+            if tuple(state_dict[key].shape) != tuple(trainable[key].shape):
+                problems.append(
+                    f"{key}: checkpoint shape {tuple(state_dict[key].shape)} != model shape "
+                    f"{tuple(trainable[key].shape)}"
+                )
+        if problems and strict:
+            hint = ""
+            if any(k.startswith("mask_head.") for k in problems[-1:]) or any(
+                "mask_head" in p for p in problems
+            ):
+                hint = (
+                    " (the U-Net input channels follow the LMM's layers x heads: was the checkpoint trained with "
+                    "another LMM?)"
+                )
+            raise CheckpointMismatchError("checkpoint does not fit this model: " + "; ".join(problems) + hint)
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["flmm_config"] = self.run_config

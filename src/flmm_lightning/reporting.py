@@ -1,0 +1,42 @@
+"""Metric tables for people (rich) and for programs (metrics.json)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def metrics_table(results: dict[str, dict[str, float]], title: str = "Metrics (%)") -> Table:
+    """Rows are splits, columns the union of their metric names, values as percentages."""
+    columns = list(dict.fromkeys(name for values in results.values() for name in values))
+    table = Table(title=title)
+    table.add_column("split", style="bold")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for split, values in results.items():
+        cells = []
+        for column in columns:
+            value = values.get(column)
+            cells.append("" if value is None else "nan" if math.isnan(value) else f"{100 * value:.2f}")
+        table.add_row(split, *cells)
+    return table
+
+
+def print_metrics(results: dict[str, dict[str, float]], title: str = "Metrics (%)") -> None:
+    Console().print(metrics_table(results, title))
+
+
+def write_metrics_json(results: dict[str, dict[str, float]], path: str | Path) -> Path:
+    """NaN (an empty subset) is written as null so that the file is strict JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = {
+        split: {name: None if math.isnan(value) else value for name, value in values.items()}
+        for split, values in results.items()
+    }
+    path.write_text(json.dumps(clean, indent=2) + "\n")
+    return path

@@ -1,0 +1,72 @@
+"""Train an F-LMM mask head on a frozen LMM, then evaluate it: ``python -m flmm_lightning.train +experiment=demo``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from flmm_lightning.builders import (
+    build_callbacks,
+    build_datamodule,
+    build_loggers,
+    build_module,
+    build_prompt_builder,
+    run_config,
+)
+from flmm_lightning.config import CONF_DIR, register_resolvers
+from flmm_lightning.metrics import ReferringSegmentationMetric
+from flmm_lightning.reporting import print_metrics, write_metrics_json
+
+register_resolvers()
+
+
+def whole_image_baseline(dataset: torch.utils.data.Dataset) -> dict[str, float]:
+    """cIoU/mIoU of predicting the whole image for every object: the floor a trained model must beat."""
+    metric = ReferringSegmentationMetric()
+    for index in range(len(dataset)):
+        masks = dataset[index].masks
+        metric.update(torch.ones_like(masks), masks)
+    computed = metric.compute()
+    return {"cIoU": float(computed["cIoU"]), "mIoU": float(computed["mIoU"])}
+
+
+def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    prompt_builder = build_prompt_builder(cfg)
+    datamodule = build_datamodule(cfg.data, prompt_builder, cfg.sam.image_size)
+    module = build_module(cfg, stored_config=run_config(cfg))
+    trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=build_callbacks(cfg.get("callbacks")),
+        logger=build_loggers(cfg.get("logger")) or False,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+
+    results: dict[str, dict[str, float]] = {}
+    if cfg.get("test_after_fit") and datamodule.test_names:
+        trainer.test(module, datamodule=datamodule, weights_only=True)
+        results = dict(module.last_results)
+    baseline_split = cfg.get("whole_image_baseline_split")
+    if baseline_split:
+        results["baseline_whole_image"] = whole_image_baseline(datamodule.test_sets[baseline_split])
+    if trainer.is_global_zero and results:
+        print_metrics(results, title=f"{cfg.task_name}: test metrics (%)")
+        path = write_metrics_json(results, output_dir / "metrics.json")
+        print(f"metrics written to {path}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

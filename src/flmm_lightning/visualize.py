@@ -1,0 +1,57 @@
+"""Mask overlays a person can look at: each object's mask in its own colour, with a legend."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+PALETTE = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (255, 225, 25),
+    (145, 30, 180),
+    (245, 130, 48),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (0, 128, 128),
+)
+
+
+def object_color(index: int) -> tuple[int, int, int]:
+    return PALETTE[index % len(PALETTE)]
+
+
+def overlay_masks(
+    image: Image.Image, masks: torch.Tensor, labels: list[str], alpha: float = 0.5
+) -> Image.Image:
+    """``masks``: bool [n, H, W] at the image's size. Returns the image with tinted masks and a legend."""
+    canvas = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
+    for index, mask in enumerate(masks.cpu().numpy().astype(bool)):
+        canvas[mask] = (1 - alpha) * canvas[mask] + alpha * np.asarray(object_color(index), dtype=np.float32)
+    result = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(result)
+    for index, label in enumerate(labels):
+        top = 4 + 14 * index
+        draw.rectangle([4, top, 14, top + 10], fill=object_color(index))
+        draw.text((18, top - 1), label, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
+    return result
+
+
+def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:
+    combined = Image.new(
+        "RGB", (left.width + gap + right.width, max(left.height, right.height)), (255, 255, 255)
+    )
+    combined.paste(left, (0, 0))
+    combined.paste(right, (left.width + gap, 0))
+    return combined
+
+
+def label_map(masks: torch.Tensor) -> np.ndarray:
+    """[n, H, W] bool -> [H, W] int with object k as k + 1 and 0 as background (later objects on top)."""
+    labels = np.zeros(masks.shape[-2:], dtype=np.int32)
+    for index, mask in enumerate(masks.cpu().numpy().astype(bool)):
+        labels[mask] = index + 1
+    return labels

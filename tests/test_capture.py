@@ -1,0 +1,172 @@
+"""Fused capture (SDPA + recomputed selected rows) equals the eager reference, per sample and in a batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flmm_lightning.assets import ensure_tiny_qwen2_5_vl
+from flmm_lightning.data.sample import GroundingSample
+from flmm_lightning.lmm.capture import build_capture, gather_rows_cols, recording, selected_attention_probs
+from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter, Qwen2VLPromptBuilder
+
+ATOL = 1e-5
+
+
+def make_sample(height: int, width: int, phrases: list[str], image_id: int) -> GroundingSample:
+    rng = np.random.default_rng(image_id)
+    n = len(phrases)
+    return GroundingSample(
+        image=Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)),
+        phrases=phrases,
+        masks=torch.zeros(n, height, width, dtype=torch.bool),
+        is_thing=torch.ones(n, dtype=torch.bool),
+        is_plural=torch.zeros(n, dtype=torch.bool),
+        image_id=image_id,
+        file_name=f"{image_id}.jpg",
+        object_ids=[str(k) for k in range(n)],
+    )
+
+
+SAMPLES = [
+    make_sample(100, 150, ["a man in a red shirt", "the dog"], 0),
+    make_sample(230, 120, ["left cup"], 1),
+    make_sample(60, 70, ["sky", "tree on the right", "car", "bird"], 2),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir():
+    return ensure_tiny_qwen2_5_vl()
+
+
+@pytest.fixture(scope="module")
+def builder(tiny_dir):
+    return Qwen2VLPromptBuilder(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_dir):
+    fused = Qwen2VLAdapter(tiny_dir, text_proj_dim=8, capture="fused", torch_dtype="float32")
+    eager = Qwen2VLAdapter(tiny_dir, text_proj_dim=8, capture="eager", torch_dtype="float32")
+    eager.load_state_dict(fused.state_dict())
+    return fused, eager
+
+
+@pytest.fixture(scope="module")
+def batch_outputs(builder, adapters):
+    prompts = [builder(s) for s in SAMPLES]
+    fused, eager = adapters
+    batch = builder.collate(prompts)
+    singles = [builder.collate([p]) for p in prompts]
+    return {
+        "fused_batch": fused(batch),
+        "eager_batch": eager(batch),
+        "fused_single": [fused(s)[0] for s in singles],
+        "eager_single": [eager(s)[0] for s in singles],
+    }
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()
+
+
+def test_adapters_run_different_attention(adapters):
+    fused, eager = adapters
+    assert fused.model.config.text_config._attn_implementation == "flmm_capture"
+    assert fused.model.config.vision_config._attn_implementation == "sdpa"
+    assert eager.model.config.text_config._attn_implementation == "eager"
+
+
+def test_fused_equals_eager_single_sample(batch_outputs):
+    for fused, eager in zip(batch_outputs["fused_single"], batch_outputs["eager_single"], strict=True):
+        assert max_diff(fused.attention_maps, eager.attention_maps) < ATOL
+
+
+def test_fused_equals_eager_padded_batch(batch_outputs):
+    for fused, eager in zip(batch_outputs["fused_batch"], batch_outputs["eager_batch"], strict=True):
+        assert max_diff(fused.attention_maps, eager.attention_maps) < ATOL
+        for f, e in zip(fused.text_embeddings, eager.text_embeddings, strict=True):
+            assert max_diff(f, e) < ATOL
+
+
+@pytest.mark.parametrize("mode", ["fused", "eager"])
+def test_batch_equals_single(batch_outputs, mode):
+    for batched, single in zip(batch_outputs[f"{mode}_batch"], batch_outputs[f"{mode}_single"], strict=True):
+        assert max_diff(batched.attention_maps, single.attention_maps) < ATOL
+        for b, s in zip(batched.text_embeddings, single.text_embeddings, strict=True):
+            assert max_diff(b, s) < ATOL
+
+
+def test_maps_are_informative(batch_outputs):
+    """Guards the comparisons above against a degenerate model (all-uniform or all-zero maps)."""
+    for features in batch_outputs["fused_batch"]:
+        maps = features.attention_maps.flatten(2)  # [n, C, h*w]
+        assert torch.all(maps >= 0) and torch.all(maps.sum(-1) <= 1 + ATOL)
+        spread = maps.amax(-1) / maps.mean(-1)
+        assert spread.max() > 2.0
+
+
+def test_capture_everywhere_records_decoder_layers_only(tiny_dir, builder, batch_outputs):
+    """With the capture attention set on the vision tower too, only decoder self-attention is recorded."""
+    adapter = Qwen2VLAdapter(tiny_dir, text_proj_dim=8, capture="fused", torch_dtype="float32")
+    adapter.model.set_attn_implementation("flmm_capture")
+    assert adapter.model.config.vision_config._attn_implementation == "flmm_capture"
+    features = adapter(builder.collate([builder(SAMPLES[0])]))[0]
+    assert max_diff(features.attention_maps, batch_outputs["fused_single"][0].attention_maps) < ATOL
+
+
+def test_recording_without_capture_attention_raises():
+    with recording(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long)) as recorder:
+        pass
+    with pytest.raises(RuntimeError, match="no attention was captured"):
+        recorder.stacked()
+
+
+def test_build_capture_rejects_unknown():
+    with pytest.raises(ValueError, match="capture must be one of"):
+        build_capture("flash")
+
+
+def _eager_reference(query, key, additive_mask, scaling):
+    n_rep = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(n_rep, dim=1)
+    scores = query @ key.transpose(2, 3) * scaling + additive_mask
+    return torch.softmax(scores, dim=-1)  # [B, H, Q, K]
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_selected_probs_match_full_softmax(mask_kind):
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, seq, head_dim = 2, 4, 2, 9, 8
+    query = torch.randn(batch, heads, seq, head_dim, generator=generator)
+    key = torch.randn(batch, kv_heads, seq, head_dim, generator=generator)
+    lengths = torch.tensor([9, 6])
+    causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool))
+    not_padding = torch.arange(seq)[None, :] < lengths[:, None]  # [B, K]
+    allowed = causal[None, None] & not_padding[:, None, None, :]  # [B, 1, Q, K]
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    mask = {"none": None, "bool": allowed, "float": additive}[mask_kind]
+    if mask_kind == "none":
+        lengths = torch.tensor([9, 9])
+        additive = torch.zeros(allowed.shape).masked_fill(~causal[None, None], torch.finfo(torch.float32).min)
+
+    query_positions = torch.tensor([[7, 8, 3], [4, 5, 0]])
+    key_positions = torch.tensor([[1, 2, 3, 4], [0, 2, 3, 0]])
+    got = selected_attention_probs(query, key, mask, 0.3, query_positions, key_positions)
+    want = gather_rows_cols(_eager_reference(query, key, additive, 0.3), query_positions, key_positions)
+    assert max_diff(got, want) < 1e-6
+
+
+def test_selected_probs_stay_fp32_under_autocast():
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(1, 4, 6, 8, generator=generator)
+    key = torch.randn(1, 2, 6, 8, generator=generator)
+    query_positions, key_positions = torch.tensor([[5, 4]]), torch.tensor([[0, 1, 2]])
+    exact = selected_attention_probs(query, key, None, 0.5, query_positions, key_positions)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = selected_attention_probs(query, key, None, 0.5, query_positions, key_positions)
+    assert mixed.dtype == torch.float32 and max_diff(mixed, exact) == 0.0
