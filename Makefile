@@ -4,6 +4,11 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := offline
 export HYDRA_FULL_ERROR := 1
+# glibc would return every large freed buffer to the OS and fault it back in on the next step; on VMs where
+# page faults are expensive that made a CPU training step ~20x slower. Keep freed memory in the heap.
+export MALLOC_MMAP_THRESHOLD_ := 33554432
+export MALLOC_TRIM_THRESHOLD_ := 4294967296
+export MALLOC_TOP_PAD_ := 536870912
 
 .PHONY: setup demo test lint bench clean
 

@@ -73,7 +73,7 @@ def test_masks_flags_and_utterances(fixtures_dir: Path) -> None:
 def test_ungrounded_narratives_are_dropped_and_logged_once(coco_sample: Path, caplog) -> None:
     path = coco_sample / "annotations" / "png_sample.json"
     narratives = json.loads(path.read_text())
-    for source in narratives:
+    for source in list(narratives):
         ungrounded = [{**segment, "segment_ids": [], "plural": False} for segment in source["segments"]]
         narratives.append({**source, "segments": ungrounded})
     path.write_text(json.dumps(narratives))

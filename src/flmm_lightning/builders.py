@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,9 @@ def build_datamodule(
 ) -> GroundingDataModule:
     """Instantiates each dataset on its own so that an error names the config key that set it."""
     data_cfg = OmegaConf.create(data_cfg) if not OmegaConf.is_config(data_cfg) else data_cfg
-    settings = {
-        k: v for k, v in data_cfg.items() if k not in ("_target_", "train_sets", "val_sets", "test_sets")
-    }
+    # Other keys of a data config are interpolation helpers (e.g. the synthetic generator's settings).
+    accepted = set(inspect.signature(GroundingDataModule).parameters) - {"train_sets", "val_sets", "test_sets"}
+    settings = {k: v for k, v in data_cfg.items() if k in accepted}
     return GroundingDataModule(
         prompt_builder=prompt_builder,
         sam_image_size=sam_image_size,

@@ -37,7 +37,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=[recorder], logger=build_loggers(cfg.get("logger")) or False
     )
-    trainer.test(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, verbose=False)
     results = dict(module.last_results)
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)

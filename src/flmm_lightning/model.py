@@ -114,7 +114,8 @@ class FLMMModule(LightningModule):
         for indices in by_grid.values():
             maps = torch.cat([features[i].attention_maps for i in indices])  # [sum n, C, h, w]
             logits = self.mask_head(maps.to(self.mask_head_dtype))  # [sum n, h', w']
-            for i, chunk in zip(indices, logits.split([len(features[i].attention_maps) for i in indices])):
+            sizes = [len(features[i].attention_maps) for i in indices]
+            for i, chunk in zip(indices, logits.split(sizes), strict=True):
                 coarse[i] = crop_to_content(chunk, features[i].padded_hw, features[i].content_box)
         return coarse
 
@@ -225,10 +226,12 @@ class FLMMModule(LightningModule):
         for split in self._split_names[stage]:
             values: dict[str, float] = {}
             for group, metric in self.eval_metrics[split].items():
-                computed = metric.compute()
-                prefix = "" if group in ("fine", "box") else f"{group}_"
-                values.update({f"{prefix}{name}": float(value) for name, value in computed.items()})
+                computed = {name: float(value) for name, value in metric.compute().items()}
                 metric.reset()
+                if group == "coarse":
+                    # U-Net masks before SAM: how much the refiner adds.
+                    computed = {f"coarse_{name}": computed[name] for name in ("cIoU", "mIoU")}
+                values.update(computed)
             results[split] = values
         return results
 
@@ -278,32 +281,28 @@ class FLMMModule(LightningModule):
         return {k: v for k, v in full.items() if not k[len(prefix) :].startswith(FROZEN_PREFIXES)}
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Loads the trainable part; any missing, unexpected or misshapen trainable key is an error naming it."""
-        expected = super().state_dict()
-        trainable = {k: v for k, v in expected.items() if not k.startswith(FROZEN_PREFIXES)}
+        """Loads the trainable part; a missing, unexpected or misshapen trainable key is an error naming it"""
+        trainable = {k: v for k, v in super().state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
         problems = []
         missing = sorted(set(trainable) - set(state_dict))
         if missing:
             problems.append(f"missing trainable keys: {', '.join(missing[:10])}")
-        unexpected = sorted(k for k in state_dict if k not in trainable)
+        unexpected = sorted(set(state_dict) - set(trainable))
         if unexpected:
             problems.append(f"keys this model does not have: {', '.join(unexpected[:10])}")
         for key in sorted(set(trainable) & set(state_dict)):
-            if tuple(state_dict[key].shape) != tuple(trainable[key].shape):
+            if state_dict[key].shape != trainable[key].shape:
                 problems.append(
-                    f"{key}: checkpoint shape {tuple(state_dict[key].shape)} != model shape "
-                    f"{tuple(trainable[key].shape)}"
+                    f"{key}: shape {tuple(state_dict[key].shape)} in the checkpoint, "
+                    f"{tuple(trainable[key].shape)} in the model"
                 )
         if problems and strict:
-            hint = ""
-            if any(k.startswith("mask_head.") for k in problems[-1:]) or any(
-                "mask_head" in p for p in problems
-            ):
-                hint = (
-                    " (the U-Net input channels follow the LMM's layers x heads: was the checkpoint trained with "
-                    "another LMM?)"
-                )
-            raise CheckpointMismatchError("checkpoint does not fit this model: " + "; ".join(problems) + hint)
+            raise CheckpointMismatchError(
+                "checkpoint does not fit this model: "
+                + "; ".join(problems)
+                + f". U-Net input channels follow the LMM (layers x heads = {self.lmm.attention_channels} "
+                "here): a checkpoint trained with another LMM does not fit."
+            )
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

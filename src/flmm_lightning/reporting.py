@@ -27,7 +27,13 @@ def metrics_table(results: dict[str, dict[str, float]], title: str = "Metrics (%
 
 
 def print_metrics(results: dict[str, dict[str, float]], title: str = "Metrics (%)") -> None:
-    Console().print(metrics_table(results, title))
+    """One table per kind of split (referring / narrative), so that each stays narrow enough to read."""
+    groups: dict[tuple[str, ...], dict[str, dict[str, float]]] = {}
+    for split, values in results.items():
+        groups.setdefault(tuple(values), {})[split] = values
+    console = Console(width=max(Console().width, 160))
+    for group in groups.values():
+        console.print(metrics_table(group, title))
 
 
 def write_metrics_json(results: dict[str, dict[str, float]], path: str | Path) -> Path:

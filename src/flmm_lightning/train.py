@@ -1,4 +1,7 @@
-"""Train an F-LMM mask head on a frozen LMM, then evaluate it: ``python -m flmm_lightning.train +experiment=demo``."""
+"""Train an F-LMM mask head on a frozen LMM, then evaluate it.
+
+``python -m flmm_lightning.train +experiment=<name> [overrides]``
+"""
 
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
 
     results: dict[str, dict[str, float]] = {}
     if cfg.get("test_after_fit") and datamodule.test_names:
-        trainer.test(module, datamodule=datamodule, weights_only=True)
+        trainer.test(module, datamodule=datamodule, weights_only=True, verbose=False)
         results = dict(module.last_results)
     baseline_split = cfg.get("whole_image_baseline_split")
     if baseline_split:

@@ -223,7 +223,7 @@ class RefCocoDataset(Dataset):
             image_path, dataset=self.name, sample_id=item.sample_id, expected_wh=(item.width, item.height)
         )
         phrases: list[str] = []
-        masks: list[torch.Tensor] = []
+        masks: list[np.ndarray] = []
         object_ids: list[str] = []
         for ref in item.refs:
             mask = self._decode(item, ref)
@@ -235,7 +235,8 @@ class RefCocoDataset(Dataset):
         return GroundingSample(
             image=image,
             phrases=phrases,
-            masks=torch.stack(masks),
+            # Stacked in numpy: small torch ops in the main process pay for its thread pool.
+            masks=torch.from_numpy(np.stack(masks)),
             is_thing=torch.ones(count, dtype=torch.bool),
             is_plural=torch.zeros(count, dtype=torch.bool),
             image_id=item.image_id,
@@ -243,7 +244,7 @@ class RefCocoDataset(Dataset):
             object_ids=object_ids,
         )
 
-    def _decode(self, item: _Item, ref: _Ref) -> torch.Tensor:
+    def _decode(self, item: _Item, ref: _Ref) -> np.ndarray:
         where = f"ref_id {ref.ref_id}, ann_id {ref.ann_id}"
         path = str(self.instances_path)
         try:
@@ -254,7 +255,7 @@ class RefCocoDataset(Dataset):
         if not mask.any():
             reason = BadSampleReason.EMPTY_MASK
             raise BadSampleError(self.name, item.sample_id, path, reason, f"{where} decodes to an empty mask")
-        return torch.from_numpy(np.ascontiguousarray(mask)).bool()
+        return mask.astype(bool)
 
     def _choose_sentences(self, sentences: tuple[str, ...]) -> tuple[str, ...]:
         if self.text_mode == "select_first":

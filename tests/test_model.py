@@ -1,0 +1,139 @@
+"""The LightningModule on the tiny offline assets: what trains, what stays frozen, what a checkpoint holds."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from flmm_lightning.builders import build_datamodule, build_module, build_prompt_builder, module_from_checkpoint
+from flmm_lightning.model import CheckpointMismatchError, FLMMModule, warmup_cosine_factor
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Parameters that the F-LMM forward never uses: SAM's point prompts, its "no mask" embedding (a mask prompt is
+# always given) and its IoU head (the loss is on masks). They get no gradient, as in the reference.
+UNUSED_BY_DESIGN = ("point_embeddings", "not_a_point_embed", "no_mask_embed", "iou_prediction_head", "iou_token")
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_config):
+    prompt_builder = build_prompt_builder(tiny_config)
+    datamodule = build_datamodule(tiny_config.data, prompt_builder, tiny_config.sam.image_size)
+    torch.manual_seed(0)
+    module = build_module(tiny_config)
+    dataset = datamodule._encoded(datamodule.train_sets["synthetic_refcoco_train"])
+    batch = datamodule.collate([dataset[0], dataset[1]])
+    return module, batch
+
+
+def fresh_module(parts) -> FLMMModule:
+    module, _ = parts
+    return copy.deepcopy(module)
+
+
+def test_one_step_trains_only_the_trainable_part(parts):
+    module = fresh_module(parts)
+    batch = parts[1]
+    module.train()
+    frozen_before = {k: v.clone() for k, v in module.lmm.model.state_dict().items()}
+    encoder_before = {k: v.clone() for k, v in module.sam.sam.image_encoder.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+
+    loss = module._losses(batch, module(batch))["loss"]
+    loss.backward()
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            assert parameter.grad is None, name
+        elif any(part in name for part in UNUSED_BY_DESIGN):
+            continue
+        else:
+            assert parameter.grad is not None, f"{name} received no gradient"
+            assert torch.isfinite(parameter.grad).all(), name
+    assert module.lmm.text_layer_weights.grad.abs().sum() > 0
+    assert module.mask_head.conv_seg.weight.grad.abs().sum() > 0
+    optimizer.step()
+
+    assert not module.lmm.model.training and not module.sam.sam.image_encoder.training
+    for key, value in module.lmm.model.state_dict().items():
+        assert torch.equal(value, frozen_before[key]), key
+    for key, value in module.sam.sam.image_encoder.state_dict().items():
+        assert torch.equal(value, encoder_before[key]), key
+
+
+def test_unet_learns_through_the_sam_mask_prompt(parts):
+    """With the coarse losses switched off, the U-Net still gets a gradient: through SAM's mask prompt."""
+    module = fresh_module(parts)
+    batch = parts[1]
+    module.loss_weights = {"coarse_bce": 0.0, "coarse_dice": 0.0, "fine_bce": 1.0, "fine_dice": 1.0}
+    module._losses(batch, module(batch))["loss"].backward()
+    gradient = module.mask_head.conv_seg.weight.grad
+    assert gradient is not None and gradient.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_fitting_one_batch_lowers_the_loss(parts):
+    module = fresh_module(parts)
+    batch = parts[1]
+    module.train()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = module._losses(batch, module(batch))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < 0.7 * losses[0], losses
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(parts, tmp_path, tiny_config):
+    from flmm_lightning.builders import run_config
+
+    module = fresh_module(parts)
+    batch = parts[1]
+    with torch.no_grad():
+        module.mask_head.conv_seg.bias.add_(0.25)  # differ from a fresh initialisation
+    module.run_config = run_config(tiny_config)
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "flmm_config": module.run_config}, path)
+
+    assert not any(key.startswith(("lmm.model.", "sam.sam.image_encoder.")) for key in module.state_dict())
+    restored, _ = module_from_checkpoint(path)
+    module.eval()
+    restored.eval()
+    with torch.no_grad():
+        expected, actual = module(batch), restored(batch)
+    for a, b in zip(expected, actual, strict=True):
+        assert torch.equal(a.fine_logits, b.fine_logits)
+        assert torch.equal(a.coarse_logits, b.coarse_logits)
+
+
+def test_checkpoint_missing_key_is_named(parts):
+    module = fresh_module(parts)
+    state = module.state_dict()
+    del state["lmm.text_proj.weight"]
+    with pytest.raises(CheckpointMismatchError, match=r"lmm\.text_proj\.weight"):
+        module.load_state_dict(state)
+
+
+def test_checkpoint_shape_mismatch_is_named(parts):
+    module = fresh_module(parts)
+    state = module.state_dict()
+    key = next(k for k in state if k.startswith("mask_head.") and state[k].dim() == 4)
+    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] * 2, *state[key].shape[2:])
+    with pytest.raises(CheckpointMismatchError, match="layers x heads") as error:
+        module.load_state_dict(state)
+    assert key in str(error.value)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    total = 1000
+    factors = [warmup_cosine_factor(step, total, 0.03, 1e-5) for step in range(total + 1)]
+    assert factors[0] == pytest.approx(1e-5)
+    assert factors[30] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(factors[:30], factors[1:31], strict=True))
+    assert all(a >= b for a, b in zip(factors[30:-1], factors[31:], strict=True))
+    assert factors[-1] == pytest.approx(0.0, abs=1e-12)
