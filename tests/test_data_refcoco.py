@@ -95,7 +95,12 @@ def test_text_modes(fixtures_dir: Path) -> None:
             root, "refcoco", "unc", "val", "images", text_mode="random", group_by_image=False, seed=seed
         )
         index = next(i for i, s in enumerate(dataset) if s.object_ids[0] == "1")
-        return [dataset[index].phrases[0] for _ in range(16)]
+        picked = []
+        for epoch in range(16):  # one draw per ref and epoch: a re-read within the epoch repeats it
+            dataset.set_epoch(epoch)
+            assert dataset[index].phrases == dataset[index].phrases
+            picked.append(dataset[index].phrases[0])
+        return picked
 
     first = draws(seed=0)
     assert set(first) == set(two_sentences)

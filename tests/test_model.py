@@ -8,14 +8,25 @@ import os
 import pytest
 import torch
 
-from flmm_lightning.builders import build_datamodule, build_module, build_prompt_builder, module_from_checkpoint
+from flmm_lightning.builders import (
+    build_datamodule,
+    build_module,
+    build_prompt_builder,
+    module_from_checkpoint,
+)
 from flmm_lightning.model import CheckpointMismatchError, FLMMModule, warmup_cosine_factor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Parameters that the F-LMM forward never uses: SAM's point prompts, its "no mask" embedding (a mask prompt is
 # always given) and its IoU head (the loss is on masks). They get no gradient, as in the reference.
-UNUSED_BY_DESIGN = ("point_embeddings", "not_a_point_embed", "no_mask_embed", "iou_prediction_head", "iou_token")
+UNUSED_BY_DESIGN = (
+    "point_embeddings",
+    "not_a_point_embed",
+    "no_mask_embed",
+    "iou_prediction_head",
+    "iou_token",
+)
 
 
 @pytest.fixture(scope="module")

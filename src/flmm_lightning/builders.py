@@ -9,13 +9,14 @@ from typing import Any
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning import Callback
-from lightning.pytorch.loggers import Logger
+from lightning import Callback, Trainer
+from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.lmm.base import PromptBuilder
 from flmm_lightning.model import FLMMModule
+from flmm_lightning.reporting import read_metrics_json
 
 # The parts of a run's config that define the model; stored in every checkpoint.
 MODEL_KEYS = ("model", "sam", "module")
@@ -73,7 +74,8 @@ def build_datamodule(
     """Instantiates each dataset on its own so that an error names the config key that set it."""
     data_cfg = OmegaConf.create(data_cfg) if not OmegaConf.is_config(data_cfg) else data_cfg
     # Other keys of a data config are interpolation helpers (e.g. the synthetic generator's settings).
-    accepted = set(inspect.signature(GroundingDataModule).parameters) - {"train_sets", "val_sets", "test_sets"}
+    accepted = set(inspect.signature(GroundingDataModule).parameters)
+    accepted -= {"train_sets", "val_sets", "test_sets"}
     settings = {k: v for k, v in data_cfg.items() if k in accepted}
     return GroundingDataModule(
         prompt_builder=prompt_builder,
@@ -91,6 +93,40 @@ def build_callbacks(cfg: DictConfig | None) -> list[Callback]:
 
 def build_loggers(cfg: DictConfig | None) -> list[Logger]:
     return [instantiate(node) for node in (cfg or {}).values() if node is not None and "_target_" in node]
+
+
+def output_dir_of(cfg: DictConfig) -> Path:
+    """``paths.output_dir``: Hydra's run directory under the CLI; outside it (the compose API, a notebook)
+    nothing sets it, and every path built on it would start with "None"."""
+    try:
+        value = cfg.paths.get("output_dir")
+    except ValueError:  # ${hydra:...} without a Hydra context
+        value = None
+    if not value:
+        raise ConfigError(
+            "paths.output_dir is not set: outside `python -m flmm_lightning.<entry point>` (e.g. a config "
+            "from hydra.compose) pass paths.output_dir=<folder>"
+        )
+    return Path(value)
+
+
+def test_results(module: FLMMModule, metrics_path: Path) -> dict[str, dict[str, float]]:
+    """The metrics of the last test loop. With ``ddp_spawn`` that loop ran in worker processes and this
+    process's module never saw them: they come back through the ``metrics.json`` that global rank 0 wrote
+    (``callbacks.MetricsJsonWriter``)."""
+    computed = getattr(module, "last_results", None)
+    return dict(computed) if computed else read_metrics_json(metrics_path)
+
+
+def finish_wandb(trainer: Trainer) -> None:
+    """Closes the W&B run of this process's ``WandbLogger``: its files are complete when the entry point
+    returns, and a next run in the same process (a notebook, the tests) starts its own run instead of
+    appending to this one (``WandbLogger`` reuses a run in progress)."""
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
 from flmm_lightning.data.sample import GroundingSample
 from flmm_lightning.metrics.functional import mask_box_iou
 from flmm_lightning.model import EvalStepOutput
+from flmm_lightning.reporting import write_metrics_json, write_per_object_csv
 from flmm_lightning.visualize import label_map, overlay_masks, side_by_side
 
 
@@ -102,11 +104,33 @@ class MaskOverlayCallback(Callback):
         self._kept.clear()
 
 
-class PerObjectRecorder(Callback):
-    """Collects one row per evaluated object (image, phrase, mask IoU, box IoU) to find failures."""
+def _all_gather(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order (just ``[value]`` outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
-    def __init__(self) -> None:
+
+class PerObjectRecorder(Callback):
+    """Collects one row per evaluated object (image, phrase, mask IoU, box IoU) to find failures.
+
+    At the end of testing the rows of every rank are gathered (under DDP each rank saw a shard, rank ``r`` of
+    ``R`` the samples ``r, r + R, ...``; they are put back in dataset order) and, when ``path`` is given,
+    global rank 0 writes them as CSV. Writing here, in the process that ran the test loop, is what makes the
+    file complete under ``ddp_spawn`` too, where the loop runs in worker processes.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
         self.rows: list[dict[str, object]] = []
+        # split -> rows of each sample, in the order this rank saw the samples
+        self._per_sample: dict[str, list[list[dict[str, object]]]] = {}
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.rows = []
+        self._per_sample = {}
 
     def on_test_batch_end(
         self,
@@ -118,10 +142,11 @@ class PerObjectRecorder(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         split = _split_name(trainer, dataloader_idx)
+        samples = self._per_sample.setdefault(split, [])
         for sample, pred, ious in zip(outputs.batch.samples, outputs.pred_masks, outputs.ious, strict=True):
             box_ious = mask_box_iou(pred, sample.masks.to(pred.device))
-            for k in range(sample.num_objects):
-                self.rows.append(
+            samples.append(
+                [
                     {
                         "split": split,
                         "image_id": sample.image_id,
@@ -131,4 +156,32 @@ class PerObjectRecorder(Callback):
                         "iou": round(float(ious[k]), 6),
                         "box_iou": round(float(box_ious[k]), 6),
                     }
-                )
+                    for k in range(sample.num_objects)
+                ]
+            )
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        per_rank = _all_gather(self._per_sample)
+        rows: list[dict[str, object]] = []
+        for split in trainer.datamodule.test_names:
+            shards = [shard.get(split, []) for shard in per_rank]
+            for position in range(max((len(shard) for shard in shards), default=0)):
+                for shard in shards:
+                    if position < len(shard):
+                        rows.extend(shard[position])
+        self.rows = rows
+        if self.path is not None and trainer.is_global_zero:
+            write_per_object_csv(rows, self.path)
+
+
+class MetricsJsonWriter(Callback):
+    """Writes the test metrics of every split (``FLMMModule.last_results``) to ``path`` on global rank 0 at
+    the end of testing: from the process that computed them, so that they reach the caller under
+    ``ddp_spawn`` as well (read them back with ``reporting.read_metrics_json``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            write_metrics_json(pl_module.last_results, self.path)

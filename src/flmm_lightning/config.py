@@ -24,6 +24,7 @@ def _synthetic(root: str, num_train: int = 240, num_val: int = 60) -> str:
 
 def register_resolvers() -> None:
     """``${flmm_asset:<name>,<cache_dir>}`` builds a tiny offline model when missing and returns its path;
-    ``${flmm_synthetic:<root>[,num_train,num_val]}`` writes the synthetic dataset when missing and returns its root."""
+    ``${flmm_synthetic:<root>[,num_train,num_val]}`` writes the synthetic dataset when missing and returns
+    its root."""
     OmegaConf.register_new_resolver("flmm_asset", _asset, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("flmm_synthetic", _synthetic, replace=True, use_cache=True)

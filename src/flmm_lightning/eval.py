@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
@@ -14,17 +13,21 @@ from flmm_lightning.builders import (
     build_datamodule,
     build_loggers,
     build_prompt_builder,
+    finish_wandb,
     module_from_checkpoint,
+    output_dir_of,
+    test_results,
 )
-from flmm_lightning.callbacks import PerObjectRecorder
+from flmm_lightning.callbacks import MetricsJsonWriter, PerObjectRecorder
 from flmm_lightning.config import CONF_DIR, register_resolvers
-from flmm_lightning.reporting import print_metrics, write_metrics_json
+from flmm_lightning.reporting import print_metrics
 
 register_resolvers()
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     L.seed_everything(cfg.seed, workers=True)
+    output_dir = output_dir_of(cfg)
     module, stored = module_from_checkpoint(cfg.ckpt)
     data_cfg = cfg.data if cfg.get("data") is not None else stored.get("data")
     if data_cfg is None:
@@ -33,28 +36,20 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     datamodule = build_datamodule(data_cfg, prompt_builder, stored["sam"]["image_size"])
     if cfg.stage == "val":
         datamodule.test_sets = datamodule.val_sets
-    recorder = PerObjectRecorder()
+    # Both files are written by global rank 0 of the processes that run the test loop (workers under
+    # ddp_spawn), the per-object rows gathered from every rank.
+    metrics_path = output_dir / "metrics.json"
+    callbacks = [PerObjectRecorder(output_dir / "per_object.csv"), MetricsJsonWriter(metrics_path)]
     trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=[recorder], logger=build_loggers(cfg.get("logger")) or False
+        cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.get("logger")) or False
     )
     trainer.test(module, datamodule=datamodule, verbose=False)
-    results = dict(module.last_results)
+    results = test_results(module, metrics_path)
     if trainer.is_global_zero:
-        output_dir = Path(cfg.paths.output_dir)
         print_metrics(results, title=f"{Path(cfg.ckpt).name}: metrics (%)")
-        write_metrics_json(results, output_dir / "metrics.json")
-        write_per_object_csv(recorder.rows, output_dir / "per_object.csv")
         print(f"metrics.json and per_object.csv written to {output_dir}")
+    finish_wandb(trainer)
     return results
-
-
-def write_per_object_csv(rows: list[dict[str, object]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["split", "image_id", "file_name", "object_id", "phrase", "iou", "box_iou"]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")

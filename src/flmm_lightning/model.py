@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning import LightningModule
 from torch import nn
@@ -19,6 +20,7 @@ from flmm_lightning.heads.sam_refiner import SamRefiner
 from flmm_lightning.heads.unet import UNetMaskHead, crop_to_content
 from flmm_lightning.lmm.base import FrozenLMM, GroundingFeatures
 from flmm_lightning.metrics import BoxIoUMetric, PanopticNarrativeRecall, ReferringSegmentationMetric
+from flmm_lightning.reliability import NonFiniteStreak
 
 # Parameters under these prefixes are frozen and come from their own pretrained files: never checkpointed.
 FROZEN_PREFIXES = ("lmm.model.", "sam.sam.image_encoder.")
@@ -71,6 +73,7 @@ class FLMMModule(LightningModule):
         coarse_dice_weight: float = 1.0,
         fine_bce_weight: float = 1.0,
         fine_dice_weight: float = 1.0,
+        max_consecutive_nonfinite: int = 10,
     ) -> None:
         super().__init__()
         self.lmm = lmm
@@ -90,6 +93,11 @@ class FLMMModule(LightningModule):
         self.run_config: dict[str, Any] = {}
         self.eval_metrics = nn.ModuleDict()
         self.bad_samples = BadSampleSummary()
+        self.nonfinite = NonFiniteStreak(max_consecutive_nonfinite)
+        # What the batches since the last optimizer step said (more than one under gradient accumulation).
+        self._window_nonfinite = False
+        self._window_has_samples = False
+        self.dropped_objects = 0  # objects cut from training samples that overflowed the LMM's context
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, batch: GroundingBatch) -> list[GroundingPrediction]:
@@ -143,23 +151,74 @@ class FLMMModule(LightningModule):
         averaged["loss"] = sum(weight * averaged[key] for key, weight in self.loss_weights.items())
         return averaged
 
-    def training_step(self, batch: GroundingBatch, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: GroundingBatch, batch_idx: int) -> torch.Tensor:
+        """The loss to back-propagate; a zero loss (all gradients 0) when the step is to be skipped.
+
+        A NaN/Inf loss must not reach the weights. Returning None would skip backward on this rank only, and
+        under DDP the other ranks would wait forever in their gradient all-reduce; and back-propagating
+        ``loss * 0`` would still give NaN gradients (NaN * 0). So every rank learns, through one all-reduce
+        per step, whether any rank's loss is non-finite; if so, every rank back-propagates a loss that is
+        exactly zero and ``on_before_optimizer_step`` drops the gradients, which makes the optimizer leave
+        the weights, moments and weight decay untouched. Skipped steps still count as steps (the schedule
+        and ``max_steps`` do not move).
+        """
         self.bad_samples.update(batch.skipped)
-        if not batch.samples:
-            return None
-        losses = self._losses(batch, self(batch))
-        loss = losses.pop("loss")
+        loss: torch.Tensor | None = None
+        if batch.samples:
+            losses = self._losses(batch, self(batch))
+            loss = losses.pop("loss")
+        local_nonfinite = loss is not None and not bool(torch.isfinite(loss))
+        flags = torch.tensor([float(local_nonfinite), float(loss is not None)], device=self.device)
+        nonfinite_ranks, ranks_with_samples = self.trainer.strategy.reduce(flags, reduce_op="sum").tolist()
+        self._window_nonfinite |= nonfinite_ranks > 0
+        self._window_has_samples |= ranks_with_samples > 0
+
+        self.dropped_objects += sum(sample.num_dropped_objects for sample in batch.samples)
+        self.log("train/dropped_objects", float(self.dropped_objects), on_step=True, reduce_fx="max")
+        if nonfinite_ranks > 0:
+            names = [f"{s.image_id} ({s.file_name})" for s in batch.samples] if local_nonfinite else []
+            self.nonfinite.record(self.global_step, names)
+            if self.nonfinite.exhausted:
+                raise self.nonfinite.error()
+            return self._zero_loss()
+        if ranks_with_samples > 0:
+            self.nonfinite.reset()
+        if loss is None:
+            # Other ranks have samples: this one still joins their gradient all-reduce, with zeros.
+            return self._zero_loss()
         self.log_dict({f"train/{key}": value for key, value in losses.items()}, batch_size=len(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
+
+    def _zero_loss(self) -> torch.Tensor:
+        """Exactly 0, with a (zero) gradient for every trainable parameter, so DDP's all-reduce completes."""
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        skip = self._window_nonfinite or not self._window_has_samples
+        if self._window_nonfinite:
+            self.nonfinite.skipped_steps += 1
+        self._window_nonfinite = self._window_has_samples = False
+        self.log("train/skipped_nonfinite_steps", float(self.nonfinite.skipped_steps), reduce_fx="max")
+        if skip:
+            # Optimizers skip parameters whose gradient is None: no update, no moment or weight-decay change.
+            optimizer.zero_grad(set_to_none=True)
 
     def on_train_epoch_end(self) -> None:
         self._report_bad_samples()
 
     def _report_bad_samples(self) -> None:
-        if self.bad_samples.total:
-            self.print(f"skipped samples (on_bad_sample=skip):\n{self.bad_samples}")
-            self.bad_samples.reset()
+        # Every rank gets here at the same epoch end; rank 0 prints what all of them skipped.
+        summary = self.bad_samples
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[BadSampleSummary | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self.bad_samples)
+            summary = BadSampleSummary()
+            for rank_summary in gathered:
+                summary.merge(rank_summary)
+        if summary.total:
+            self.print(f"skipped samples (on_bad_sample=skip):\n{summary}")
+        self.bad_samples.reset()
 
     # ----------------------------------------------------------------------------------------- evaluation
     def setup(self, stage: str) -> None:
@@ -307,3 +366,13 @@ class FLMMModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["flmm_config"] = self.run_config
+        checkpoint["flmm_counters"] = {
+            "skipped_nonfinite_steps": self.nonfinite.skipped_steps,
+            "dropped_objects": self.dropped_objects,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A resumed run keeps counting where it stopped (older checkpoints have no counters).
+        counters = checkpoint.get("flmm_counters", {})
+        self.nonfinite.skipped_steps = counters.get("skipped_nonfinite_steps", 0)
+        self.dropped_objects = counters.get("dropped_objects", 0)

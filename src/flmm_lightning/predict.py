@@ -21,7 +21,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.ops import masks_to_boxes
 
-from flmm_lightning.builders import build_prompt_builder, module_from_checkpoint
+from flmm_lightning.builders import build_prompt_builder, module_from_checkpoint, output_dir_of
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.data.images import to_rgb
@@ -102,20 +102,26 @@ class Grounder:
         return Grounding(list(phrases), masks, boxes, prediction.features.attention_maps.cpu())
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
-def main(cfg: DictConfig) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def predict(cfg: DictConfig) -> tuple[Path, Path]:
+    """Grounds ``cfg.phrases`` in ``cfg.image``; returns the paths of the overlay PNG and the masks JSON."""
     grounder = Grounder.from_checkpoint(cfg.ckpt, device=cfg.device)
     image_path = Path(cfg.image)
     image = to_rgb(Image.open(image_path))
     grounding = grounder.ground(image, list(cfg.phrases))
-    output_dir = Path(cfg.paths.output_dir)
+    output_dir = output_dir_of(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     overlay_path = output_dir / f"{image_path.stem}_overlay.png"
     overlay_masks(image, grounding.masks, grounding.phrases).save(overlay_path)
     json_path = output_dir / f"{image_path.stem}_masks.json"
     json_path.write_text(json.dumps({"image": str(image_path), "objects": grounding.to_json()}, indent=2))
     print(f"overlay: {overlay_path}\nmasks:   {json_path}")
+    return overlay_path, json_path
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
+def main(cfg: DictConfig) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    predict(cfg)
 
 
 if __name__ == "__main__":

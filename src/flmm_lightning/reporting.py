@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -45,4 +46,27 @@ def write_metrics_json(results: dict[str, dict[str, float]], path: str | Path) -
         for split, values in results.items()
     }
     path.write_text(json.dumps(clean, indent=2) + "\n")
+    return path
+
+
+def read_metrics_json(path: str | Path) -> dict[str, dict[str, float]]:
+    """The inverse of ``write_metrics_json`` (null back to NaN)."""
+    data = json.loads(Path(path).read_text())
+    return {
+        split: {name: math.nan if value is None else float(value) for name, value in values.items()}
+        for split, values in data.items()
+    }
+
+
+PER_OBJECT_FIELDS = ("split", "image_id", "file_name", "object_id", "phrase", "iou", "box_iou")
+
+
+def write_per_object_csv(rows: list[dict[str, object]], path: str | Path) -> Path:
+    """One row per evaluated object: split, image, phrase, mask IoU and box IoU (to find failures)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=PER_OBJECT_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
     return path

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import hydra
 import lightning as L
@@ -19,8 +18,12 @@ from flmm_lightning.builders import (
     build_loggers,
     build_module,
     build_prompt_builder,
+    finish_wandb,
+    output_dir_of,
     run_config,
+    test_results,
 )
+from flmm_lightning.callbacks import MetricsJsonWriter
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.metrics import ReferringSegmentationMetric
 from flmm_lightning.reporting import print_metrics, write_metrics_json
@@ -40,28 +43,32 @@ def whole_image_baseline(dataset: torch.utils.data.Dataset) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
+    output_dir = output_dir_of(cfg)
+    metrics_path = output_dir / "metrics.json"
     prompt_builder = build_prompt_builder(cfg)
     datamodule = build_datamodule(cfg.data, prompt_builder, cfg.sam.image_size)
     module = build_module(cfg, stored_config=run_config(cfg))
+    run_test = bool(cfg.get("test_after_fit") and datamodule.test_names)
+    callbacks = build_callbacks(cfg.get("callbacks"))
+    if run_test:
+        callbacks.append(MetricsJsonWriter(metrics_path))
     trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        callbacks=build_callbacks(cfg.get("callbacks")),
-        logger=build_loggers(cfg.get("logger")) or False,
+        cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.get("logger")) or False
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
 
     results: dict[str, dict[str, float]] = {}
-    if cfg.get("test_after_fit") and datamodule.test_names:
+    if run_test:
         trainer.test(module, datamodule=datamodule, weights_only=True, verbose=False)
-        results = dict(module.last_results)
+        results = test_results(module, metrics_path)
     baseline_split = cfg.get("whole_image_baseline_split")
     if baseline_split:
         results["baseline_whole_image"] = whole_image_baseline(datamodule.test_sets[baseline_split])
     if trainer.is_global_zero and results:
         print_metrics(results, title=f"{cfg.task_name}: test metrics (%)")
-        path = write_metrics_json(results, output_dir / "metrics.json")
+        path = write_metrics_json(results, metrics_path)
         print(f"metrics written to {path}")
+    finish_wandb(trainer)
     return results
 
 

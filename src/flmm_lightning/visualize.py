@@ -30,7 +30,10 @@ def overlay_masks(
     """``masks``: bool [n, H, W] at the image's size. Returns the image with tinted masks and a legend."""
     canvas = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
     for index, mask in enumerate(masks.cpu().numpy().astype(bool)):
-        canvas[mask] = (1 - alpha) * canvas[mask] + alpha * np.asarray(object_color(index), dtype=np.float32)
+        color = np.asarray(object_color(index), dtype=np.float32)
+        canvas[mask] = (1 - alpha) * canvas[mask] + alpha * color
+        # A solid outline keeps the mask readable where its tint blends with the object's own colour.
+        canvas[mask_outline(mask)] = color
     result = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(result)
     for index, label in enumerate(labels):
@@ -38,6 +41,17 @@ def overlay_masks(
         draw.rectangle([4, top, 14, top + 10], fill=object_color(index))
         draw.text((18, top - 1), label, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
     return result
+
+
+def mask_outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """Pixels of ``mask`` within ``width`` pixels of its border (bool [H, W])."""
+    interior = mask.copy()
+    for _ in range(width):
+        padded = np.pad(interior, 1, constant_values=False)
+        interior = (
+            padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        )
+    return mask & ~interior
 
 
 def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:

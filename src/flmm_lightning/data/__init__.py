@@ -1,12 +1,26 @@
-"""Datasets (RefCOCO family, Panoptic Narrative Grounding, synthetic shapes) and the sample type."""
+"""Datasets (RefCOCO family, Panoptic Narrative Grounding, synthetic shapes) and the sample type.
+
+The sample types and the bad-sample handling import eagerly; the datasets (which need pycocotools) load on
+first access, so that code which only batches samples (the model, the benchmark) does not import them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from flmm_lightning.data.bad_samples import BadSampleError, BadSampleReason, BadSampleSummary
-from flmm_lightning.data.images import load_rgb_image
-from flmm_lightning.data.png import PNGDataset
-from flmm_lightning.data.refcoco import RefCocoDataset
-from flmm_lightning.data.safe_pickle import UnsafePickleError, load_refs
 from flmm_lightning.data.sample import NOT_GROUNDED, GroundingSample, SkippedSample
-from flmm_lightning.data.synthetic import SyntheticPaths, write_synthetic_dataset
+
+_LAZY = {
+    "load_rgb_image": "flmm_lightning.data.images",
+    "PNGDataset": "flmm_lightning.data.png",
+    "RefCocoDataset": "flmm_lightning.data.refcoco",
+    "UnsafePickleError": "flmm_lightning.data.safe_pickle",
+    "load_refs": "flmm_lightning.data.safe_pickle",
+    "SyntheticPaths": "flmm_lightning.data.synthetic",
+    "write_synthetic_dataset": "flmm_lightning.data.synthetic",
+}
 
 __all__ = [
     "NOT_GROUNDED",
@@ -14,12 +28,12 @@ __all__ = [
     "BadSampleReason",
     "BadSampleSummary",
     "GroundingSample",
-    "PNGDataset",
-    "RefCocoDataset",
     "SkippedSample",
-    "SyntheticPaths",
-    "UnsafePickleError",
-    "load_refs",
-    "load_rgb_image",
-    "write_synthetic_dataset",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

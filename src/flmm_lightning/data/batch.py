@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from flmm_lightning.data.sample import GroundingSample, SkippedSample
+from flmm_lightning.data.sampler import EpochIndex
 from flmm_lightning.heads.sam_refiner import sam_input_image
 from flmm_lightning.lmm.base import LMMBatch, PromptBuilder, PromptInputs
 
@@ -33,24 +35,52 @@ class GroundingBatch:
         return len(self.samples)
 
 
-class EncodedDataset(Dataset):
-    """Runs the LMM processor and SAM's resize on each item, so that this work happens in workers."""
+@runtime_checkable
+class EpochAware(Protocol):
+    """A dataset whose items depend on the epoch (e.g. RefCOCO's per-epoch random sentence)."""
 
-    def __init__(self, dataset: Dataset | list, prompt_builder: PromptBuilder, sam_image_size: int) -> None:
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+class EncodedDataset(Dataset):
+    """Runs the LMM processor and SAM's resize on each item, so that this work happens in workers.
+
+    ``fit_to_context=True`` (training) drops the trailing objects of a sample that does not fit the LMM's
+    context (``PromptBuilder.fit_to_context``); otherwise such a sample raises ``ContextOverflowError``
+    (evaluation, prediction: leaving objects out would change what is measured).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset | list,
+        prompt_builder: PromptBuilder,
+        sam_image_size: int,
+        fit_to_context: bool = False,
+    ) -> None:
         self.dataset = dataset
         self.prompt_builder = prompt_builder
         self.sam_image_size = sam_image_size
+        self.fit_to_context = fit_to_context
+        parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+        self._epoch_aware = [part for part in parts if isinstance(part, EpochAware)]
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> EncodedSample | SkippedSample:
-        item = self.dataset[index]
+    def __getitem__(self, key: int | EpochIndex) -> EncodedSample | SkippedSample:
+        if isinstance(key, EpochIndex):
+            # This worker's copies of the datasets learn the epoch from the index (``TrainingSampler``).
+            for part in self._epoch_aware:
+                part.set_epoch(key.epoch)
+            key = key.index
+        item = self.dataset[key]
         if isinstance(item, SkippedSample):
             return item
         return self.encode(item)
 
     def encode(self, item: GroundingSample) -> EncodedSample:
+        if self.fit_to_context:
+            item = self.prompt_builder.fit_to_context(item)
         return EncodedSample(
             sample=item,
             prompt=self.prompt_builder(item),

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch.distributed as dist
 from lightning import LightningDataModule
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.data.png import PNGDataset
-from flmm_lightning.data.sampler import UnpaddedDistributedSampler
+from flmm_lightning.data.sampler import ResumableDataLoader, TrainingSampler, UnpaddedDistributedSampler
 from flmm_lightning.lmm.base import PromptBuilder
+from flmm_lightning.reliability import dataloader_worker_init
 
 
 class GroundingDataModule(LightningDataModule):
@@ -62,31 +64,28 @@ class GroundingDataModule(LightningDataModule):
         dataset = self.val_sets.get(name) or self.test_sets.get(name)
         return "png" if isinstance(dataset, PNGDataset) else "res"
 
-    def _encoded(self, dataset: Dataset) -> EncodedDataset:
-        return EncodedDataset(dataset, self.prompt_builder, self.sam_image_size)
+    def _encoded(self, dataset: Dataset, fit_to_context: bool = False) -> EncodedDataset:
+        return EncodedDataset(dataset, self.prompt_builder, self.sam_image_size, fit_to_context)
 
-    def _loader(
-        self, dataset: Dataset, sampler: Sampler | None, shuffle: bool, batch_size: int
-    ) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            shuffle=shuffle if sampler is None else False,
-            num_workers=self.num_workers,
-            collate_fn=self.collate,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+    def _loader_settings(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "collate_fn": self.collate,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+            "worker_init_fn": dataloader_worker_init,
+        }
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled by ``(seed, epoch)`` and resumable mid-epoch, so that a resumed run trains on exactly the
+        batches an uninterrupted one would; samples too long for the LMM lose their trailing objects."""
         if not self.train_sets:
             raise ValueError("no training dataset configured (data.train_sets is empty)")
-        dataset = self._encoded(ConcatDataset(list(self.train_sets.values())))
-        sampler = None
-        if dist.is_available() and dist.is_initialized():
-            sampler = DistributedSampler(dataset, shuffle=True, seed=self.seed)
-        return self._loader(dataset, sampler, shuffle=True, batch_size=self.batch_size)
+        dataset = self._encoded(ConcatDataset(list(self.train_sets.values())), fit_to_context=True)
+        sampler = TrainingSampler(len(dataset), seed=self.seed)
+        return ResumableDataLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, **self._loader_settings()
+        )
 
     def _eval_loaders(self, sets: Mapping[str, Dataset]) -> list[DataLoader]:
         loaders = []
@@ -95,7 +94,11 @@ class GroundingDataModule(LightningDataModule):
             sampler = None
             if dist.is_available() and dist.is_initialized():
                 sampler = UnpaddedDistributedSampler(encoded)
-            loaders.append(self._loader(encoded, sampler, shuffle=False, batch_size=self.eval_batch_size))
+            loaders.append(
+                DataLoader(
+                    encoded, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_settings()
+                )
+            )
         return loaders
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -80,9 +80,9 @@ class RefCocoDataset(Dataset):
     stripped and lower-cased:
 
     - ``select_first``: the first sentence (the reference's evaluation protocol);
-    - ``random``: one sentence drawn per ref on every read (training). The generator is keyed on
-      ``seed`` and ``torch.initial_seed()``, which the DataLoader sets per worker and per epoch, so draws
-      change every epoch and repeat under a fixed global seed;
+    - ``random``: one sentence per ref and epoch (training), drawn from ``(seed, epoch, ref_id)`` alone:
+      the same whichever worker reads the item and whatever the worker count, so a resumed run draws what an
+      uninterrupted one would. The training sampler passes the epoch (``set_epoch``; 0 until then);
     - ``all``: one object per sentence, each with the ref's mask.
 
     The reference's "concat" mode (all refs of an image in one sequence) is ``group_by_image=True``: one
@@ -131,8 +131,7 @@ class RefCocoDataset(Dataset):
             if ann_id in annotations
         }
         self._items = self._index(refs, images, annotations)
-        self._rng: np.random.Generator | None = None
-        self._rng_key: int | None = None
+        self.epoch = 0
 
     def _index(
         self, refs: list[dict[str, Any]], images: dict[int, dict], annotations: dict[int, dict]
@@ -227,7 +226,7 @@ class RefCocoDataset(Dataset):
         object_ids: list[str] = []
         for ref in item.refs:
             mask = self._decode(item, ref)
-            for sentence in self._choose_sentences(ref.sentences):
+            for sentence in self._choose_sentences(ref):
                 phrases.append(sentence)
                 masks.append(mask)
                 object_ids.append(str(ref.ref_id))
@@ -257,16 +256,13 @@ class RefCocoDataset(Dataset):
             raise BadSampleError(self.name, item.sample_id, path, reason, f"{where} decodes to an empty mask")
         return mask.astype(bool)
 
-    def _choose_sentences(self, sentences: tuple[str, ...]) -> tuple[str, ...]:
-        if self.text_mode == "select_first":
-            return sentences[:1]
-        if self.text_mode == "random":
-            return (sentences[int(self._generator().integers(len(sentences)))],)
-        return sentences
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
-    def _generator(self) -> np.random.Generator:
-        key = torch.initial_seed()
-        if self._rng is None or self._rng_key != key:
-            self._rng = np.random.default_rng([self.seed, key])
-            self._rng_key = key
-        return self._rng
+    def _choose_sentences(self, ref: _Ref) -> tuple[str, ...]:
+        if self.text_mode == "select_first":
+            return ref.sentences[:1]
+        if self.text_mode == "random":
+            draw = np.random.default_rng([self.seed, self.epoch, ref.ref_id]).integers(len(ref.sentences))
+            return (ref.sentences[int(draw)],)
+        return ref.sentences

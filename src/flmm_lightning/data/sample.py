@@ -29,6 +29,8 @@ class GroundingSample:
     file_name: str
     object_ids: list[str]  # ref ids (RefCOCO) or joined PNG segment ids, to trace a result back
     utterances: list[tuple[str, int]] = field(default_factory=list)
+    # Trailing objects cut because the text did not fit the LMM's context (``PromptBuilder.fit_to_context``).
+    num_dropped_objects: int = 0
 
     def __post_init__(self) -> None:
         if not self.utterances:

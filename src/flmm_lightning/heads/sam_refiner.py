@@ -7,6 +7,7 @@ sparse tokens (reference: ``flmm/models/mask_head/mask_refiner.py``).
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any
 
@@ -18,6 +19,8 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
+
+from flmm_lightning.heads.sam_cache import SamEmbeddingCache, encoder_identity, image_key
 
 SAM_NAMES = ("vit_b", "vit_l", "vit_h", "tiny")
 
@@ -154,6 +157,10 @@ class SamRefiner(nn.Module):
 
     The image encoder never trains (``requires_grad`` False, eval mode through ``train()``) and is left out
     of ``state_dict()``; loading a state dict without its keys keeps the encoder's current weights.
+
+    ``embedding_cache``: a directory for ``SamEmbeddingCache`` (off when None). With it, ``encode_images``
+    returns every embedding rounded to float16, computed or read back, so results do not depend on whether an
+    image was cached; disk cost 2 MiB per image for ViT-B/L/H (see ``SamEmbeddingCache``).
     """
 
     def __init__(
@@ -163,6 +170,7 @@ class SamRefiner(nn.Module):
         use_mask: bool = True,
         use_box: bool = True,
         multimask_output: bool = False,
+        embedding_cache: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         self.sam = sam
@@ -170,6 +178,8 @@ class SamRefiner(nn.Module):
         self.use_mask = use_mask
         self.use_box = use_box
         self.multimask_output = multimask_output
+        self.embedding_cache = SamEmbeddingCache(embedding_cache) if embedding_cache is not None else None
+        self._encoder_id: str | None = None
         self.sam.image_encoder.requires_grad_(False)
         self.sam.image_encoder.eval()
         self.register_state_dict_post_hook(_drop_image_encoder)
@@ -189,17 +199,47 @@ class SamRefiner(nn.Module):
         self.sam.image_encoder.eval()
         return self
 
+    @property
+    def embedding_shape(self) -> tuple[int, int, int]:
+        """``(C, He, We)`` of one image embedding, as the mask decoder expects it."""
+        prompt_encoder = self.sam.prompt_encoder
+        return (prompt_encoder.embed_dim, *prompt_encoder.image_embedding_size)
+
+    @property
+    def encoder_id(self) -> str:
+        """Identity of the frozen image encoder for the embedding cache, hashed on first use."""
+        if self._encoder_id is None:
+            self._encoder_id = encoder_identity(self.sam.image_encoder, self.img_size)
+        return self._encoder_id
+
     @torch.no_grad()
     def encode_images(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Image embeddings ``[B, C, He, We]`` of resized uint8 images ``[3, h_b, w_b]``.
 
-        The images come from ``sam_input_image`` (longer side = ``img_size``).
+        The images come from ``sam_input_image`` (longer side = ``img_size``). With the embedding cache on,
+        only the images without a valid entry go through the encoder, as one batch; images still on the CPU
+        are hashed there, without waiting for the device.
         """
+        if self.embedding_cache is None:
+            return self._run_encoder(images)
+        cache, encoder_id, shape = self.embedding_cache, self.encoder_id, self.embedding_shape
+        keys = [image_key(image) for image in images]
+        embeddings: list[torch.Tensor | None] = [cache.load(key, encoder_id, shape) for key in keys]
+        misses = [b for b, embedding in enumerate(embeddings) if embedding is None]
+        if misses:
+            computed = self._run_encoder([images[b] for b in misses]).half()  # [m, C, He, We]
+            for b, embedding, on_host in zip(misses, computed, computed.cpu(), strict=True):
+                cache.store(keys[b], encoder_id, on_host)
+                embeddings[b] = embedding
+        dtype = self.sam.image_encoder.patch_embed.proj.weight.dtype
+        return torch.stack([embedding.to(device=self.sam.device, dtype=dtype) for embedding in embeddings])
+
+    def _run_encoder(self, images: list[torch.Tensor]) -> torch.Tensor:
         encoder = self.sam.image_encoder
         dtype = encoder.patch_embed.proj.weight.dtype
         # Sam.preprocess: SAM's pixel normalisation, then zero padding right/bottom to img_size.
         batch = [self.sam.preprocess(image.to(self.sam.device)) for image in images]  # [3, S, S] each
-        return encoder(torch.stack(batch).to(dtype))
+        return encoder(torch.stack(batch).to(dtype))  # [B, C, He, We]
 
     def forward(
         self,

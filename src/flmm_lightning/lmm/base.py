@@ -23,11 +23,20 @@ class PromptInputs:
     content_box: tuple[int, int, int, int]  # (top, left, height, width) of the real image inside padded_hw
 
 
+class ContextOverflowError(ValueError):
+    """A sample whose prompt, image tokens and phrases do not fit the LMM's context (names the sample)."""
+
+
 class PromptBuilder(ABC):
     """Turns a ``GroundingSample`` into ``PromptInputs``; picklable, runs in dataloader workers."""
 
     @abstractmethod
-    def __call__(self, sample: GroundingSample) -> PromptInputs: ...
+    def __call__(self, sample: GroundingSample) -> PromptInputs:
+        """Raises ``ContextOverflowError`` when the sample does not fit the LMM's context."""
+
+    @abstractmethod
+    def fit_to_context(self, sample: GroundingSample) -> GroundingSample:
+        """The sample, or a copy without the trailing objects that do not fit the context (with a warning)."""
 
     @abstractmethod
     def collate(self, prompts: list[PromptInputs]) -> LMMBatch: ...
@@ -66,3 +75,17 @@ class FrozenLMM(nn.Module, ABC):
 
     @abstractmethod
     def forward(self, batch: LMMBatch) -> list[GroundingFeatures]: ...
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling (``ddp_spawn`` workers, dataloader copies) skips ``PreTrainedModel.__init__``, which is
+        where transformers registers the layer outputs a model can record; without that registration in the
+        new process, ``output_hidden_states=True`` returns None. Registers every Hugging Face model inside."""
+        super().__setstate__(state)
+        try:
+            from transformers import PreTrainedModel
+            from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+        except ImportError:  # a transformers version without the registry needs nothing
+            return
+        for module in self.modules():
+            if isinstance(module, PreTrainedModel):
+                _CAN_RECORD_REGISTRY[module] = module._can_record_outputs

@@ -1,0 +1,143 @@
+"""Surviving crashes and bad numbers: atomic checkpoint files, dataloader workers that die with the trainer,
+and the non-finite-loss guard of training."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to ``.<name>.tmp`` in the target's own directory, fsyncs it, then renames it over
+    the target: a process killed at any point leaves the old file or the new one, never a truncated one.
+
+    Lightning's own save goes through a temporary file in the *system* temp directory and moves it into
+    place; when that directory is on another filesystem (a node-local /tmp, checkpoints on shared storage) the
+    move is a copy onto the target, and a kill during the copy truncates it. Nothing is fsynced either, so
+    after a power loss the renamed file can be empty. Remote (fsspec) paths keep Lightning's behaviour.
+
+    A kill leaves the partial ``.<name>.tmp`` behind; the next save of the same target overwrites it.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options for local paths")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.tmp")
+        try:
+            with partial.open("wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        # The rename itself lives in the directory: without this fsync a crash can forget it.
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+# prctl(2) option: the signal a process gets when the thread that forked it exits.
+_PR_SET_PDEATHSIG = 1
+
+
+def dataloader_worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of every DataLoader: the worker dies with the training process, then Lightning's
+    per-worker seeding runs (Lightning only adds that itself when no ``worker_init_fn`` is set).
+
+    A trainer killed with SIGKILL (by the OOM killer, by hand) cannot stop its workers; they would stay
+    forever, each holding a copy of the dataset, blocked on a result pipe nobody reads. On Linux the kernel
+    sends them SIGKILL when the thread that started them ends (Lightning starts them from the main thread).
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        parent = multiprocessing.parent_process()
+        if parent is not None and os.getppid() != parent.pid:
+            os._exit(1)  # the trainer died before prctl took effect
+    if int(os.environ.get("PL_SEED_WORKERS", "0")):
+        pl_worker_init_function(worker_id)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive training batches with a NaN/Inf loss; names their samples."""
+
+
+@dataclass
+class NonFiniteStreak:
+    """The current run of consecutive non-finite batches (this rank's samples) and the total skipped steps.
+
+    Every rank feeds it the same sequence of decisions (the non-finite flag is reduced across ranks before it
+    gets here), so every rank reaches the limit at the same batch and raises together: no rank is left
+    waiting in a collective.
+    """
+
+    limit: int
+    skipped_steps: int = 0
+    batches: list[tuple[int, list[str]]] = field(default_factory=list)  # (global step, sample names)
+
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise ValueError(f"max_consecutive_nonfinite must be at least 1, got {self.limit}")
+
+    def record(self, step: int, sample_names: list[str]) -> None:
+        """One more non-finite batch; ``sample_names``: this rank's samples (empty if its loss was finite)."""
+        self.batches.append((step, sample_names))
+        log.warning(
+            "step %d: non-finite loss (%s); the optimizer step is skipped (%d consecutive)",
+            step,
+            ", ".join(sample_names) if sample_names else "on another rank",
+            len(self.batches),
+        )
+
+    def reset(self) -> None:
+        self.batches.clear()
+
+    @property
+    def exhausted(self) -> bool:
+        return len(self.batches) >= self.limit
+
+    def error(self) -> NonFiniteLossError:
+        """The error naming every rank's samples of the streak (a collective: call it on every rank)."""
+        local = [(step, names) for step, names in self.batches if names]
+        gathered: list[list[tuple[int, list[str]]]] = [local]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, local)
+        lines = [
+            f"  step {step} (rank {rank}): {', '.join(names)}"
+            for rank, batches in enumerate(gathered)
+            for step, names in batches
+        ]
+        return NonFiniteLossError(
+            f"{len(self.batches)} consecutive training batches had a non-finite loss "
+            f"(module.max_consecutive_nonfinite={self.limit}); their optimizer steps were skipped. "
+            "Samples of those batches:\n" + "\n".join(lines)
+        )
