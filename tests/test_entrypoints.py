@@ -271,6 +271,10 @@ def test_resume_continues_step_optimizer_and_schedule(
     resumed_steps = {int(state["step"]) for state in resumed["optimizer_states"][0]["state"].values()}
     assert saved_steps == {STEPS} and resumed_steps == {STEPS + 1}
     assert resumed["lr_schedulers"][0]["last_epoch"] == saved["lr_schedulers"][0]["last_epoch"] + 1
+    # The saved run's schedule had decayed to 0 at its last step; the longer run's schedule has not, so the
+    # resumed step must train (its lr is recomputed for this run, not taken from the old optimizer state).
+    head = "mask_head.conv_seg.weight"
+    assert not torch.equal(resumed["state_dict"][head], saved["state_dict"][head])
 
 
 # ---------------------------------------------------------------------------------------------- predict

@@ -321,6 +321,18 @@ class FLMMModule(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        # A resumed optimizer carries the learning rate of the run that wrote the checkpoint; when this run
+        # has another length (e.g. a larger max_steps) its schedule differs, so realign the current step's lr.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                factors = [schedule(scheduler.last_epoch) for schedule in scheduler.lr_lambdas]
+                for group, base_lr, factor in zip(
+                    scheduler.optimizer.param_groups, scheduler.base_lrs, factors, strict=True
+                ):
+                    group["lr"] = base_lr * factor
+
     # ----------------------------------------------------------------------------------------- checkpoints
     def train(self, mode: bool = True) -> FLMMModule:
         super().train(mode)
