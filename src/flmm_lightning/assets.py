@@ -1,8 +1,9 @@
 """Offline tiny models for the demo and the tests, built deterministically on first use.
 
-The tiny LMM is a real-architecture Qwen2.5-VL (random weights; the real tokenizer vocabulary, chat template
-and image processor) written with ``save_pretrained``, so that everything downstream loads it through the same
-``from_pretrained(local_dir)`` path a downloaded checkpoint takes. Nothing here touches the network.
+The tiny LMMs are real-architecture Qwen2.5-VL and Qwen3-VL (random weights; the real tokenizer vocabulary,
+chat template and image processor) written with ``save_pretrained``, so that everything downstream loads them
+through the same ``from_pretrained(local_dir)`` path a downloaded checkpoint takes. Nothing here touches the
+network.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from transformers import (
     Qwen2Tokenizer,
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 CACHE_ENV = "FLMM_CACHE_DIR"
@@ -268,6 +273,152 @@ def ensure_tiny_qwen2_5_vl(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Tiny Qwen3-VL
+# ----------------------------------------------------------------------------------------------------------
+
+TINY_QWEN3_VL = "tiny_qwen3_vl"
+TINY_QWEN3_VL_VERSION = 1
+# Qwen3's added tokens after Qwen2.5-VL's (ids 151665-151668 in the released Qwen3-VL tokenizer), not special.
+QWEN3_EXTRA_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")
+
+# The released Qwen3-VL Instruct template for system / user / assistant turns (tool calls left out): unlike
+# Qwen2.5-VL there is no default system turn.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen3_vl_tokenizer() -> Qwen2Tokenizer:
+    """Qwen2.5-VL's tokenizer (same BPE, same special tokens at the same ids: <|image_pad|> 151655,
+    <|vision_start|> 151652, <|vision_end|> 151653) plus Qwen3's four added tokens."""
+    tokenizer = build_qwen2_5_vl_tokenizer()
+    first = QWEN2_BPE_VOCAB_SIZE + len(ADDED_TOKENS)
+    tokenizer.add_tokens([AddedToken(text, special=False, normalized=False) for text in QWEN3_EXTRA_TOKENS])
+    ids = tokenizer.convert_tokens_to_ids(list(QWEN3_EXTRA_TOKENS))
+    if ids != list(range(first, first + len(QWEN3_EXTRA_TOKENS))):
+        raise RuntimeError(f"Qwen3 tokens got ids {ids}, expected from {first}")
+    return tokenizer
+
+
+def build_tiny_qwen3_vl_processor() -> Qwen3VLProcessor:
+    # Qwen3-VL: 16-px patches, 2x2 merge (32-px tokens), mean/std 0.5 as in the released preprocessor.
+    image_kwargs = dict(
+        min_pixels=TINY_MIN_PIXELS,
+        max_pixels=TINY_MAX_PIXELS,
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    video_kwargs = {k: v for k, v in image_kwargs.items() if k not in ("min_pixels", "max_pixels")}
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**image_kwargs),
+        tokenizer=build_qwen3_vl_tokenizer(),
+        video_processor=Qwen3VLVideoProcessor(**video_kwargs),
+        chat_template=QWEN3_VL_CHAT_TEMPLATE,
+    )
+
+
+def tiny_qwen3_vl_config(initializer_range: float = DEFAULT_INITIALIZER_RANGE) -> Qwen3VLConfig:
+    """Qwen3-VL-2B's architecture scaled down: 4 decoder layers, 4 heads on 2 kv heads (GQA), head_dim 16;
+    a 3-block vision tower whose first two blocks feed the first two decoder layers (DeepStack)."""
+    text_hidden, text_heads, head_dim = 64, 4, 16
+    # Interleaved M-RoPE over head_dim/2 frequencies, (temporal, height, width) like the released 24:20:20.
+    mrope_section = [4, 2, 2]
+    assert sum(mrope_section) == head_dim // 2
+    text_config = dict(
+        vocab_size=QWEN2_5_VL_VOCAB_SIZE,
+        hidden_size=text_hidden,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=text_heads,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        hidden_act="silu",
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": mrope_section,
+            "mrope_interleaved": True,
+        },
+        initializer_range=initializer_range,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        dtype="float32",
+    )
+    vision_config = dict(
+        depth=3,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        hidden_act="gelu_pytorch_tanh",
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=text_hidden,
+        num_position_embeddings=144,  # a 12x12 learned position grid, resampled to each image
+        deepstack_visual_indexes=[0, 1],
+        initializer_range=initializer_range,
+    )
+    return Qwen3VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=True,
+        dtype="float32",
+    )
+
+
+def build_tiny_qwen3_vl(
+    out_dir: str | os.PathLike, initializer_range: float = DEFAULT_INITIALIZER_RANGE, seed: int = DEFAULT_SEED
+) -> None:
+    """Write a tiny Qwen3-VL checkpoint (model + processor) to ``out_dir``; same seed, same weights."""
+    config = tiny_qwen3_vl_config(initializer_range)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
+    model.save_pretrained(out_dir)
+    build_tiny_qwen3_vl_processor().save_pretrained(out_dir)
+
+
+def ensure_tiny_qwen3_vl(
+    cache_dir: str | os.PathLike | None = None,
+    initializer_range: float = DEFAULT_INITIALIZER_RANGE,
+    seed: int = DEFAULT_SEED,
+) -> Path:
+    """Path of the tiny Qwen3-VL checkpoint, built on first use (or when its recipe changed)."""
+    spec = {
+        "name": TINY_QWEN3_VL,
+        "version": TINY_QWEN3_VL_VERSION,
+        "initializer_range": initializer_range,
+        "seed": seed,
+    }
+    target = cache_root(cache_dir) / TINY_QWEN3_VL
+    return _ensure_built(target, spec, lambda out: build_tiny_qwen3_vl(out, initializer_range, seed))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Tiny SAM
 # ----------------------------------------------------------------------------------------------------------
 
@@ -300,6 +451,7 @@ def ensure_tiny_sam(cache_dir: str | os.PathLike | None = None, seed: int = DEFA
 # name -> builder, for ``${flmm_asset:<name>,<cache_dir>}`` in the configs and for the CLI.
 ASSETS: dict[str, Callable[..., Path]] = {
     TINY_QWEN2_5_VL: ensure_tiny_qwen2_5_vl,
+    TINY_QWEN3_VL: ensure_tiny_qwen3_vl,
     TINY_SAM: ensure_tiny_sam,
 }
 

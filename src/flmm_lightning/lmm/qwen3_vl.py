@@ -1,0 +1,57 @@
+"""Qwen3-VL (``Qwen3VLForConditionalGeneration``): the Qwen2-VL builder and adapter, checked for the family.
+
+What differs from Qwen2/2.5-VL, and why nothing else needs overriding:
+
+- processor: ``Qwen3VLProcessor`` over the same ``Qwen2VLImageProcessor`` with 16-px patches (Qwen2: 14) and a
+  2x2 merge, so one image token covers 32x32 px. The builder reads patch and merge sizes from the processor,
+  and the grid from ``image_grid_thw // merge``.
+- tokens: the same ids as Qwen2.5-VL (``<|image_pad|>`` 151655, ``<|vision_start|>`` 151652,
+  ``<|vision_end|>`` 151653); the chat template has no default system turn (it comes from the processor).
+- forward: M-RoPE is interleaved and needs ``mm_token_type_ids`` (the adapter passes it); DeepStack adds
+  vision-tower features to the image positions of the first decoder layers inside the model, from
+  ``visual_pos_masks`` it derives itself. The phrase tokens, whose hidden states the adapter reads, are never
+  image positions, and the attention capture sees every decoder layer's self-attention as usual.
+"""
+
+from __future__ import annotations
+
+import os
+
+from transformers import PretrainedConfig
+
+from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter, Qwen2VLPromptBuilder
+
+MODEL_TYPE = "qwen3_vl"
+
+
+class Qwen3VLPromptBuilder(Qwen2VLPromptBuilder):
+    """Chat prompt (user: image + instruction, generation prompt), then each utterance's own tokens.
+
+    The Qwen2-VL builder as is: pixel limits round to multiples of 32 px (patch 16 x merge 2).
+    """
+
+    def _load(self) -> None:
+        super()._load()
+        if self._processor.__class__.__name__ != "Qwen3VLProcessor":
+            found = self._processor.__class__.__name__
+            self._processor = None
+            raise ValueError(f"{self.pretrained}: expected a Qwen3VLProcessor, found {found}")
+
+
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """A frozen Qwen3-VL read out as phrase-token attention maps and projected hidden states."""
+
+    def __init__(
+        self,
+        pretrained: str | os.PathLike | PretrainedConfig,
+        text_proj_dim: int,
+        capture: str = "fused",
+        merge: str = "mean",
+        torch_dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__(pretrained, text_proj_dim, capture, merge, torch_dtype, trust_remote_code)
+        if self.model.config.model_type != MODEL_TYPE:
+            raise ValueError(
+                f"{pretrained}: expected a {MODEL_TYPE} checkpoint, found {self.model.config.model_type}"
+            )

@@ -1,0 +1,167 @@
+"""Qwen3-VL on its tiny variant: prompt building, fused vs eager capture, channels, one training step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_overrides
+from PIL import Image
+
+from flmm_lightning.assets import ensure_tiny_qwen3_vl, tiny_qwen3_vl_config
+from flmm_lightning.builders import build_datamodule, build_module, build_prompt_builder
+from flmm_lightning.data.sample import NOT_GROUNDED, GroundingSample
+from flmm_lightning.lmm.qwen3_vl import Qwen3VLAdapter, Qwen3VLPromptBuilder
+
+IMAGE_PAD, VISION_START, VISION_END = 151655, 151652, 151653
+PATCH, MERGE = 16, 2
+
+
+def make_sample(
+    height: int,
+    width: int,
+    phrases: list[str],
+    image_id: int,
+    utterances: list[tuple[str, int]] | None = None,
+) -> GroundingSample:
+    rng = np.random.default_rng(image_id)
+    n = len(phrases)
+    return GroundingSample(
+        image=Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)),
+        phrases=phrases,
+        masks=torch.zeros(n, height, width, dtype=torch.bool),
+        is_thing=torch.ones(n, dtype=torch.bool),
+        is_plural=torch.zeros(n, dtype=torch.bool),
+        image_id=image_id,
+        file_name=f"img_{image_id}.jpg",
+        object_ids=[str(k) for k in range(n)],
+        utterances=utterances or [],
+    )
+
+
+REFCOCO_LIKE = make_sample(100, 150, ["a man in a red shirt", "the dog on the left", "Café"], 0)
+PNG_LIKE = make_sample(
+    230,
+    90,
+    ["Two people", "a frisbee"],
+    1,
+    utterances=[
+        ("In this picture we can see", NOT_GROUNDED),
+        ("Two people", 0),
+        ("playing with", NOT_GROUNDED),
+        ("a frisbee", 1),
+    ],
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir():
+    return ensure_tiny_qwen3_vl()
+
+
+@pytest.fixture(scope="module")
+def builder(tiny_dir):
+    return Qwen3VLPromptBuilder(tiny_dir)
+
+
+@pytest.mark.parametrize("sample", [REFCOCO_LIKE, PNG_LIKE], ids=["refcoco", "png"])
+def test_prompt_puts_objects_after_the_image(builder, sample):
+    prompt = builder(sample)
+    tokenizer = builder.processor.tokenizer
+    assert type(builder.processor).__name__ == "Qwen3VLProcessor"
+    ids, mask_ids = prompt.input_ids, prompt.mask_ids
+    assert ids.shape == mask_ids.shape and ids.dtype == mask_ids.dtype == torch.long
+    for k, phrase in enumerate(sample.phrases):
+        assert tokenizer.decode(ids[mask_ids == k]).strip() == phrase.strip()
+
+    image_positions = (ids == IMAGE_PAD).nonzero().flatten()
+    assert image_positions.numel() == prompt.grid_hw[0] * prompt.grid_hw[1]
+    assert ids[image_positions[0] - 1] == VISION_START and ids[image_positions[-1] + 1] == VISION_END
+    assert torch.all(image_positions[1:] - image_positions[:-1] == 1)
+    for k in range(sample.num_objects):
+        assert (mask_ids == k).nonzero().min() > image_positions.max()
+
+    # Qwen3-VL's template: no default system turn.
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|>")
+    assert (
+        "<|vision_end|>Please give me a description of the image.<|im_end|>\n<|im_start|>assistant\n" in text
+    )
+
+
+def test_prompt_geometry_uses_16px_patches_and_2x2_merge(builder):
+    prompt = builder(REFCOCO_LIKE)
+    _, grid_h, grid_w = prompt.pixel_inputs["image_grid_thw"][0].tolist()
+    assert prompt.grid_hw == (grid_h // MERGE, grid_w // MERGE)
+    assert prompt.padded_hw == prompt.content_box[2:] == (grid_h * PATCH, grid_w * PATCH)
+    assert prompt.padded_hw == (96, 160)  # 100x150 rounded to multiples of 32 px
+    assert prompt.pixel_inputs["pixel_values"].shape[0] == grid_h * grid_w
+
+
+def test_fused_attention_equals_eager_on_a_padded_batch(tiny_dir, builder):
+    batch = builder.collate([builder(REFCOCO_LIKE), builder(PNG_LIKE)])
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    assert lengths[0] != lengths[1] and min(lengths) < batch.input_ids.shape[1]  # one sample is padded
+    assert batch.grid_hw[0] != batch.grid_hw[1]
+    fused = Qwen3VLAdapter(tiny_dir, text_proj_dim=32, capture="fused", torch_dtype="float32")
+    eager = Qwen3VLAdapter(tiny_dir, text_proj_dim=32, capture="eager", torch_dtype="float32")
+    eager.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        for f, e in zip(fused(batch), eager(batch), strict=True):
+            assert f.attention_maps.shape == e.attention_maps.shape
+            torch.testing.assert_close(f.attention_maps, e.attention_maps, rtol=0, atol=1e-5)
+            # Hidden states come from different attention kernels (SDPA vs eager): close, not bit-equal.
+            for a, b in zip(f.text_embeddings, e.text_embeddings, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_channels_are_layers_times_heads(tiny_dir):
+    adapter = Qwen3VLAdapter(tiny_dir, text_proj_dim=8, torch_dtype="float32")
+    text = tiny_qwen3_vl_config().text_config
+    assert adapter.attention_channels == text.num_hidden_layers * text.num_attention_heads == 16
+    assert type(adapter.model).__name__ == "Qwen3VLForConditionalGeneration"
+
+
+def test_adapter_refuses_another_family(tmp_path):
+    from flmm_lightning.assets import ensure_tiny_qwen2_5_vl
+
+    with pytest.raises(ValueError, match="qwen3_vl"):
+        Qwen3VLAdapter(ensure_tiny_qwen2_5_vl(), text_proj_dim=8, torch_dtype="float32")
+
+
+def test_one_training_step_changes_only_trainable_weights(compose_config, tmp_path):
+    cfg = compose_config(
+        [
+            *tiny_overrides(tmp_path / "data", tmp_path / "run"),
+            "model=tiny_qwen3_vl",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
+    module = build_module(cfg)
+    assert isinstance(module.lmm, Qwen3VLAdapter)
+    first_conv = next(m for m in module.mask_head.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == module.lmm.attention_channels == 16
+    datamodule = build_datamodule(cfg.data, build_prompt_builder(cfg), cfg.sam.image_size)
+    encoded = datamodule._encoded(datamodule.train_sets["synthetic_refcoco_train"])
+    batch = datamodule.collate([encoded[0], encoded[1]])
+
+    frozen_before = {k: v.clone() for k, v in module.lmm.model.state_dict().items()}
+    trainable = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+    assert trainable and not any(name.startswith("lmm.model.") for name in trainable)
+
+    module.train()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    loss = module._losses(batch, module(batch))["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    optimizer.step()
+
+    frozen_after = module.lmm.model.state_dict()
+    assert frozen_after.keys() == frozen_before.keys()
+    assert all(torch.equal(frozen_after[k], v) for k, v in frozen_before.items())
+    changed = {
+        name
+        for name, p in module.named_parameters()
+        if p.requires_grad and not torch.equal(p, trainable[name])
+    }
+    assert "lmm.text_proj.weight" in changed and any(name.startswith("mask_head.") for name in changed)
