@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from samples import make_sample
 
 from flmm_lightning.assets import ensure_tiny_qwen2_5_vl
-from flmm_lightning.data.sample import GroundingSample
 from flmm_lightning.lmm.capture import build_capture, gather_rows_cols, recording, selected_attention_probs
 from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter, Qwen2VLPromptBuilder
 
 ATOL = 1e-5
-
-
-def make_sample(height: int, width: int, phrases: list[str], image_id: int) -> GroundingSample:
-    rng = np.random.default_rng(image_id)
-    n = len(phrases)
-    return GroundingSample(
-        image=Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)),
-        phrases=phrases,
-        masks=torch.zeros(n, height, width, dtype=torch.bool),
-        is_thing=torch.ones(n, dtype=torch.bool),
-        is_plural=torch.zeros(n, dtype=torch.bool),
-        image_id=image_id,
-        file_name=f"{image_id}.jpg",
-        object_ids=[str(k) for k in range(n)],
-    )
 
 
 SAMPLES = [

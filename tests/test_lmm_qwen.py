@@ -4,54 +4,19 @@ from __future__ import annotations
 
 import pickle
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from samples import make_sample, png_like
 
 from flmm_lightning.assets import ensure_tiny_qwen2_5_vl
-from flmm_lightning.data.sample import NOT_GROUNDED, GroundingSample
 from flmm_lightning.lmm import GroundingFeatures, LMMBatch, PromptInputs
 from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter, Qwen2VLPromptBuilder
 
 IMAGE_PAD, VISION_START, VISION_END = 151655, 151652, 151653
 
 
-def make_sample(
-    height: int,
-    width: int,
-    phrases: list[str],
-    image_id: int,
-    utterances: list[tuple[str, int]] | None = None,
-) -> GroundingSample:
-    rng = np.random.default_rng(image_id)
-    n = len(phrases)
-    return GroundingSample(
-        image=Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)),
-        phrases=phrases,
-        masks=torch.zeros(n, height, width, dtype=torch.bool),
-        is_thing=torch.ones(n, dtype=torch.bool),
-        is_plural=torch.zeros(n, dtype=torch.bool),
-        image_id=image_id,
-        file_name=f"img_{image_id}.jpg",
-        object_ids=[str(k) for k in range(n)],
-        utterances=utterances or [],
-    )
-
-
 REFCOCO_LIKE = make_sample(100, 150, ["a man in a red shirt", "the dog on the left", "Café"], 0)
-PNG_LIKE = make_sample(
-    180,
-    90,
-    ["Two people", "a frisbee"],
-    1,
-    utterances=[
-        ("In this picture we can see", NOT_GROUNDED),
-        ("Two people", 0),
-        ("playing with", NOT_GROUNDED),
-        ("a frisbee", 1),
-    ],
-)
+PNG_LIKE = png_like(180, 90)
 
 
 @pytest.fixture(scope="module")

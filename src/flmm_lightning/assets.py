@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import AddedToken
@@ -127,6 +128,29 @@ def _ensure_built(target: Path, spec: dict, build: Callable[[Path], None]) -> Pa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _write_tiny_lmm(
+    out_dir: str | os.PathLike, model_class: type, config: Any, processor: Any, seed: int
+) -> None:
+    """Seeded random weights of ``model_class(config)`` in fp32, saved with its processor."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config).to(torch.float32).eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def _ensure_tiny_lmm(
+    name: str,
+    version: int,
+    build: Callable[[Path, float, int], None],
+    cache_dir: str | os.PathLike | None,
+    initializer_range: float,
+    seed: int,
+) -> Path:
+    spec = {"name": name, "version": version, "initializer_range": initializer_range, "seed": seed}
+    return _ensure_built(cache_root(cache_dir) / name, spec, lambda out: build(out, initializer_range, seed))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,12 +272,13 @@ def build_tiny_qwen2_5_vl(
     out_dir: str | os.PathLike, initializer_range: float = DEFAULT_INITIALIZER_RANGE, seed: int = DEFAULT_SEED
 ) -> None:
     """Write a tiny Qwen2.5-VL checkpoint (model + processor) to ``out_dir``; same seed, same weights."""
-    config = tiny_qwen2_5_vl_config(initializer_range)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
-    model.save_pretrained(out_dir)
-    build_tiny_qwen2_5_vl_processor().save_pretrained(out_dir)
+    _write_tiny_lmm(
+        out_dir,
+        Qwen2_5_VLForConditionalGeneration,
+        tiny_qwen2_5_vl_config(initializer_range),
+        build_tiny_qwen2_5_vl_processor(),
+        seed,
+    )
 
 
 def ensure_tiny_qwen2_5_vl(
@@ -262,14 +287,9 @@ def ensure_tiny_qwen2_5_vl(
     seed: int = DEFAULT_SEED,
 ) -> Path:
     """Path of the tiny Qwen2.5-VL checkpoint, built on first use (or when its recipe changed)."""
-    spec = {
-        "name": TINY_QWEN2_5_VL,
-        "version": TINY_QWEN2_5_VL_VERSION,
-        "initializer_range": initializer_range,
-        "seed": seed,
-    }
-    target = cache_root(cache_dir) / TINY_QWEN2_5_VL
-    return _ensure_built(target, spec, lambda out: build_tiny_qwen2_5_vl(out, initializer_range, seed))
+    return _ensure_tiny_lmm(
+        TINY_QWEN2_5_VL, TINY_QWEN2_5_VL_VERSION, build_tiny_qwen2_5_vl, cache_dir, initializer_range, seed
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -394,12 +414,13 @@ def build_tiny_qwen3_vl(
     out_dir: str | os.PathLike, initializer_range: float = DEFAULT_INITIALIZER_RANGE, seed: int = DEFAULT_SEED
 ) -> None:
     """Write a tiny Qwen3-VL checkpoint (model + processor) to ``out_dir``; same seed, same weights."""
-    config = tiny_qwen3_vl_config(initializer_range)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
-    model.save_pretrained(out_dir)
-    build_tiny_qwen3_vl_processor().save_pretrained(out_dir)
+    _write_tiny_lmm(
+        out_dir,
+        Qwen3VLForConditionalGeneration,
+        tiny_qwen3_vl_config(initializer_range),
+        build_tiny_qwen3_vl_processor(),
+        seed,
+    )
 
 
 def ensure_tiny_qwen3_vl(
@@ -408,14 +429,9 @@ def ensure_tiny_qwen3_vl(
     seed: int = DEFAULT_SEED,
 ) -> Path:
     """Path of the tiny Qwen3-VL checkpoint, built on first use (or when its recipe changed)."""
-    spec = {
-        "name": TINY_QWEN3_VL,
-        "version": TINY_QWEN3_VL_VERSION,
-        "initializer_range": initializer_range,
-        "seed": seed,
-    }
-    target = cache_root(cache_dir) / TINY_QWEN3_VL
-    return _ensure_built(target, spec, lambda out: build_tiny_qwen3_vl(out, initializer_range, seed))
+    return _ensure_tiny_lmm(
+        TINY_QWEN3_VL, TINY_QWEN3_VL_VERSION, build_tiny_qwen3_vl, cache_dir, initializer_range, seed
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
