@@ -289,6 +289,9 @@ def _padded_positions(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 class Qwen2VLAdapter(FrozenLMM):
     """A frozen Qwen2-VL / Qwen2.5-VL read out as phrase-token attention maps and projected hidden states."""
 
+    # ``config.model_type`` values this adapter reads; a subclass for a related family names its own.
+    model_types: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl")
+
     def __init__(
         self,
         pretrained: str | os.PathLike | PretrainedConfig,
@@ -318,6 +321,11 @@ class Qwen2VLAdapter(FrozenLMM):
                 dtype=_resolve_dtype(torch_dtype),
                 attn_implementation=self.capture.attn_implementation,
                 trust_remote_code=trust_remote_code,
+            )
+        if self.model.config.model_type not in self.model_types:
+            raise ValueError(
+                f"{pretrained}: expected a checkpoint of model type {' or '.join(self.model_types)}, "
+                f"found {self.model.config.model_type}"
             )
         self.model.requires_grad_(False)
         self.model.eval()

@@ -15,13 +15,7 @@ What differs from Qwen2/2.5-VL, and why nothing else needs overriding:
 
 from __future__ import annotations
 
-import os
-
-from transformers import PretrainedConfig
-
 from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter, Qwen2VLPromptBuilder
-
-MODEL_TYPE = "qwen3_vl"
 
 
 class Qwen3VLPromptBuilder(Qwen2VLPromptBuilder):
@@ -41,17 +35,4 @@ class Qwen3VLPromptBuilder(Qwen2VLPromptBuilder):
 class Qwen3VLAdapter(Qwen2VLAdapter):
     """A frozen Qwen3-VL read out as phrase-token attention maps and projected hidden states."""
 
-    def __init__(
-        self,
-        pretrained: str | os.PathLike | PretrainedConfig,
-        text_proj_dim: int,
-        capture: str = "fused",
-        merge: str = "mean",
-        torch_dtype: str = "auto",
-        trust_remote_code: bool = False,
-    ) -> None:
-        super().__init__(pretrained, text_proj_dim, capture, merge, torch_dtype, trust_remote_code)
-        if self.model.config.model_type != MODEL_TYPE:
-            raise ValueError(
-                f"{pretrained}: expected a {MODEL_TYPE} checkpoint, found {self.model.config.model_type}"
-            )
+    model_types = ("qwen3_vl",)
