@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter, _tokens_by_object
+from flmm_lightning.lmm.hf import tokens_by_object
+from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter
 
 
 @pytest.mark.parametrize("merge", ["mean", "max"])
@@ -15,7 +16,7 @@ def test_merge_equals_the_per_object_loop(merge: str):
     generator = torch.Generator().manual_seed(0)
     attn = torch.rand(3, 2, 6, 10, generator=generator)  # [L, H, t, N]
     token_objects = torch.tensor([1, 0, 1, 2, 0, 1])
-    order, counts = _tokens_by_object(token_objects, item=0)
+    order, counts = tokens_by_object(token_objects, item=0)
     assert counts == [2, 3, 1]
     assert order.tolist() == [1, 4, 0, 2, 5, 3]  # grouped by object, sequence order within one
 
@@ -28,4 +29,4 @@ def test_merge_equals_the_per_object_loop(merge: str):
 
 def test_an_object_without_tokens_is_an_error():
     with pytest.raises(ValueError, match=r"objects \[1\] own no tokens"):
-        _tokens_by_object(torch.tensor([0, 2, 2]), item=3)
+        tokens_by_object(torch.tensor([0, 2, 2]), item=3)

@@ -11,6 +11,8 @@ from typing import Any
 from flmm_lightning.lmm.base import FrozenLMM, GroundingFeatures, LMMBatch, PromptBuilder, PromptInputs
 
 _LAZY = {
+    "ChatPromptBuilder": "flmm_lightning.lmm.hf",
+    "HFGroundingAdapter": "flmm_lightning.lmm.hf",
     "Qwen2VLAdapter": "flmm_lightning.lmm.qwen2_vl",
     "Qwen2VLPromptBuilder": "flmm_lightning.lmm.qwen2_vl",
     "AttentionCapture": "flmm_lightning.lmm.capture",

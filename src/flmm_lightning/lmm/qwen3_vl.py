@@ -24,12 +24,7 @@ class Qwen3VLPromptBuilder(Qwen2VLPromptBuilder):
     The Qwen2-VL builder as is: pixel limits round to multiples of 32 px (patch 16 x merge 2).
     """
 
-    def _load(self) -> None:
-        super()._load()
-        if self._processor.__class__.__name__ != "Qwen3VLProcessor":
-            found = self._processor.__class__.__name__
-            self._processor = None
-            raise ValueError(f"{self.pretrained}: expected a Qwen3VLProcessor, found {found}")
+    processor_class = "Qwen3VLProcessor"
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
