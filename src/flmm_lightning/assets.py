@@ -18,8 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import AddedToken
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
+    LlamaTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessor,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -435,6 +444,250 @@ def ensure_tiny_qwen3_vl(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# A LLaMA-style tokenizer (LLaVA's Vicuna / Mistral, DeepSeek-VL), built offline
+# ----------------------------------------------------------------------------------------------------------
+
+# Photo captions to learn the tiny tokenizer's merges from; any text outside them falls back to bytes.
+LLAMA_TOKENIZER_CORPUS = """\
+A man in a red shirt is riding a bicycle down the street. A woman with a blue umbrella is walking in the
+rain. Two dogs are playing with a ball in the green grass. A black cat is sleeping on the left side of the
+sofa. A white car is parked behind a yellow bus. A little girl is holding a pink balloon on the right. An
+old man is sitting on a wooden bench in the park. A brown horse is standing next to a red barn. Three people
+are standing in front of a large building. A boy in a green jacket is throwing a frisbee to his dog. A train
+is passing over a bridge near the river. A group of children are playing football on the field. A small bird
+is sitting on top of a tree branch. A woman is cutting vegetables in the kitchen. A red truck is driving on
+the highway behind a white van. A young man is surfing on a big wave in the ocean. Two cats are sitting in
+the window on the left. A person is riding a motorcycle on a dirt road. A plate of food with rice and
+chicken is on the table. A girl with long hair is reading a book under a tree. An orange cat is lying next
+to a black dog. A blue boat is floating on the calm lake. A man and a woman are walking together on the
+beach. A cow is eating grass in the field behind the fence. A child is flying a colorful kite in the sky. A
+silver airplane is flying above the white clouds. A man is holding a cup of coffee in his right hand.
+Several cars are waiting at a red traffic light. A sheep and a goat are standing on the hill. A woman in a
+yellow dress is smiling at the camera. A large elephant is walking through the tall grass. A pizza with
+cheese and tomatoes is on a wooden board. A man is sitting at a desk in front of a computer. A brown dog is
+running on the left of the road. A bus is stopped at the station with people inside. A baby is sleeping in a
+small white bed. Two men are playing tennis on a green court. A giraffe is eating leaves from a tall tree. A
+bicycle is leaning against a brick wall on the right. A woman is taking a photo of the city at night. A
+smiling chef is preparing fresh pasta, soup and salad. Four musicians are performing jazz on a crowded
+stage. A skateboarder jumps over stairs beside an empty parking lot. A zebra and its foal graze quietly near
+muddy water. Colorful umbrellas shade tourists relaxing along the sandy shore. A police officer directs
+heavy traffic at a busy intersection. Snow covers mountains while skiers descend the steep slope. A purple
+flower grows between gray rocks beneath the fountain. A teenager wearing glasses types quickly on a laptop
+keyboard. Fishermen unload their nets from a rusty boat at dawn. A firefighter climbs a ladder toward the
+burning roof. Happy grandparents hug their granddaughter during a birthday party. USER: Please give me a
+description of the image. ASSISTANT: The image shows a scene.
+"""
+# <unk>, <s>, </s>, then the 256 byte-fallback pieces <0x00>..<0xFF> at ids 3..258, as in LLaMA's tokenizer.
+LLAMA_BASE_TOKENS = ("<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)))
+
+
+def build_llama_tokenizer(extra_special_tokens: tuple[str, ...]) -> LlamaTokenizer:
+    """A small SentencePiece-style BPE with byte fallback, like LLaMA's (``LlamaTokenizer``: "▁" for spaces,
+    BOS added), its merges learned from ``LLAMA_TOKENIZER_CORPUS``; then ``extra_special_tokens`` and
+    ``<pad>`` as added special tokens, in that order. Deterministic: the same ids on every build."""
+    trainer_model = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    # Splits for training only (as SentencePiece: no merge across a space, a punctuation mark or a digit).
+    trainer_model.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+            pre_tokenizers.Punctuation("isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=1500, special_tokens=list(LLAMA_BASE_TOKENS), show_progress=False
+    )
+    trainer_model.train_from_iterator(LLAMA_TOKENIZER_CORPUS.splitlines(), trainer=trainer)
+    trained = json.loads(trainer_model.to_str())["model"]
+    tokenizer = LlamaTokenizer(
+        vocab=trained["vocab"],
+        merges=[tuple(pair) for pair in trained["merges"]],
+        legacy=False,
+        add_bos_token=True,
+        padding_side="right",
+    )
+    tokenizer.add_special_tokens({"extra_special_tokens": list(extra_special_tokens)})
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiny LLaVA-1.5 and LLaVA-NeXT
+# ----------------------------------------------------------------------------------------------------------
+
+TINY_LLAVA = "tiny_llava"
+TINY_LLAVA_VERSION = 1
+TINY_LLAVA_NEXT = "tiny_llava_next"
+TINY_LLAVA_NEXT_VERSION = 1
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The tower's input side: 336 px in the release, 112 here (8x8 patches of 14 px).
+TINY_LLAVA_SIDE = 112
+# The released LLaVA-NeXT pinpoints (multiples of 336) scaled to the tiny tower's 112 px.
+TINY_LLAVA_NEXT_PINPOINTS = [[112, 224], [224, 112], [224, 224], [336, 112], [112, 336]]
+
+# llava-hf's Vicuna template: "USER: <image>\n<text> ASSISTANT:" (LLaVA-1.5 and LLaVA-NeXT Vicuna).
+LLAVA_VICUNA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def _tiny_llama_text_config(vocab_size: int, initializer_range: float) -> dict[str, Any]:
+    """Vicuna-7B's architecture (LLaMA) scaled down: 4 layers, 4 heads on 2 kv heads, hidden 64."""
+    return dict(
+        model_type="llama",
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        initializer_range=initializer_range,
+        bos_token_id=1,
+        eos_token_id=2,
+        dtype="float32",
+    )
+
+
+def _tiny_clip_vision_config(initializer_range: float) -> dict[str, Any]:
+    """CLIP ViT-L/14-336's architecture scaled down: 2 layers, hidden 64, 112 px in 14-px patches."""
+    return dict(
+        model_type="clip_vision_model",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=TINY_LLAVA_SIDE,
+        patch_size=14,
+        projection_dim=64,
+        hidden_act="quick_gelu",
+        initializer_range=initializer_range,
+    )
+
+
+def tiny_llava_config(initializer_range: float = DEFAULT_INITIALIZER_RANGE) -> LlavaConfig:
+    tokenizer = build_llama_tokenizer(("<image>",))
+    return LlavaConfig(
+        text_config=_tiny_llama_text_config(len(tokenizer), initializer_range),
+        vision_config=_tiny_clip_vision_config(initializer_range),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(TINY_LLAVA_SIDE // 14) ** 2,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+
+
+def build_tiny_llava_processor() -> LlavaProcessor:
+    image_processor = LlavaImageProcessor(
+        size={"shortest_edge": TINY_LLAVA_SIDE},
+        crop_size={"height": TINY_LLAVA_SIDE, "width": TINY_LLAVA_SIDE},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_llama_tokenizer(("<image>",)),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_VICUNA_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_llava(
+    out_dir: str | os.PathLike, initializer_range: float = DEFAULT_INITIALIZER_RANGE, seed: int = DEFAULT_SEED
+) -> None:
+    """Write a tiny LLaVA-1.5 checkpoint (model + processor) to ``out_dir``; same seed, same weights."""
+    _write_tiny_lmm(
+        out_dir,
+        LlavaForConditionalGeneration,
+        tiny_llava_config(initializer_range),
+        build_tiny_llava_processor(),
+        seed,
+    )
+
+
+def ensure_tiny_llava(
+    cache_dir: str | os.PathLike | None = None,
+    initializer_range: float = DEFAULT_INITIALIZER_RANGE,
+    seed: int = DEFAULT_SEED,
+) -> Path:
+    """Path of the tiny LLaVA-1.5 checkpoint, built on first use (or when its recipe changed)."""
+    return _ensure_tiny_lmm(
+        TINY_LLAVA, TINY_LLAVA_VERSION, build_tiny_llava, cache_dir, initializer_range, seed
+    )
+
+
+def tiny_llava_next_config(initializer_range: float = DEFAULT_INITIALIZER_RANGE) -> LlavaNextConfig:
+    tokenizer = build_llama_tokenizer(("<image>",))
+    return LlavaNextConfig(
+        text_config=_tiny_llama_text_config(len(tokenizer), initializer_range),
+        vision_config=_tiny_clip_vision_config(initializer_range),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=TINY_LLAVA_NEXT_PINPOINTS,
+        image_seq_length=(TINY_LLAVA_SIDE // 14) ** 2,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+
+
+def build_tiny_llava_next_processor() -> LlavaNextProcessor:
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": TINY_LLAVA_SIDE},
+        crop_size={"height": TINY_LLAVA_SIDE, "width": TINY_LLAVA_SIDE},
+        image_grid_pinpoints=TINY_LLAVA_NEXT_PINPOINTS,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=build_llama_tokenizer(("<image>",)),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_VICUNA_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_llava_next(
+    out_dir: str | os.PathLike, initializer_range: float = DEFAULT_INITIALIZER_RANGE, seed: int = DEFAULT_SEED
+) -> None:
+    """Write a tiny LLaVA-NeXT checkpoint (model + processor) to ``out_dir``; same seed, same weights."""
+    _write_tiny_lmm(
+        out_dir,
+        LlavaNextForConditionalGeneration,
+        tiny_llava_next_config(initializer_range),
+        build_tiny_llava_next_processor(),
+        seed,
+    )
+
+
+def ensure_tiny_llava_next(
+    cache_dir: str | os.PathLike | None = None,
+    initializer_range: float = DEFAULT_INITIALIZER_RANGE,
+    seed: int = DEFAULT_SEED,
+) -> Path:
+    """Path of the tiny LLaVA-NeXT checkpoint, built on first use (or when its recipe changed)."""
+    return _ensure_tiny_lmm(
+        TINY_LLAVA_NEXT, TINY_LLAVA_NEXT_VERSION, build_tiny_llava_next, cache_dir, initializer_range, seed
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Tiny SAM
 # ----------------------------------------------------------------------------------------------------------
 
@@ -468,6 +721,8 @@ def ensure_tiny_sam(cache_dir: str | os.PathLike | None = None, seed: int = DEFA
 ASSETS: dict[str, Callable[..., Path]] = {
     TINY_QWEN2_5_VL: ensure_tiny_qwen2_5_vl,
     TINY_QWEN3_VL: ensure_tiny_qwen3_vl,
+    TINY_LLAVA: ensure_tiny_llava,
+    TINY_LLAVA_NEXT: ensure_tiny_llava_next,
     TINY_SAM: ensure_tiny_sam,
 }
 

@@ -56,6 +56,8 @@ class ChatPromptBuilder(PromptBuilder):
 
     # Class name of the processor this family expects (``None``: any).
     processor_class: str | None = None
+    # How a user makes the image take fewer tokens, where the family allows it (ends the overflow errors).
+    fewer_image_tokens_hint: str = "raise model.prompt.max_length if the LMM was trained on longer sequences"
 
     def __init__(
         self,
@@ -153,7 +155,7 @@ class ChatPromptBuilder(PromptBuilder):
             raise ContextOverflowError(
                 f"sample {sample.image_id} ({sample.file_name}): not even its first object fits the LMM's "
                 f"context of {self.context_length} tokens (the prompt with the image takes {prompt_tokens}); "
-                "lower model.prompt.max_pixels"
+                f"{self.fewer_image_tokens_hint}"
             )
         cut = max(last_utterance[k] for k in range(kept)) + 1
         dropped = sample.num_objects - kept
@@ -209,7 +211,7 @@ class ChatPromptBuilder(PromptBuilder):
                 f"sample {sample.image_id} ({sample.file_name}): {total} tokens exceed the LMM's context of "
                 f"{self.context_length}. Training drops trailing objects to fit; evaluation and prediction "
                 "refuse, since leaving objects out would change the metric: give fewer phrases per sample "
-                "(RefCOCO: group_by_image=false) or lower model.prompt.max_pixels"
+                f"(RefCOCO: group_by_image=false), or {self.fewer_image_tokens_hint}"
             )
         encoded = self._encode_image(sample)
         prompt_ids = encoded.prompt_ids  # [S_p]

@@ -23,6 +23,8 @@ class Qwen2VLPromptBuilder(ChatPromptBuilder):
     refused with the sample named.
     """
 
+    fewer_image_tokens_hint = "lower model.prompt.max_pixels"
+
     def __init__(
         self,
         pretrained: str | os.PathLike,
