@@ -102,12 +102,13 @@ def test_loads_offline_like_a_real_checkpoint(tmp_path):
 def test_llama_tokenizer_is_deterministic_and_llama_shaped(tmp_path):
     from transformers import AutoTokenizer
 
-    first = assets.build_llama_tokenizer(("<image>",))
-    second = assets.build_llama_tokenizer(("<image>",))
+    first = assets.build_llama_tokenizer("<image>")
+    second = assets.build_llama_tokenizer("<image>")
     assert first.get_vocab() == second.get_vocab()
     # LLaMA's layout: <unk> <s> </s>, then byte fallback, so that any text round-trips.
     assert first.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<0x00>", "<0x0A>"]) == [0, 1, 2, 3, 13]
     assert first.convert_tokens_to_ids(["<image>", "<pad>"]) == [len(first) - 2, len(first) - 1]
+    assert first.image_token == "<image>"
     for text in ("a man in a red shirt", "Café", "the dog on the left ☃"):
         ids = first.encode(text)
         assert ids[0] == first.bos_token_id
@@ -116,5 +117,5 @@ def test_llama_tokenizer_is_deterministic_and_llama_shaped(tmp_path):
 
     first.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
-    assert type(loaded) is type(first)
+    assert type(loaded) is type(first) and loaded.image_token == "<image>"
     assert loaded.encode("the dog on the left ☃") == first.encode("the dog on the left ☃")

@@ -23,6 +23,8 @@ FAMILIES = {
     "tiny_qwen3_vl": 1,
     "tiny_llava": 1,
     "tiny_llava_next": 2,
+    "tiny_deepseek_vl": 1,
+    "tiny_deepseek_vl_hybrid": 1,
 }
 
 

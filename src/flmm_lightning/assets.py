@@ -14,12 +14,21 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
+    DeepseekVLConfig,
+    DeepseekVLForConditionalGeneration,
+    DeepseekVLHybridConfig,
+    DeepseekVLHybridForConditionalGeneration,
+    DeepseekVLHybridImageProcessor,
+    DeepseekVLHybridProcessor,
+    DeepseekVLImageProcessor,
+    DeepseekVLProcessor,
     LlamaTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -481,10 +490,11 @@ description of the image. ASSISTANT: The image shows a scene.
 LLAMA_BASE_TOKENS = ("<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)))
 
 
-def build_llama_tokenizer(extra_special_tokens: tuple[str, ...]) -> LlamaTokenizer:
+def build_llama_tokenizer(image_token: str) -> LlamaTokenizer:
     """A small SentencePiece-style BPE with byte fallback, like LLaMA's (``LlamaTokenizer``: "▁" for spaces,
-    BOS added), its merges learned from ``LLAMA_TOKENIZER_CORPUS``; then ``extra_special_tokens`` and
-    ``<pad>`` as added special tokens, in that order. Deterministic: the same ids on every build."""
+    BOS added), its merges learned from ``LLAMA_TOKENIZER_CORPUS``; then ``image_token`` (also named as the
+    tokenizer's ``image_token``, which multimodal processors read) and ``<pad>`` as added special tokens, in
+    that order. Deterministic: the same ids on every build."""
     trainer_model = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     # Splits for training only (as SentencePiece: no merge across a space, a punctuation mark or a digit).
     trainer_model.pre_tokenizer = pre_tokenizers.Sequence(
@@ -505,8 +515,8 @@ def build_llama_tokenizer(extra_special_tokens: tuple[str, ...]) -> LlamaTokeniz
         legacy=False,
         add_bos_token=True,
         padding_side="right",
+        extra_special_tokens={"image_token": image_token},
     )
-    tokenizer.add_special_tokens({"extra_special_tokens": list(extra_special_tokens)})
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     return tokenizer
 
@@ -516,9 +526,9 @@ def build_llama_tokenizer(extra_special_tokens: tuple[str, ...]) -> LlamaTokeniz
 # ----------------------------------------------------------------------------------------------------------
 
 TINY_LLAVA = "tiny_llava"
-TINY_LLAVA_VERSION = 1
+TINY_LLAVA_VERSION = 2
 TINY_LLAVA_NEXT = "tiny_llava_next"
-TINY_LLAVA_NEXT_VERSION = 1
+TINY_LLAVA_NEXT_VERSION = 2
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # The tower's input side: 336 px in the release, 112 here (8x8 patches of 14 px).
@@ -574,7 +584,7 @@ def _tiny_clip_vision_config(initializer_range: float) -> dict[str, Any]:
 
 
 def tiny_llava_config(initializer_range: float = DEFAULT_INITIALIZER_RANGE) -> LlavaConfig:
-    tokenizer = build_llama_tokenizer(("<image>",))
+    tokenizer = build_llama_tokenizer("<image>")
     return LlavaConfig(
         text_config=_tiny_llama_text_config(len(tokenizer), initializer_range),
         vision_config=_tiny_clip_vision_config(initializer_range),
@@ -597,7 +607,7 @@ def build_tiny_llava_processor() -> LlavaProcessor:
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_llama_tokenizer(("<image>",)),
+        tokenizer=build_llama_tokenizer("<image>"),
         patch_size=14,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
@@ -630,7 +640,7 @@ def ensure_tiny_llava(
 
 
 def tiny_llava_next_config(initializer_range: float = DEFAULT_INITIALIZER_RANGE) -> LlavaNextConfig:
-    tokenizer = build_llama_tokenizer(("<image>",))
+    tokenizer = build_llama_tokenizer("<image>")
     return LlavaNextConfig(
         text_config=_tiny_llama_text_config(len(tokenizer), initializer_range),
         vision_config=_tiny_clip_vision_config(initializer_range),
@@ -655,7 +665,7 @@ def build_tiny_llava_next_processor() -> LlavaNextProcessor:
     )
     return LlavaNextProcessor(
         image_processor=image_processor,
-        tokenizer=build_llama_tokenizer(("<image>",)),
+        tokenizer=build_llama_tokenizer("<image>"),
         patch_size=14,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
@@ -684,6 +694,158 @@ def ensure_tiny_llava_next(
     """Path of the tiny LLaVA-NeXT checkpoint, built on first use (or when its recipe changed)."""
     return _ensure_tiny_lmm(
         TINY_LLAVA_NEXT, TINY_LLAVA_NEXT_VERSION, build_tiny_llava_next, cache_dir, initializer_range, seed
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiny DeepSeek-VL and DeepSeek-VL hybrid
+# ----------------------------------------------------------------------------------------------------------
+
+TINY_DEEPSEEK_VL = "tiny_deepseek_vl"
+TINY_DEEPSEEK_VL_VERSION = 1
+TINY_DEEPSEEK_VL_HYBRID = "tiny_deepseek_vl_hybrid"
+TINY_DEEPSEEK_VL_HYBRID_VERSION = 1
+DEEPSEEK_IMAGE_TOKEN = "<image_placeholder>"
+# SigLIP's side: 384 px in the release (24x24 patches of 16 px), 128 here (8x8); the hybrid's SAM side: 1024
+# in the release, 256 here.
+TINY_DEEPSEEK_SIDE = 128
+TINY_DEEPSEEK_HIGH_RES_SIDE = 256
+DEEPSEEK_SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the "
+    "user provides, and assist the user with a variety of tasks using natural language."
+)
+# DeepSeek-VL's conversation format: the system text, then "User: <content>" and "Assistant: <content>" turns
+# separated by a blank line (an assistant turn ends with EOS instead), then "Assistant:" to generate.
+DEEPSEEK_VL_CHAT_TEMPLATE = (
+    "{{ '" + DEEPSEEK_SYSTEM_PROMPT + "' + '\\n\\n' }}"
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize + ': ' }}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '" + DEEPSEEK_IMAGE_TOKEN + "' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] | trim }}{% endif %}"
+    "{% endfor %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def _tiny_siglip_vision_config(initializer_range: float) -> dict[str, Any]:
+    """SigLIP-L/16-384's architecture scaled down: 2 layers, hidden 64, 128 px in 16-px patches."""
+    return dict(
+        model_type="siglip_vision_model",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=TINY_DEEPSEEK_SIDE,
+        patch_size=16,
+        vision_use_head=False,
+        initializer_range=initializer_range,
+    )
+
+
+def _tiny_deepseek_image_processor(hybrid: bool) -> Any:
+    # The released 1.3B and the hybrid's SigLIP branch normalise with mean = std = 0.5; the SAM branch with
+    # CLIP's statistics.
+    low_res = dict(
+        size={"height": TINY_DEEPSEEK_SIDE, "width": TINY_DEEPSEEK_SIDE},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    if not hybrid:
+        return DeepseekVLImageProcessor(**low_res)
+    return DeepseekVLHybridImageProcessor(
+        **low_res,
+        high_res_size={"height": TINY_DEEPSEEK_HIGH_RES_SIDE, "width": TINY_DEEPSEEK_HIGH_RES_SIDE},
+        high_res_image_mean=list(CLIP_MEAN),
+        high_res_image_std=list(CLIP_STD),
+    )
+
+
+def build_tiny_deepseek_vl_processor(hybrid: bool = False) -> DeepseekVLProcessor | DeepseekVLHybridProcessor:
+    processor_class = DeepseekVLHybridProcessor if hybrid else DeepseekVLProcessor
+    return processor_class(
+        image_processor=_tiny_deepseek_image_processor(hybrid),
+        tokenizer=build_llama_tokenizer(DEEPSEEK_IMAGE_TOKEN),
+        chat_template=DEEPSEEK_VL_CHAT_TEMPLATE,
+        num_image_tokens=(TINY_DEEPSEEK_SIDE // 16) ** 2,
+    )
+
+
+def tiny_deepseek_vl_config(
+    initializer_range: float = DEFAULT_INITIALIZER_RANGE, hybrid: bool = False
+) -> DeepseekVLConfig | DeepseekVLHybridConfig:
+    """DeepSeek-VL-1.3B (or, ``hybrid``, 7B)'s architecture scaled down: a LLaMA decoder of 4 layers x 4
+    heads; SigLIP at 128 px (an 8x8 grid); the hybrid adds a 2-layer SAM tower at 256 px fused onto the same
+    grid."""
+    tokenizer = build_llama_tokenizer(DEEPSEEK_IMAGE_TOKEN)
+    common = dict(
+        text_config=_tiny_llama_text_config(len(tokenizer), initializer_range),
+        vision_config=_tiny_siglip_vision_config(initializer_range),
+        image_token_id=tokenizer.convert_tokens_to_ids(DEEPSEEK_IMAGE_TOKEN),
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    if not hybrid:
+        return DeepseekVLConfig(**common)
+    high_res = dict(
+        model_type="sam_vision_model",
+        hidden_size=32,
+        output_channels=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_dim=64,
+        image_size=TINY_DEEPSEEK_HIGH_RES_SIDE,
+        patch_size=16,
+        window_size=4,
+        global_attn_indexes=[1],
+        initializer_range=initializer_range,
+    )
+    return DeepseekVLHybridConfig(**common, high_res_vision_config=high_res)
+
+
+def build_tiny_deepseek_vl(
+    out_dir: str | os.PathLike,
+    initializer_range: float = DEFAULT_INITIALIZER_RANGE,
+    seed: int = DEFAULT_SEED,
+    hybrid: bool = False,
+) -> None:
+    """Write a tiny DeepSeek-VL (or hybrid) checkpoint (model + processor) to ``out_dir``."""
+    model_class = DeepseekVLHybridForConditionalGeneration if hybrid else DeepseekVLForConditionalGeneration
+    _write_tiny_lmm(
+        out_dir,
+        model_class,
+        tiny_deepseek_vl_config(initializer_range, hybrid=hybrid),
+        build_tiny_deepseek_vl_processor(hybrid=hybrid),
+        seed,
+    )
+
+
+def ensure_tiny_deepseek_vl(
+    cache_dir: str | os.PathLike | None = None,
+    initializer_range: float = DEFAULT_INITIALIZER_RANGE,
+    seed: int = DEFAULT_SEED,
+) -> Path:
+    """Path of the tiny DeepSeek-VL checkpoint, built on first use (or when its recipe changed)."""
+    return _ensure_tiny_lmm(
+        TINY_DEEPSEEK_VL, TINY_DEEPSEEK_VL_VERSION, build_tiny_deepseek_vl, cache_dir, initializer_range, seed
+    )
+
+
+def ensure_tiny_deepseek_vl_hybrid(
+    cache_dir: str | os.PathLike | None = None,
+    initializer_range: float = DEFAULT_INITIALIZER_RANGE,
+    seed: int = DEFAULT_SEED,
+) -> Path:
+    """Path of the tiny DeepSeek-VL hybrid checkpoint, built on first use (or when its recipe changed)."""
+    return _ensure_tiny_lmm(
+        TINY_DEEPSEEK_VL_HYBRID,
+        TINY_DEEPSEEK_VL_HYBRID_VERSION,
+        partial(build_tiny_deepseek_vl, hybrid=True),
+        cache_dir,
+        initializer_range,
+        seed,
     )
 
 
@@ -723,6 +885,8 @@ ASSETS: dict[str, Callable[..., Path]] = {
     TINY_QWEN3_VL: ensure_tiny_qwen3_vl,
     TINY_LLAVA: ensure_tiny_llava,
     TINY_LLAVA_NEXT: ensure_tiny_llava_next,
+    TINY_DEEPSEEK_VL: ensure_tiny_deepseek_vl,
+    TINY_DEEPSEEK_VL_HYBRID: ensure_tiny_deepseek_vl_hybrid,
     TINY_SAM: ensure_tiny_sam,
 }
 

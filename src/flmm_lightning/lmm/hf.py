@@ -54,8 +54,8 @@ class ChatPromptBuilder(PromptBuilder):
     ``fit_to_context`` (training) first drops the trailing objects that do not fit.
     """
 
-    # Class name of the processor this family expects (``None``: any).
-    processor_class: str | None = None
+    # Class names of the processors this family reads (empty: any).
+    processor_classes: tuple[str, ...] = ()
     # How a user makes the image take fewer tokens, where the family allows it (ends the overflow errors).
     fewer_image_tokens_hint: str = "raise model.prompt.max_length if the LMM was trained on longer sequences"
 
@@ -81,8 +81,9 @@ class ChatPromptBuilder(PromptBuilder):
     def _load(self) -> None:
         processor = AutoProcessor.from_pretrained(self.pretrained, trust_remote_code=False)
         found = type(processor).__name__
-        if self.processor_class is not None and found != self.processor_class:
-            raise ValueError(f"{self.pretrained}: expected a {self.processor_class}, found {found}")
+        if self.processor_classes and found not in self.processor_classes:
+            expected = " or ".join(self.processor_classes)
+            raise ValueError(f"{self.pretrained}: expected a {expected}, found {found}")
         self._configure(processor)
         content = [{"type": "image"}, {"type": "text", "text": self.instruction}]
         messages = [{"role": "user", "content": content}]

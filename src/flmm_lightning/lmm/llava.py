@@ -22,7 +22,7 @@ from flmm_lightning.lmm.hf import ChatPromptBuilder, EncodedImage, HFGroundingAd
 class LlavaPromptBuilder(ChatPromptBuilder):
     """Chat prompt (``USER: <image>\\n<instruction> ASSISTANT:`` for LLaVA-1.5), then the utterances."""
 
-    processor_class = "LlavaProcessor"
+    processor_classes = ("LlavaProcessor",)
     _grid_hw: tuple[int, int] | None = None  # set when the processor loads
 
     def _configure(self, processor: Any) -> None:

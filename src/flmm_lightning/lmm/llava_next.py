@@ -25,7 +25,7 @@ from flmm_lightning.lmm.hf import ChatPromptBuilder, EncodedImage, HFGroundingAd
 class LlavaNextPromptBuilder(ChatPromptBuilder):
     """Chat prompt (the checkpoint's own template: Vicuna or Mistral), then the utterances."""
 
-    processor_class = "LlavaNextProcessor"
+    processor_classes = ("LlavaNextProcessor",)
 
     def _image_tokens(self, sample: GroundingSample) -> int:
         size = [[sample.image.height, sample.image.width]]

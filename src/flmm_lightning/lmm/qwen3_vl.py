@@ -24,7 +24,7 @@ class Qwen3VLPromptBuilder(Qwen2VLPromptBuilder):
     The Qwen2-VL builder as is: pixel limits round to multiples of 32 px (patch 16 x merge 2).
     """
 
-    processor_class = "Qwen3VLProcessor"
+    processor_classes = ("Qwen3VLProcessor",)
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):

@@ -1,0 +1,99 @@
+"""DeepSeek-VL and its hybrid on their tiny variants: prompts, the padded square and its content box, fused vs
+eager capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from samples import make_sample, png_like
+
+from flmm_lightning.assets import (
+    DEEPSEEK_SYSTEM_PROMPT,
+    ensure_tiny_deepseek_vl,
+    ensure_tiny_deepseek_vl_hybrid,
+    ensure_tiny_llava,
+)
+from flmm_lightning.lmm.deepseek_vl import DeepseekVLAdapter, DeepseekVLPromptBuilder
+
+WIDE = make_sample(100, 150, ["a man in a red shirt", "the dog on the left", "Café"], 0)
+TALL = png_like(230, 90)
+VARIANTS = {"plain": ensure_tiny_deepseek_vl, "hybrid": ensure_tiny_deepseek_vl_hybrid}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request):
+    tiny_dir = VARIANTS[request.param]()
+    return tiny_dir, DeepseekVLPromptBuilder(tiny_dir)
+
+
+@pytest.mark.parametrize("sample", [WIDE, TALL], ids=["refcoco", "png"])
+def test_prompt_puts_objects_after_the_image(variant, sample):
+    _, builder = variant
+    prompt = builder(sample)
+    tokenizer = builder.processor.tokenizer
+    ids, mask_ids = prompt.input_ids, prompt.mask_ids
+    for k, phrase in enumerate(sample.phrases):
+        assert tokenizer.decode(ids[mask_ids == k]).strip() == phrase.strip()
+    image_token = builder.processor.image_token_id
+    image_positions = (ids == image_token).nonzero().flatten()
+    assert image_positions.numel() == 64 and prompt.grid_hw == (8, 8)
+    assert torch.all(image_positions[1:] - image_positions[:-1] == 1)
+    for k in range(sample.num_objects):
+        assert (mask_ids == k).nonzero().min() > image_positions.max()
+    text = tokenizer.decode(ids[(mask_ids < 0) & (ids != image_token)], skip_special_tokens=True)
+    assert text.startswith(f"{DEEPSEEK_SYSTEM_PROMPT}\n\nUser: Please give me a description of the image.")
+    assert "\n\nAssistant:" in text and ids[0] == tokenizer.bos_token_id
+
+
+def _background_rows_and_columns(pixels: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """The pixels outside ``box`` (top, left, height, width) of ``pixels`` [3, S, S], as [3, k]."""
+    top, left, height, width = box
+    outside = torch.ones(pixels.shape[-2:], dtype=torch.bool)
+    outside[top : top + height, left : left + width] = False
+    return pixels[:, outside]
+
+
+@pytest.mark.parametrize("sample", [WIDE, TALL], ids=["wide", "tall"])
+def test_content_box_is_where_the_image_lies_in_the_padded_square(variant, sample):
+    _, builder = variant
+    prompt = builder(sample)
+    side = prompt.padded_hw[0]
+    top, left, height, width = prompt.content_box
+    assert prompt.padded_hw == (side, side) and max(height, width) == side
+    assert abs(height / width - sample.image.height / sample.image.width) < 0.02
+    # Centred: the padding after the image is the same as before, or one pixel more.
+    assert (top == 0 or left == 0) and side - 2 * top - height in (0, 1) and side - 2 * left - width in (0, 1)
+
+    key = "high_res_pixel_values" if "high_res_pixel_values" in prompt.pixel_inputs else "pixel_values"
+    pixels = prompt.pixel_inputs[key][0]  # [3, side, side]
+    assert pixels.shape[-1] == side
+    # Outside the box: one flat colour, the padding. Inside, one pixel in from each edge: the noise image.
+    outside = _background_rows_and_columns(pixels, prompt.content_box)
+    assert outside.numel() > 0 and (outside - outside[:, :1]).abs().max() < 1e-5
+    inner = pixels[:, top + 1 : top + height - 1, left + 1 : left + width - 1]
+    assert inner.std(dim=(1, 2)).min() > 0.1
+    # The box is tight: its first and last rows and columns are image, not padding.
+    content = pixels[:, top : top + height, left : left + width] - outside[:, :1, None]
+    for edge in (content[:, 0], content[:, -1], content[..., 0], content[..., -1]):
+        assert edge.abs().amax(dim=0).mean() > 0.1
+
+
+def test_fused_attention_equals_eager_on_a_padded_batch(variant):
+    tiny_dir, builder = variant
+    batch = builder.collate([builder(WIDE), builder(TALL)])
+    assert len(set(batch.attention_mask.sum(dim=1).tolist())) == 2  # one sample is padded
+    fused = DeepseekVLAdapter(tiny_dir, text_proj_dim=32, capture="fused", torch_dtype="float32")
+    eager = DeepseekVLAdapter(tiny_dir, text_proj_dim=32, capture="eager", torch_dtype="float32")
+    eager.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        for f, e in zip(fused(batch), eager(batch), strict=True):
+            assert f.attention_maps.shape == e.attention_maps.shape
+            assert f.attention_maps.shape[1] == fused.attention_channels == 16
+            torch.testing.assert_close(f.attention_maps, e.attention_maps, rtol=0, atol=1e-5)
+            for a, b in zip(f.text_embeddings, e.text_embeddings, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_refuses_another_family():
+    with pytest.raises(ValueError, match="deepseek_vl"):
+        DeepseekVLAdapter(ensure_tiny_llava(), text_proj_dim=8, torch_dtype="float32")
