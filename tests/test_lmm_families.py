@@ -10,9 +10,12 @@ import os
 import pytest
 import torch
 from conftest import tiny_overrides
+from hydra.utils import get_class
 from transformers import AutoConfig
 
 from flmm_lightning.builders import build_datamodule, build_module, build_prompt_builder, load_checkpoint
+from flmm_lightning.config import CONF_DIR
+from flmm_lightning.lmm.hf import ChatPromptBuilder, HFGroundingAdapter
 from flmm_lightning.train import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +29,26 @@ FAMILIES = {
     "tiny_deepseek_vl": 1,
     "tiny_deepseek_vl_hybrid": 1,
 }
+
+
+MODEL_CONFIGS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def test_every_tiny_model_config_is_exercised_here():
+    assert {name for name in MODEL_CONFIGS if name.startswith("tiny_")} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_model_config_names_one_family_and_a_real_checkpoint(name, compose_config):
+    cfg = compose_config([f"model={name}"])
+    assert cfg.model.name == name
+    adapter, builder = get_class(cfg.model.lmm._target_), get_class(cfg.model.prompt._target_)
+    assert issubclass(adapter, HFGroundingAdapter) and issubclass(builder, ChatPromptBuilder)
+    assert adapter.__module__ == builder.__module__  # the family's one file
+    assert cfg.model.lmm.text_proj_dim == cfg.sam.embed_dim and not cfg.model.trust_remote_code
+    if not name.startswith("tiny_"):
+        organisation, _, model = cfg.model.pretrained.partition("/")
+        assert organisation and model and "/" not in model  # a hub id
 
 
 @pytest.fixture(autouse=True)
