@@ -12,10 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
 from flmm_lightning.data.sample import GroundingSample
-from flmm_lightning.lmm.base import LMMBatch
 from flmm_lightning.lmm.hf import ChatPromptBuilder, EncodedImage, HFGroundingAdapter
 
 HIGH_RES_PIXELS = "high_res_pixel_values"
@@ -26,12 +23,6 @@ class DeepseekVLPromptBuilder(ChatPromptBuilder):
     then the utterances."""
 
     processor_classes = ("DeepseekVLProcessor", "DeepseekVLHybridProcessor")
-    _grid_hw: tuple[int, int] | None = None  # set when the processor loads
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_grid_hw"] = None
-        return state
 
     def _configure(self, processor: Any) -> None:
         side = math.isqrt(processor.num_image_tokens)
@@ -39,7 +30,6 @@ class DeepseekVLPromptBuilder(ChatPromptBuilder):
             raise ValueError(
                 f"{self.pretrained}: {processor.num_image_tokens} image tokens do not make a square grid"
             )
-        self._grid_hw = (side, side)
 
     def _image_tokens(self, sample: GroundingSample) -> int:
         return self.processor.num_image_tokens
@@ -63,25 +53,17 @@ class DeepseekVLPromptBuilder(ChatPromptBuilder):
         if HIGH_RES_PIXELS in encoded:
             pixel_inputs[HIGH_RES_PIXELS] = encoded[HIGH_RES_PIXELS]  # [1, 3, 1024, 1024]
         side, box = self.content_box(sample.image.height, sample.image.width)
+        cells = math.isqrt(self.processor.num_image_tokens)  # a square grid, checked when the processor loads
         return EncodedImage(
             prompt_ids=encoded["input_ids"][0],
             pixel_inputs=pixel_inputs,
-            grid_hw=self._grid_hw,
+            grid_hw=(cells, cells),
             padded_hw=(side, side),
             content_box=box,
         )
-
-    def _collate_pixels(self, pixel_inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return {key: torch.cat([p[key] for p in pixel_inputs], dim=0) for key in pixel_inputs[0]}
 
 
 class DeepseekVLAdapter(HFGroundingAdapter):
     """A frozen DeepSeek-VL (plain or hybrid) read out as phrase-token attention maps and hidden states."""
 
     model_types = ("deepseek_vl", "deepseek_vl_hybrid")
-
-    def _pixel_inputs(
-        self, batch: LMMBatch, image_tokens: torch.Tensor, device: torch.device
-    ) -> dict[str, torch.Tensor]:
-        dtype = self.model.dtype
-        return {key: pixels.to(device=device, dtype=dtype) for key, pixels in batch.pixel_inputs.items()}

@@ -121,9 +121,11 @@ class ChatPromptBuilder(PromptBuilder):
     def _encode_image(self, sample: GroundingSample) -> EncodedImage:
         """The processor run on the prompt and this sample's image."""
 
-    @abstractmethod
     def _collate_pixels(self, pixel_inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The samples' pixel inputs as the model takes them for a batch."""
+        """The samples' pixel inputs as the model takes them for a batch: by default every input's samples
+        concatenated on the first axis (images, or Qwen's patches with ``image_grid_thw`` marking each
+        image's end)."""
+        return {key: torch.cat([p[key] for p in pixel_inputs], dim=0) for key in pixel_inputs[0]}
 
     def _prompt_tokens(self, sample: GroundingSample) -> int:
         return self._template_tokens + self._image_tokens(sample)
@@ -347,14 +349,16 @@ class HFGroundingAdapter(FrozenLMM):
         self.model.eval()
         return self
 
-    @abstractmethod
     def _pixel_inputs(
         self, batch: LMMBatch, image_tokens: torch.Tensor, device: torch.device
     ) -> dict[str, torch.Tensor]:
-        """The image keyword arguments of the model for this batch, on ``device``.
-
-        ``image_tokens``: bool [B, S], True at image-token positions.
+        """The image keyword arguments of the model for this batch, on ``device``: by default the collated
+        processor outputs, pixels in the model's dtype. ``image_tokens``: bool [B, S], True at image tokens.
         """
+        return {
+            key: value.to(device=device, dtype=self.model.dtype if value.is_floating_point() else value.dtype)
+            for key, value in batch.pixel_inputs.items()
+        }
 
     def _image_maps(self, maps: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         """Per-object maps over the image-token columns ``[n, L, H, N]`` laid out as ``[n, C, h, w]``.

@@ -10,12 +10,7 @@ row-major cells of the ``crop_size / patch_size`` grid (24x24 for LLaVA-1.5), CL
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
 from flmm_lightning.data.sample import GroundingSample
-from flmm_lightning.lmm.base import LMMBatch
 from flmm_lightning.lmm.hf import ChatPromptBuilder, EncodedImage, HFGroundingAdapter
 
 
@@ -23,43 +18,28 @@ class LlavaPromptBuilder(ChatPromptBuilder):
     """Chat prompt (``USER: <image>\\n<instruction> ASSISTANT:`` for LLaVA-1.5), then the utterances."""
 
     processor_classes = ("LlavaProcessor",)
-    _grid_hw: tuple[int, int] | None = None  # set when the processor loads
-
-    def _configure(self, processor: Any) -> None:
-        crop = processor.image_processor.crop_size
-        self._grid_hw = (crop.height // processor.patch_size, crop.width // processor.patch_size)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_grid_hw"] = None
-        return state
 
     def _image_tokens(self, sample: GroundingSample) -> int:
+        # The processor's own count (the CLS token is in or out by its vision_feature_select_strategy).
         size = [[sample.image.height, sample.image.width]]
         return self.processor._get_num_multimodal_tokens(image_sizes=size)["num_image_tokens"][0]
 
     def _encode_image(self, sample: GroundingSample) -> EncodedImage:
-        encoded = self.processor(images=[sample.image], text=[self._prompt], do_pad=True, return_tensors="pt")
+        processor = self.processor
+        encoded = processor(images=[sample.image], text=[self._prompt], do_pad=True, return_tensors="pt")
+        crop = processor.image_processor.crop_size
         height, width = sample.image.height, sample.image.width
         side = max(height, width)
         return EncodedImage(
             prompt_ids=encoded["input_ids"][0],
             pixel_inputs={"pixel_values": encoded["pixel_values"]},  # [1, 3, crop_h, crop_w]
-            grid_hw=self._grid_hw,
+            grid_hw=(crop.height // processor.patch_size, crop.width // processor.patch_size),
             padded_hw=(side, side),
             content_box=((side - height) // 2, (side - width) // 2, height, width),
         )
-
-    def _collate_pixels(self, pixel_inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": torch.cat([p["pixel_values"] for p in pixel_inputs], dim=0)}  # [B, 3, h, w]
 
 
 class LlavaAdapter(HFGroundingAdapter):
     """A frozen LLaVA-1.5 read out as phrase-token attention maps and projected hidden states."""
 
     model_types = ("llava",)
-
-    def _pixel_inputs(
-        self, batch: LMMBatch, image_tokens: torch.Tensor, device: torch.device
-    ) -> dict[str, torch.Tensor]:
-        return {"pixel_values": batch.pixel_inputs["pixel_values"].to(device=device, dtype=self.model.dtype)}

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from transformers.image_processing_utils import select_best_resolution
 
 from flmm_lightning.data.sample import GroundingSample
-from flmm_lightning.lmm.base import LMMBatch
 from flmm_lightning.lmm.hf import ChatPromptBuilder, EncodedImage, HFGroundingAdapter
 
 
@@ -88,14 +87,6 @@ class LlavaNextAdapter(HFGroundingAdapter):
     @property
     def attention_channels(self) -> int:
         return 2 * self.num_layers * self.num_heads
-
-    def _pixel_inputs(
-        self, batch: LMMBatch, image_tokens: torch.Tensor, device: torch.device
-    ) -> dict[str, torch.Tensor]:
-        return {
-            "pixel_values": batch.pixel_inputs["pixel_values"].to(device=device, dtype=self.model.dtype),
-            "image_sizes": batch.pixel_inputs["image_sizes"].to(device),
-        }
 
     def _image_maps(self, maps: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         """``[n, L, H, N]`` over base + any-res image tokens -> ``[n, 2*L*H, h, w]`` on the any-res grid."""

@@ -104,13 +104,6 @@ class Qwen2VLPromptBuilder(ChatPromptBuilder):
             content_box=(0, 0, height, width),
         )
 
-    def _collate_pixels(self, pixel_inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        # Every image's patches in one sequence; image_grid_thw says where each image's patches end.
-        return {
-            "pixel_values": torch.cat([p["pixel_values"] for p in pixel_inputs], dim=0),
-            "image_grid_thw": torch.cat([p["image_grid_thw"] for p in pixel_inputs], dim=0),
-        }
-
 
 class Qwen2VLAdapter(HFGroundingAdapter):
     """A frozen Qwen2-VL / Qwen2.5-VL read out as phrase-token attention maps and projected hidden states.
@@ -124,8 +117,7 @@ class Qwen2VLAdapter(HFGroundingAdapter):
         self, batch: LMMBatch, image_tokens: torch.Tensor, device: torch.device
     ) -> dict[str, torch.Tensor]:
         return {
-            "pixel_values": batch.pixel_inputs["pixel_values"].to(device=device, dtype=self.model.dtype),
-            "image_grid_thw": batch.pixel_inputs["image_grid_thw"].to(device),
+            **super()._pixel_inputs(batch, image_tokens, device),  # pixel_values, image_grid_thw
             # Text 0 / image 1, as the processor returns it: M-RoPE needs it to lay image tokens on a 2D grid.
             "mm_token_type_ids": image_tokens.long(),
         }
