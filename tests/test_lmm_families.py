@@ -10,11 +10,13 @@ import os
 import pytest
 import torch
 from conftest import tiny_overrides
-from hydra.utils import get_class
+from hydra.utils import get_class, instantiate
+from samples import make_sample
 from transformers import AutoConfig
 
 from flmm_lightning.builders import build_datamodule, build_module, build_prompt_builder, load_checkpoint
 from flmm_lightning.config import CONF_DIR
+from flmm_lightning.lmm.base import ContextOverflowError
 from flmm_lightning.lmm.hf import ChatPromptBuilder, HFGroundingAdapter
 from flmm_lightning.train import train
 
@@ -96,6 +98,29 @@ def test_one_training_step_changes_only_trainable_weights(family, compose_config
     assert {"lmm.text_proj.weight", "lmm.text_layer_weights"} <= changed
     assert any(name.startswith("mask_head.") for name in changed)
     assert any(name.startswith("sam.") for name in changed)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_context_limit_counts_exactly_the_tokens_the_lmm_sees(family, compose_config, tmp_path):
+    cfg = compose_config([*tiny_overrides(tmp_path / "data", tmp_path / "run"), f"model={family}"])
+    sample = make_sample(100, 150, ["a man in a red shirt", "the dog on the left", "Café"], 0)
+    total = len(build_prompt_builder(cfg)(sample).input_ids)
+
+    exact = instantiate(cfg.model.prompt, max_length=total)
+    assert len(exact(sample).input_ids) == total and exact.fit_to_context(sample) is sample
+    short = instantiate(cfg.model.prompt, max_length=total - 1)
+    with pytest.raises(ContextOverflowError, match=f"{total} tokens exceed the LMM's context of {total - 1}"):
+        short(sample)
+    # Only the final "." overflows: it is cut, every object stays, and their maps are the full sequence's.
+    fitted = short.fit_to_context(sample)
+    assert fitted.phrases == sample.phrases and fitted.utterances == sample.utterances[:-1]
+    short(fitted)  # fits
+
+    final_dot = len(short.processor.tokenizer.encode(".", add_special_tokens=False))
+    tight = instantiate(cfg.model.prompt, max_length=total - final_dot - 1)
+    with pytest.warns(UserWarning, match="its last 1 of 3 objects are dropped"):
+        fitted = tight.fit_to_context(sample)
+    assert fitted.phrases == sample.phrases[:2] and fitted.num_dropped_objects == 1
 
 
 @pytest.mark.slow

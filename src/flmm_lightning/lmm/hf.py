@@ -113,9 +113,11 @@ class ChatPromptBuilder(PromptBuilder):
             self._load()
         return self._context
 
-    @abstractmethod
     def _image_tokens(self, sample: GroundingSample) -> int:
-        """How many tokens the processor gives this sample's image (cheap: no pixels are processed)."""
+        """How many tokens the processor gives this sample's image (cheap: no pixels are processed); by
+        default the processor's own count for the image's size."""
+        size = [[sample.image.height, sample.image.width]]
+        return self.processor._get_num_multimodal_tokens(image_sizes=size)["num_image_tokens"][0]
 
     @abstractmethod
     def _encode_image(self, sample: GroundingSample) -> EncodedImage:
@@ -137,6 +139,8 @@ class ChatPromptBuilder(PromptBuilder):
         objects from there on are dropped with their masks (``num_dropped_objects`` counts them), and a
         warning names the sample. Attention is causal, so the kept objects' maps are exactly those of the
         full sequence. An utterance of a dropped object that lies before the cut stays as plain context.
+        When only ungrounded text after the last object overflows, that text is cut without a warning: no
+        object's maps or hidden states depend on it.
         """
         tokenizer = self.processor.tokenizer
         counts = [len(tokenizer.encode(text, add_special_tokens=False)) for text, _ in sample.utterances]
@@ -162,12 +166,13 @@ class ChatPromptBuilder(PromptBuilder):
             )
         cut = max(last_utterance[k] for k in range(kept)) + 1
         dropped = sample.num_objects - kept
-        warnings.warn(
-            f"sample {sample.image_id} ({sample.file_name}): {prompt_tokens + sum(counts)} tokens exceed the "
-            f"LMM's context of {self.context_length}; its last {dropped} of {sample.num_objects} objects are "
-            "dropped",
-            stacklevel=2,
-        )
+        if dropped:
+            warnings.warn(
+                f"sample {sample.image_id} ({sample.file_name}): {prompt_tokens + sum(counts)} tokens exceed "
+                f"the LMM's context of {self.context_length}; its last {dropped} of {sample.num_objects} "
+                "objects are dropped",
+                stacklevel=2,
+            )
         return dataclasses.replace(
             sample,
             phrases=sample.phrases[:kept],

@@ -19,11 +19,6 @@ class LlavaPromptBuilder(ChatPromptBuilder):
 
     processor_classes = ("LlavaProcessor",)
 
-    def _image_tokens(self, sample: GroundingSample) -> int:
-        # The processor's own count (the CLS token is in or out by its vision_feature_select_strategy).
-        size = [[sample.image.height, sample.image.width]]
-        return self.processor._get_num_multimodal_tokens(image_sizes=size)["num_image_tokens"][0]
-
     def _encode_image(self, sample: GroundingSample) -> EncodedImage:
         processor = self.processor
         encoded = processor(images=[sample.image], text=[self._prompt], do_pad=True, return_tensors="pt")

@@ -26,10 +26,6 @@ class LlavaNextPromptBuilder(ChatPromptBuilder):
 
     processor_classes = ("LlavaNextProcessor",)
 
-    def _image_tokens(self, sample: GroundingSample) -> int:
-        size = [[sample.image.height, sample.image.width]]
-        return self.processor._get_num_multimodal_tokens(image_sizes=size)["num_image_tokens"][0]
-
     def anyres_grid(self, height: int, width: int) -> tuple[int, int]:
         """The any-res grid (rows, columns; newline column excluded) of a ``height`` x ``width`` image."""
         processor = self.processor
