@@ -1,9 +1,10 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``): the image padded to a square, one fixed grid.
 
-The reference pads every image to a square in the mean colour before the resize to the vision tower's size
-(336 px for LLaVA-1.5), so that the tower sees the whole image instead of a centre crop. The processor does
-the same with ``do_pad=True`` (image centred, ``(side - size) // 2`` before); the coarse mask then covers the
-square, and ``content_box`` tells the shared head where the real image lies inside it. Image tokens are the
+The reference shows the vision tower (336 px for LLaVA-1.5) the whole image, centred on a square in the mean
+colour, instead of the processor's default centre crop. ``do_pad=True`` makes the processor do that (it pads,
+then resizes; the reference resizes, then pads: the same square up to interpolation at the image's border),
+with ``(side - size) // 2`` padding before the image. The coarse mask then covers the square, and
+``content_box`` tells the shared head where the real image lies inside it. Image tokens are the
 row-major cells of the ``crop_size / patch_size`` grid (24x24 for LLaVA-1.5), CLS dropped by the released
 ``vision_feature_select_strategy="default"``.
 """
