@@ -56,7 +56,7 @@ class ChatPromptBuilder(PromptBuilder):
 
     # Class names of the processors this family reads (empty: any).
     processor_classes: tuple[str, ...] = ()
-    # How a user makes the image take fewer tokens, where the family allows it (ends the overflow errors).
+    # The remedy the overflow errors end with (a family whose images can take fewer tokens says how).
     fewer_image_tokens_hint: str = "raise model.prompt.max_length if the LMM was trained on longer sequences"
 
     def __init__(
@@ -130,7 +130,8 @@ class ChatPromptBuilder(PromptBuilder):
         return {key: torch.cat([p[key] for p in pixel_inputs], dim=0) for key in pixel_inputs[0]}
 
     def _prompt_tokens(self, sample: GroundingSample) -> int:
-        return self._template_tokens + self._image_tokens(sample)
+        image_tokens = self._image_tokens(sample)  # loads the processor on first use
+        return self._template_tokens + image_tokens
 
     def fit_to_context(self, sample: GroundingSample) -> GroundingSample:
         """``sample`` itself when it fits the context; else a copy without the trailing objects that do not.
