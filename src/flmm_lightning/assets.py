@@ -583,9 +583,12 @@ def _tiny_clip_vision_config(initializer_range: float) -> dict[str, Any]:
     )
 
 
-def tiny_llava_config(initializer_range: float = DEFAULT_INITIALIZER_RANGE) -> LlavaConfig:
+def tiny_llava_config(
+    initializer_range: float = DEFAULT_INITIALIZER_RANGE, anyres: bool = False
+) -> LlavaConfig | LlavaNextConfig:
+    """LLaVA-1.5 (or, ``anyres``, LLaVA-NeXT) with the tiny CLIP tower and LLaMA decoder above."""
     tokenizer = build_llama_tokenizer("<image>")
-    return LlavaConfig(
+    common = dict(
         text_config=_tiny_llama_text_config(len(tokenizer), initializer_range),
         vision_config=_tiny_clip_vision_config(initializer_range),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -596,16 +599,25 @@ def tiny_llava_config(initializer_range: float = DEFAULT_INITIALIZER_RANGE) -> L
         pad_token_id=tokenizer.pad_token_id,
         dtype="float32",
     )
+    if anyres:
+        return LlavaNextConfig(**common, image_grid_pinpoints=TINY_LLAVA_NEXT_PINPOINTS)
+    return LlavaConfig(**common)
 
 
-def build_tiny_llava_processor() -> LlavaProcessor:
-    image_processor = LlavaImageProcessor(
+def build_tiny_llava_processor(anyres: bool = False) -> LlavaProcessor | LlavaNextProcessor:
+    image_kwargs = dict(
         size={"shortest_edge": TINY_LLAVA_SIDE},
         crop_size={"height": TINY_LLAVA_SIDE, "width": TINY_LLAVA_SIDE},
         image_mean=list(CLIP_MEAN),
         image_std=list(CLIP_STD),
     )
-    return LlavaProcessor(
+    if anyres:
+        image_processor = LlavaNextImageProcessor(
+            **image_kwargs, image_grid_pinpoints=TINY_LLAVA_NEXT_PINPOINTS
+        )
+    else:
+        image_processor = LlavaImageProcessor(**image_kwargs)
+    return (LlavaNextProcessor if anyres else LlavaProcessor)(
         image_processor=image_processor,
         tokenizer=build_llama_tokenizer("<image>"),
         patch_size=14,
@@ -616,14 +628,17 @@ def build_tiny_llava_processor() -> LlavaProcessor:
 
 
 def build_tiny_llava(
-    out_dir: str | os.PathLike, initializer_range: float = DEFAULT_INITIALIZER_RANGE, seed: int = DEFAULT_SEED
+    out_dir: str | os.PathLike,
+    initializer_range: float = DEFAULT_INITIALIZER_RANGE,
+    seed: int = DEFAULT_SEED,
+    anyres: bool = False,
 ) -> None:
-    """Write a tiny LLaVA-1.5 checkpoint (model + processor) to ``out_dir``; same seed, same weights."""
+    """Write a tiny LLaVA-1.5 (or, ``anyres``, LLaVA-NeXT) checkpoint (model + processor) to ``out_dir``."""
     _write_tiny_lmm(
         out_dir,
-        LlavaForConditionalGeneration,
-        tiny_llava_config(initializer_range),
-        build_tiny_llava_processor(),
+        LlavaNextForConditionalGeneration if anyres else LlavaForConditionalGeneration,
+        tiny_llava_config(initializer_range, anyres=anyres),
+        build_tiny_llava_processor(anyres=anyres),
         seed,
     )
 
@@ -639,53 +654,6 @@ def ensure_tiny_llava(
     )
 
 
-def tiny_llava_next_config(initializer_range: float = DEFAULT_INITIALIZER_RANGE) -> LlavaNextConfig:
-    tokenizer = build_llama_tokenizer("<image>")
-    return LlavaNextConfig(
-        text_config=_tiny_llama_text_config(len(tokenizer), initializer_range),
-        vision_config=_tiny_clip_vision_config(initializer_range),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=TINY_LLAVA_NEXT_PINPOINTS,
-        image_seq_length=(TINY_LLAVA_SIDE // 14) ** 2,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype="float32",
-    )
-
-
-def build_tiny_llava_next_processor() -> LlavaNextProcessor:
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": TINY_LLAVA_SIDE},
-        crop_size={"height": TINY_LLAVA_SIDE, "width": TINY_LLAVA_SIDE},
-        image_grid_pinpoints=TINY_LLAVA_NEXT_PINPOINTS,
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    )
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=build_llama_tokenizer("<image>"),
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_VICUNA_CHAT_TEMPLATE,
-    )
-
-
-def build_tiny_llava_next(
-    out_dir: str | os.PathLike, initializer_range: float = DEFAULT_INITIALIZER_RANGE, seed: int = DEFAULT_SEED
-) -> None:
-    """Write a tiny LLaVA-NeXT checkpoint (model + processor) to ``out_dir``; same seed, same weights."""
-    _write_tiny_lmm(
-        out_dir,
-        LlavaNextForConditionalGeneration,
-        tiny_llava_next_config(initializer_range),
-        build_tiny_llava_next_processor(),
-        seed,
-    )
-
-
 def ensure_tiny_llava_next(
     cache_dir: str | os.PathLike | None = None,
     initializer_range: float = DEFAULT_INITIALIZER_RANGE,
@@ -693,7 +661,12 @@ def ensure_tiny_llava_next(
 ) -> Path:
     """Path of the tiny LLaVA-NeXT checkpoint, built on first use (or when its recipe changed)."""
     return _ensure_tiny_lmm(
-        TINY_LLAVA_NEXT, TINY_LLAVA_NEXT_VERSION, build_tiny_llava_next, cache_dir, initializer_range, seed
+        TINY_LLAVA_NEXT,
+        TINY_LLAVA_NEXT_VERSION,
+        partial(build_tiny_llava, anyres=True),
+        cache_dir,
+        initializer_range,
+        seed,
     )
 
 
