@@ -1,5 +1,5 @@
-"""DeepSeek-VL and its hybrid on their tiny variants: prompts, the padded square and its content box, fused vs
-eager capture."""
+"""DeepSeek-VL and its hybrid on their tiny variants: prompts, the padded square and its content box; what
+every family does is in test_lmm_families."""
 
 from __future__ import annotations
 
@@ -76,22 +76,6 @@ def test_content_box_is_where_the_image_lies_in_the_padded_square(variant, sampl
     content = pixels[:, top : top + height, left : left + width] - outside[:, :1, None]
     for edge in (content[:, 0], content[:, -1], content[..., 0], content[..., -1]):
         assert edge.abs().amax(dim=0).mean() > 0.1
-
-
-def test_fused_attention_equals_eager_on_a_padded_batch(variant):
-    tiny_dir, builder = variant
-    batch = builder.collate([builder(WIDE), builder(TALL)])
-    assert len(set(batch.attention_mask.sum(dim=1).tolist())) == 2  # one sample is padded
-    fused = DeepseekVLAdapter(tiny_dir, text_proj_dim=32, capture="fused", torch_dtype="float32")
-    eager = DeepseekVLAdapter(tiny_dir, text_proj_dim=32, capture="eager", torch_dtype="float32")
-    eager.load_state_dict(fused.state_dict())
-    with torch.no_grad():
-        for f, e in zip(fused(batch), eager(batch), strict=True):
-            assert f.attention_maps.shape == e.attention_maps.shape
-            assert f.attention_maps.shape[1] == fused.attention_channels == 16
-            torch.testing.assert_close(f.attention_maps, e.attention_maps, rtol=0, atol=1e-5)
-            for a, b in zip(f.text_embeddings, e.text_embeddings, strict=True):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_refuses_another_family():

@@ -1,6 +1,7 @@
-"""What every LMM family must do on its tiny variant, through the Hydra config a user names it by:
-one training step of the whole module changes only trainable weights, the U-Net reads the family's channels,
-and ``+experiment=demo model=tiny_<family>`` trains and evaluates."""
+"""What every LMM family must do on its tiny variant, through the Hydra config a user names it by: fused
+attention capture equals eager, the context limit counts the tokens the LMM sees, one training step of the
+whole module changes only trainable weights, the U-Net reads the family's channels, and
+``+experiment=demo model=tiny_<family>`` trains and evaluates."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 from hydra.utils import get_class, instantiate
-from samples import make_sample
+from samples import make_sample, png_like
 from transformers import AutoConfig
 
 from flmm_lightning.builders import build_datamodule, build_module, build_prompt_builder, load_checkpoint
@@ -33,6 +34,9 @@ FAMILIES = {
 }
 
 
+# Two image sizes, so that a batch of both has two grids and a padded sequence.
+WIDE = make_sample(100, 150, ["a man in a red shirt", "the dog on the left", "Café"], 0)
+TALL = png_like(230, 90)
 MODEL_CONFIGS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
 
 
@@ -101,9 +105,28 @@ def test_one_training_step_changes_only_trainable_weights(family, compose_config
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_fused_attention_equals_eager_on_a_padded_batch(family, compose_config, tmp_path):
+    cfg = compose_config([*tiny_overrides(tmp_path / "data", tmp_path / "run"), f"model={family}"])
+    builder = build_prompt_builder(cfg)
+    batch = builder.collate([builder(WIDE), builder(TALL)])
+    assert len(set(batch.attention_mask.sum(dim=1).tolist())) == 2  # one sample is padded
+    fused = instantiate(cfg.model.lmm, capture="fused", torch_dtype="float32")
+    eager = instantiate(cfg.model.lmm, capture="eager", torch_dtype="float32")
+    eager.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        for f, e in zip(fused(batch), eager(batch), strict=True):
+            assert f.attention_maps.shape == e.attention_maps.shape
+            assert f.attention_maps.shape[1] == fused.attention_channels
+            torch.testing.assert_close(f.attention_maps, e.attention_maps, rtol=0, atol=1e-5)
+            # Hidden states come from different attention kernels (SDPA vs eager): close, not bit-equal.
+            for a, b in zip(f.text_embeddings, e.text_embeddings, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_context_limit_counts_exactly_the_tokens_the_lmm_sees(family, compose_config, tmp_path):
     cfg = compose_config([*tiny_overrides(tmp_path / "data", tmp_path / "run"), f"model={family}"])
-    sample = make_sample(100, 150, ["a man in a red shirt", "the dog on the left", "Café"], 0)
+    sample = WIDE
     total = len(build_prompt_builder(cfg)(sample).input_ids)
 
     exact = instantiate(cfg.model.prompt, max_length=total)

@@ -1,5 +1,5 @@
-"""Qwen3-VL on its tiny variant: prompt building, fused vs eager capture, channels (the training step and the
-demo run are in test_lmm_families)."""
+"""Qwen3-VL on its tiny variant: prompt building, geometry, channels (capture, training step and demo run:
+test_lmm_families)."""
 
 from __future__ import annotations
 
@@ -60,23 +60,6 @@ def test_prompt_geometry_uses_16px_patches_and_2x2_merge(builder):
     assert prompt.padded_hw == prompt.content_box[2:] == (grid_h * PATCH, grid_w * PATCH)
     assert prompt.padded_hw == (96, 160)  # 100x150 rounded to multiples of 32 px
     assert prompt.pixel_inputs["pixel_values"].shape[0] == grid_h * grid_w
-
-
-def test_fused_attention_equals_eager_on_a_padded_batch(tiny_dir, builder):
-    batch = builder.collate([builder(REFCOCO_LIKE), builder(PNG_LIKE)])
-    lengths = batch.attention_mask.sum(dim=1).tolist()
-    assert lengths[0] != lengths[1] and min(lengths) < batch.input_ids.shape[1]  # one sample is padded
-    assert batch.grid_hw[0] != batch.grid_hw[1]
-    fused = Qwen3VLAdapter(tiny_dir, text_proj_dim=32, capture="fused", torch_dtype="float32")
-    eager = Qwen3VLAdapter(tiny_dir, text_proj_dim=32, capture="eager", torch_dtype="float32")
-    eager.load_state_dict(fused.state_dict())
-    with torch.no_grad():
-        for f, e in zip(fused(batch), eager(batch), strict=True):
-            assert f.attention_maps.shape == e.attention_maps.shape
-            torch.testing.assert_close(f.attention_maps, e.attention_maps, rtol=0, atol=1e-5)
-            # Hidden states come from different attention kernels (SDPA vs eager): close, not bit-equal.
-            for a, b in zip(f.text_embeddings, e.text_embeddings, strict=True):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_attention_channels_are_layers_times_heads(tiny_dir):
