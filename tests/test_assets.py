@@ -56,7 +56,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(assets, "build_tiny_qwen2_5_vl", broken_build)
+    monkeypatch.setitem(assets.TINY_LMMS, assets.TINY_QWEN2_5_VL, assets.TinyLMMRecipe(1, broken_build))
     with pytest.raises(KeyboardInterrupt):
         assets.ensure_tiny_qwen2_5_vl(cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []

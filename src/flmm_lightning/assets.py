@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,6 @@ from transformers import (
 CACHE_ENV = "FLMM_CACHE_DIR"
 TINY_QWEN2_5_VL = "tiny_qwen2_5_vl"
 SPEC_FILE = "flmm_tiny_spec.json"
-# Bump when the recipe below changes so that stale caches are rebuilt.
-TINY_QWEN2_5_VL_VERSION = 1
 DEFAULT_INITIALIZER_RANGE = 0.2
 DEFAULT_SEED = 0
 
@@ -159,16 +158,28 @@ def _write_tiny_lmm(
     processor.save_pretrained(out_dir)
 
 
-def _ensure_tiny_lmm(
+@dataclass(frozen=True)
+class TinyLMMRecipe:
+    """How one tiny LMM is written: ``build(out_dir, initializer_range, seed)``. Bump ``version`` whenever
+    ``build`` changes, so that stale caches are rebuilt."""
+
+    version: int
+    build: Callable[[Path, float, int], None]
+
+
+def ensure_tiny_lmm(
     name: str,
-    version: int,
-    build: Callable[[Path, float, int], None],
-    cache_dir: str | os.PathLike | None,
-    initializer_range: float,
-    seed: int,
+    cache_dir: str | os.PathLike | None = None,
+    initializer_range: float = DEFAULT_INITIALIZER_RANGE,
+    seed: int = DEFAULT_SEED,
 ) -> Path:
-    spec = {"name": name, "version": version, "initializer_range": initializer_range, "seed": seed}
-    return _ensure_built(cache_root(cache_dir) / name, spec, lambda out: build(out, initializer_range, seed))
+    """Path of the tiny LMM checkpoint ``name`` (a key of ``TINY_LMMS``), built on first use or when its
+    recipe changed."""
+    recipe = TINY_LMMS[name]
+    spec = {"name": name, "version": recipe.version, "initializer_range": initializer_range, "seed": seed}
+    return _ensure_built(
+        cache_root(cache_dir) / name, spec, lambda out: recipe.build(out, initializer_range, seed)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -299,23 +310,11 @@ def build_tiny_qwen2_5_vl(
     )
 
 
-def ensure_tiny_qwen2_5_vl(
-    cache_dir: str | os.PathLike | None = None,
-    initializer_range: float = DEFAULT_INITIALIZER_RANGE,
-    seed: int = DEFAULT_SEED,
-) -> Path:
-    """Path of the tiny Qwen2.5-VL checkpoint, built on first use (or when its recipe changed)."""
-    return _ensure_tiny_lmm(
-        TINY_QWEN2_5_VL, TINY_QWEN2_5_VL_VERSION, build_tiny_qwen2_5_vl, cache_dir, initializer_range, seed
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Tiny Qwen3-VL
 # ----------------------------------------------------------------------------------------------------------
 
 TINY_QWEN3_VL = "tiny_qwen3_vl"
-TINY_QWEN3_VL_VERSION = 1
 # Qwen3's added tokens after Qwen2.5-VL's (ids 151665-151668 in the released Qwen3-VL tokenizer), not special.
 QWEN3_EXTRA_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")
 
@@ -441,17 +440,6 @@ def build_tiny_qwen3_vl(
     )
 
 
-def ensure_tiny_qwen3_vl(
-    cache_dir: str | os.PathLike | None = None,
-    initializer_range: float = DEFAULT_INITIALIZER_RANGE,
-    seed: int = DEFAULT_SEED,
-) -> Path:
-    """Path of the tiny Qwen3-VL checkpoint, built on first use (or when its recipe changed)."""
-    return _ensure_tiny_lmm(
-        TINY_QWEN3_VL, TINY_QWEN3_VL_VERSION, build_tiny_qwen3_vl, cache_dir, initializer_range, seed
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------
 # A LLaMA-style tokenizer (LLaVA's Vicuna / Mistral, DeepSeek-VL), built offline
 # ----------------------------------------------------------------------------------------------------------
@@ -526,9 +514,7 @@ def build_llama_tokenizer(image_token: str) -> LlamaTokenizer:
 # ----------------------------------------------------------------------------------------------------------
 
 TINY_LLAVA = "tiny_llava"
-TINY_LLAVA_VERSION = 2
 TINY_LLAVA_NEXT = "tiny_llava_next"
-TINY_LLAVA_NEXT_VERSION = 2
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # The tower's input side: 336 px in the release, 112 here (8x8 patches of 14 px).
@@ -584,10 +570,10 @@ def _tiny_clip_vision_config(initializer_range: float) -> dict[str, Any]:
 
 
 def tiny_llava_config(
-    initializer_range: float = DEFAULT_INITIALIZER_RANGE, anyres: bool = False
+    tokenizer: LlamaTokenizer, initializer_range: float = DEFAULT_INITIALIZER_RANGE, anyres: bool = False
 ) -> LlavaConfig | LlavaNextConfig:
-    """LLaVA-1.5 (or, ``anyres``, LLaVA-NeXT) with the tiny CLIP tower and LLaMA decoder above."""
-    tokenizer = build_llama_tokenizer("<image>")
+    """LLaVA-1.5 (or, ``anyres``, LLaVA-NeXT) with the tiny CLIP tower and LLaMA decoder above, for
+    ``tokenizer``'s vocabulary and image token."""
     common = dict(
         text_config=_tiny_llama_text_config(len(tokenizer), initializer_range),
         vision_config=_tiny_clip_vision_config(initializer_range),
@@ -604,7 +590,9 @@ def tiny_llava_config(
     return LlavaConfig(**common)
 
 
-def build_tiny_llava_processor(anyres: bool = False) -> LlavaProcessor | LlavaNextProcessor:
+def build_tiny_llava_processor(
+    tokenizer: LlamaTokenizer, anyres: bool = False
+) -> LlavaProcessor | LlavaNextProcessor:
     image_kwargs = dict(
         size={"shortest_edge": TINY_LLAVA_SIDE},
         crop_size={"height": TINY_LLAVA_SIDE, "width": TINY_LLAVA_SIDE},
@@ -619,7 +607,7 @@ def build_tiny_llava_processor(anyres: bool = False) -> LlavaProcessor | LlavaNe
         image_processor = LlavaImageProcessor(**image_kwargs)
     return (LlavaNextProcessor if anyres else LlavaProcessor)(
         image_processor=image_processor,
-        tokenizer=build_llama_tokenizer("<image>"),
+        tokenizer=tokenizer,
         patch_size=14,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
@@ -634,38 +622,12 @@ def build_tiny_llava(
     anyres: bool = False,
 ) -> None:
     """Write a tiny LLaVA-1.5 (or, ``anyres``, LLaVA-NeXT) checkpoint (model + processor) to ``out_dir``."""
+    tokenizer = build_llama_tokenizer("<image>")
     _write_tiny_lmm(
         out_dir,
         LlavaNextForConditionalGeneration if anyres else LlavaForConditionalGeneration,
-        tiny_llava_config(initializer_range, anyres=anyres),
-        build_tiny_llava_processor(anyres=anyres),
-        seed,
-    )
-
-
-def ensure_tiny_llava(
-    cache_dir: str | os.PathLike | None = None,
-    initializer_range: float = DEFAULT_INITIALIZER_RANGE,
-    seed: int = DEFAULT_SEED,
-) -> Path:
-    """Path of the tiny LLaVA-1.5 checkpoint, built on first use (or when its recipe changed)."""
-    return _ensure_tiny_lmm(
-        TINY_LLAVA, TINY_LLAVA_VERSION, build_tiny_llava, cache_dir, initializer_range, seed
-    )
-
-
-def ensure_tiny_llava_next(
-    cache_dir: str | os.PathLike | None = None,
-    initializer_range: float = DEFAULT_INITIALIZER_RANGE,
-    seed: int = DEFAULT_SEED,
-) -> Path:
-    """Path of the tiny LLaVA-NeXT checkpoint, built on first use (or when its recipe changed)."""
-    return _ensure_tiny_lmm(
-        TINY_LLAVA_NEXT,
-        TINY_LLAVA_NEXT_VERSION,
-        partial(build_tiny_llava, anyres=True),
-        cache_dir,
-        initializer_range,
+        tiny_llava_config(tokenizer, initializer_range, anyres=anyres),
+        build_tiny_llava_processor(tokenizer, anyres=anyres),
         seed,
     )
 
@@ -675,9 +637,7 @@ def ensure_tiny_llava_next(
 # ----------------------------------------------------------------------------------------------------------
 
 TINY_DEEPSEEK_VL = "tiny_deepseek_vl"
-TINY_DEEPSEEK_VL_VERSION = 1
 TINY_DEEPSEEK_VL_HYBRID = "tiny_deepseek_vl_hybrid"
-TINY_DEEPSEEK_VL_HYBRID_VERSION = 1
 DEEPSEEK_IMAGE_TOKEN = "<image_placeholder>"
 # SigLIP's side: 384 px in the release (24x24 patches of 16 px), 128 here (8x8); the hybrid's SAM side: 1024
 # in the release, 256 here.
@@ -736,23 +696,24 @@ def _tiny_deepseek_image_processor(hybrid: bool) -> Any:
     )
 
 
-def build_tiny_deepseek_vl_processor(hybrid: bool = False) -> DeepseekVLProcessor | DeepseekVLHybridProcessor:
+def build_tiny_deepseek_vl_processor(
+    tokenizer: LlamaTokenizer, hybrid: bool = False
+) -> DeepseekVLProcessor | DeepseekVLHybridProcessor:
     processor_class = DeepseekVLHybridProcessor if hybrid else DeepseekVLProcessor
     return processor_class(
         image_processor=_tiny_deepseek_image_processor(hybrid),
-        tokenizer=build_llama_tokenizer(DEEPSEEK_IMAGE_TOKEN),
+        tokenizer=tokenizer,
         chat_template=DEEPSEEK_VL_CHAT_TEMPLATE,
         num_image_tokens=(TINY_DEEPSEEK_SIDE // 16) ** 2,
     )
 
 
 def tiny_deepseek_vl_config(
-    initializer_range: float = DEFAULT_INITIALIZER_RANGE, hybrid: bool = False
+    tokenizer: LlamaTokenizer, initializer_range: float = DEFAULT_INITIALIZER_RANGE, hybrid: bool = False
 ) -> DeepseekVLConfig | DeepseekVLHybridConfig:
-    """DeepSeek-VL-1.3B (or, ``hybrid``, 7B)'s architecture scaled down: a LLaMA decoder of 4 layers x 4
-    heads; SigLIP at 128 px (an 8x8 grid); the hybrid adds a 2-layer SAM tower at 256 px fused onto the same
-    grid."""
-    tokenizer = build_llama_tokenizer(DEEPSEEK_IMAGE_TOKEN)
+    """DeepSeek-VL-1.3B (or, ``hybrid``, 7B)'s architecture scaled down, for ``tokenizer``'s vocabulary: a
+    LLaMA decoder of 4 layers x 4 heads; SigLIP at 128 px (an 8x8 grid); the hybrid adds a 2-layer SAM tower
+    at 256 px fused onto the same grid."""
     common = dict(
         text_config=_tiny_llama_text_config(len(tokenizer), initializer_range),
         vision_config=_tiny_siglip_vision_config(initializer_range),
@@ -786,38 +747,12 @@ def build_tiny_deepseek_vl(
 ) -> None:
     """Write a tiny DeepSeek-VL (or hybrid) checkpoint (model + processor) to ``out_dir``."""
     model_class = DeepseekVLHybridForConditionalGeneration if hybrid else DeepseekVLForConditionalGeneration
+    tokenizer = build_llama_tokenizer(DEEPSEEK_IMAGE_TOKEN)
     _write_tiny_lmm(
         out_dir,
         model_class,
-        tiny_deepseek_vl_config(initializer_range, hybrid=hybrid),
-        build_tiny_deepseek_vl_processor(hybrid=hybrid),
-        seed,
-    )
-
-
-def ensure_tiny_deepseek_vl(
-    cache_dir: str | os.PathLike | None = None,
-    initializer_range: float = DEFAULT_INITIALIZER_RANGE,
-    seed: int = DEFAULT_SEED,
-) -> Path:
-    """Path of the tiny DeepSeek-VL checkpoint, built on first use (or when its recipe changed)."""
-    return _ensure_tiny_lmm(
-        TINY_DEEPSEEK_VL, TINY_DEEPSEEK_VL_VERSION, build_tiny_deepseek_vl, cache_dir, initializer_range, seed
-    )
-
-
-def ensure_tiny_deepseek_vl_hybrid(
-    cache_dir: str | os.PathLike | None = None,
-    initializer_range: float = DEFAULT_INITIALIZER_RANGE,
-    seed: int = DEFAULT_SEED,
-) -> Path:
-    """Path of the tiny DeepSeek-VL hybrid checkpoint, built on first use (or when its recipe changed)."""
-    return _ensure_tiny_lmm(
-        TINY_DEEPSEEK_VL_HYBRID,
-        TINY_DEEPSEEK_VL_HYBRID_VERSION,
-        partial(build_tiny_deepseek_vl, hybrid=True),
-        cache_dir,
-        initializer_range,
+        tiny_deepseek_vl_config(tokenizer, initializer_range, hybrid=hybrid),
+        build_tiny_deepseek_vl_processor(tokenizer, hybrid=hybrid),
         seed,
     )
 
@@ -852,14 +787,24 @@ def ensure_tiny_sam(cache_dir: str | os.PathLike | None = None, seed: int = DEFA
 # Registry and CLI
 # ----------------------------------------------------------------------------------------------------------
 
+TINY_LMMS: dict[str, TinyLMMRecipe] = {
+    TINY_QWEN2_5_VL: TinyLMMRecipe(1, build_tiny_qwen2_5_vl),
+    TINY_QWEN3_VL: TinyLMMRecipe(1, build_tiny_qwen3_vl),
+    TINY_LLAVA: TinyLMMRecipe(2, build_tiny_llava),
+    TINY_LLAVA_NEXT: TinyLMMRecipe(2, partial(build_tiny_llava, anyres=True)),
+    TINY_DEEPSEEK_VL: TinyLMMRecipe(1, build_tiny_deepseek_vl),
+    TINY_DEEPSEEK_VL_HYBRID: TinyLMMRecipe(1, partial(build_tiny_deepseek_vl, hybrid=True)),
+}
+ensure_tiny_qwen2_5_vl = partial(ensure_tiny_lmm, TINY_QWEN2_5_VL)
+ensure_tiny_qwen3_vl = partial(ensure_tiny_lmm, TINY_QWEN3_VL)
+ensure_tiny_llava = partial(ensure_tiny_lmm, TINY_LLAVA)
+ensure_tiny_llava_next = partial(ensure_tiny_lmm, TINY_LLAVA_NEXT)
+ensure_tiny_deepseek_vl = partial(ensure_tiny_lmm, TINY_DEEPSEEK_VL)
+ensure_tiny_deepseek_vl_hybrid = partial(ensure_tiny_lmm, TINY_DEEPSEEK_VL_HYBRID)
+
 # name -> builder, for ``${flmm_asset:<name>,<cache_dir>}`` in the configs and for the CLI.
 ASSETS: dict[str, Callable[..., Path]] = {
-    TINY_QWEN2_5_VL: ensure_tiny_qwen2_5_vl,
-    TINY_QWEN3_VL: ensure_tiny_qwen3_vl,
-    TINY_LLAVA: ensure_tiny_llava,
-    TINY_LLAVA_NEXT: ensure_tiny_llava_next,
-    TINY_DEEPSEEK_VL: ensure_tiny_deepseek_vl,
-    TINY_DEEPSEEK_VL_HYBRID: ensure_tiny_deepseek_vl_hybrid,
+    **{name: partial(ensure_tiny_lmm, name) for name in TINY_LMMS},
     TINY_SAM: ensure_tiny_sam,
 }
 
