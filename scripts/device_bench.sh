@@ -4,8 +4,9 @@
 #   scripts/device_bench.sh prepare   # here, with network: the wheels the GPU machine lacks -> wheels/
 #   scripts/device_bench.sh run       # there: install the wheels, run both sizes, reports -> $OUT (or outputs/bench)
 #
-# Device-tool call: command "bash scripts/device_bench.sh run", carry ["wheels"], timeout_s 330.
-# The run takes about 4 minutes; each size has its own timeout so that a hang in one still leaves the other's
+# Device-tool call: command "bash scripts/device_bench.sh run", carry ["wheels"], timeout_s 420.
+# The run takes about 4 minutes (3B: also an operator profile of one step per path, beside its JSON); each
+# size has its own timeout so that a hang in one still leaves the other's
 # report, and a rerun fits in the session's device time.
 #
 # Carried wheels (wheels/ is git-ignored, about 18 MB):
@@ -51,7 +52,7 @@ run() {
     local status=0
     timeout 60 python3 -m flmm_lightning.bench --size tiny --out "$out/tiny.json" 2>&1 \
         | grep -v "^Loading weights" | tee "$out/tiny.log" || status=1
-    timeout 180 python3 -m flmm_lightning.bench --size qwen2_5_vl_3b --out "$out/qwen2_5_vl_3b.json" 2>&1 \
+    timeout 240 python3 -m flmm_lightning.bench --size qwen2_5_vl_3b --profile --out "$out/qwen2_5_vl_3b.json" 2>&1 \
         | grep -v "^Loading weights" | tee "$out/qwen2_5_vl_3b.log" || status=1
     return "$status"
 }

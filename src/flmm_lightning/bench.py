@@ -7,7 +7,8 @@ Paths, on identical inputs:
   accumulated over the batch's samples (each loss weighted by its share of the batch's objects, so that the
   gradient is the fast path's), then one optimizer step.
 - ``fast``: one batched LMM forward with the ``fused`` capture (SDPA; only the phrase rows' probabilities
-  recomputed), one batched SAM encoder call, the same losses, one backward, the same optimizer step.
+  recomputed; the vision tower's windows in one packed SDPA call per block), the SAM encoder batched with its
+  attention fused (``SdpaRelPosAttention``), the same losses, one backward, the same optimizer step.
 - ``fast_cached``: ``fast`` with a warm SAM embedding cache (``SamEmbeddingCache``).
 
 A step is forward, losses, backward, gradient clipping (1.0) and AdamW, under bf16 autocast on a GPU
@@ -428,15 +429,18 @@ StepFn = Callable[[FLMMModule, BenchBatch, torch.optim.Optimizer, StageTimer], N
 
 @dataclass
 class BenchPath:
-    """How one path runs: its step function, the attention capture and the SAM embedding cache it uses."""
+    """How one path runs: its step function, the LMM's attention capture (with it, the vision tower's packed
+    attention under ``fused``), the SAM encoder's attention and the SAM embedding cache it uses."""
 
     name: str
     step: StepFn
     capture: str
+    sam_attention: str
     cache: SamEmbeddingCache | None = None
 
     def configure(self, module: FLMMModule) -> None:
         module.lmm.set_capture(self.capture)
+        module.sam.set_encoder_attention(self.sam_attention)
         module.sam.embedding_cache = self.cache
 
 
@@ -647,6 +651,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON report (default outputs/bench/SIZE.json)"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one step of each path (torch.profiler): operator table to OUT with .profile.txt",
+    )
     args = parser.parse_args(argv)
     tiny = args.size == "tiny"
     defaults = {
@@ -722,11 +731,16 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         for batch in batches:  # warm: every image's embedding on disk before the cached path's first step
             module.sam.encode_images(batch.batched.sam_images)
         paths = [
-            BenchPath("reference", reference_step, capture="eager"),
-            BenchPath("fast", fast_step, capture="fused"),
-            BenchPath("fast_cached", fast_step, capture="fused", cache=cache),
+            BenchPath("reference", reference_step, capture="eager", sam_attention="reference"),
+            BenchPath("fast", fast_step, capture="fused", sam_attention="sdpa"),
+            BenchPath("fast_cached", fast_step, capture="fused", sam_attention="sdpa", cache=cache),
         ]
         results = run_paths(module, paths, batches, args.batch_size, args.warmup, args.steps, device)
+        if args.profile:
+            profile_out = args.out.with_suffix(".profile.txt")
+            profile_out.parent.mkdir(parents=True, exist_ok=True)
+            profile_out.write_text(profile_paths(module, paths, batches[0], device) + "\n")
+            report["profile"] = str(profile_out)
     finally:
         module.sam.embedding_cache = None
         module.lmm.set_capture("fused")
@@ -790,6 +804,28 @@ def format_report(report: dict[str, Any]) -> str:
         fractions = ", ".join(f"{k} {v:.1%}" for k, v in report["lmm_fraction_of_peak"].items())
         lines.append(f"bf16 matmul peak {report['bf16_matmul_tflops']:.0f} TFLOP/s; LMM stage at {fractions}")
     return "\n".join(lines)
+
+
+def profile_paths(
+    module: FLMMModule, paths: list[BenchPath], batch: BenchBatch, device: torch.device, row_limit: int = 30
+) -> str:
+    """Operator tables (self time, most expensive first) of one step of each path, after the timed runs."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    sort_by = "self_cpu_time_total"
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        sort_by = "self_cuda_time_total"
+    optimizer = module.optimizer_factory(params=[p for p in module.parameters() if p.requires_grad])
+    sections = []
+    for path in paths:
+        path.configure(module)
+        with torch.profiler.profile(activities=activities) as profiler:
+            path.step(module, batch, optimizer, NoTimer(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        table = profiler.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+        sections.append(f"== {path.name} ==\n{table}")
+    return "\n\n".join(sections)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

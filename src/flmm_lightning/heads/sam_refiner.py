@@ -20,6 +20,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
+from flmm_lightning.heads.sam_attention import set_encoder_attention
 from flmm_lightning.heads.sam_cache import SamEmbeddingCache, encoder_identity, image_key
 
 SAM_NAMES = ("vit_b", "vit_l", "vit_h", "tiny")
@@ -161,6 +162,11 @@ class SamRefiner(nn.Module):
     ``embedding_cache``: a directory for ``SamEmbeddingCache`` (off when None). With it, ``encode_images``
     returns every embedding rounded to float16, computed or read back, so results do not depend on whether an
     image was cached; disk cost 2 MiB per image for ViT-B/L/H (see ``SamEmbeddingCache``).
+
+    ``encoder_attention``: ``"sdpa"`` runs the encoder's attention as one fused call per block
+    (``sam_attention``), ``"reference"`` as segment-anything writes it; same function. ``encoder_batch_size``:
+    images per encoder call, which bounds the memory of the 1024-px global-attention blocks (one
+    ``[heads, 4096, 4096]`` bias per image: 0.5 GiB for ViT-L in bf16).
     """
 
     def __init__(
@@ -171,8 +177,12 @@ class SamRefiner(nn.Module):
         use_box: bool = True,
         multimask_output: bool = False,
         embedding_cache: str | os.PathLike | None = None,
+        encoder_attention: str = "sdpa",
+        encoder_batch_size: int = 4,
     ) -> None:
         super().__init__()
+        if encoder_batch_size < 1:
+            raise ValueError(f"encoder_batch_size must be at least 1, got {encoder_batch_size}")
         self.sam = sam
         self.use_text = use_text
         self.use_mask = use_mask
@@ -180,10 +190,16 @@ class SamRefiner(nn.Module):
         self.multimask_output = multimask_output
         self.embedding_cache = SamEmbeddingCache(embedding_cache) if embedding_cache is not None else None
         self._encoder_id: str | None = None
+        self.encoder_batch_size = encoder_batch_size
         self.sam.image_encoder.requires_grad_(False)
         self.sam.image_encoder.eval()
+        self.set_encoder_attention(encoder_attention)
         self.register_state_dict_post_hook(_drop_image_encoder)
         self.register_load_state_dict_pre_hook(_keep_image_encoder)
+
+    def set_encoder_attention(self, name: str) -> None:
+        """``"sdpa"`` | ``"reference"``: how the frozen image encoder computes attention (same weights)."""
+        set_encoder_attention(self.sam.image_encoder, name)
 
     @property
     def img_size(self) -> int:
@@ -239,7 +255,11 @@ class SamRefiner(nn.Module):
         dtype = encoder.patch_embed.proj.weight.dtype
         # Sam.preprocess: SAM's pixel normalisation, then zero padding right/bottom to img_size.
         batch = [self.sam.preprocess(image.to(self.sam.device)) for image in images]  # [3, S, S] each
-        return encoder(torch.stack(batch).to(dtype))  # [B, C, He, We]
+        chunks = [
+            encoder(torch.stack(batch[start : start + self.encoder_batch_size]).to(dtype))
+            for start in range(0, len(batch), self.encoder_batch_size)
+        ]
+        return torch.cat(chunks)  # [B, C, He, We]
 
     def forward(
         self,

@@ -298,6 +298,9 @@ class HFGroundingAdapter(FrozenLMM):
 
     # ``config.model_type`` values this adapter reads.
     model_types: tuple[str, ...] = ()
+    # Vision attention classes the ``fused`` path swaps for ones that attend over all packed images in one
+    # call (``packed_attention``); same weights and maths, transformers' own classes again under ``eager``.
+    packed_vision_attention: dict[type[nn.Module], type[nn.Module]] = {}
 
     def __init__(
         self,
@@ -331,6 +334,7 @@ class HFGroundingAdapter(FrozenLMM):
             )
         self.model.requires_grad_(False)
         self.model.eval()
+        self._select_vision_attention()
 
         text_config = self.model.config.text_config
         self.num_layers: int = text_config.num_hidden_layers
@@ -348,6 +352,16 @@ class HFGroundingAdapter(FrozenLMM):
         with it; the weights stay as they are."""
         self.capture = build_capture(capture)
         self.model.set_attn_implementation(self.capture.attn_implementation)
+        self._select_vision_attention()
+
+    def _select_vision_attention(self) -> None:
+        swaps = self.packed_vision_attention
+        if self.capture.name != "fused":
+            swaps = {packed: original for original, packed in swaps.items()}
+        for module in self.model.modules():
+            replacement = swaps.get(type(module))
+            if replacement is not None:
+                module.__class__ = replacement
 
     def train(self, mode: bool = True) -> HFGroundingAdapter:
         super().train(mode)

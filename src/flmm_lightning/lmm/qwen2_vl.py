@@ -7,11 +7,15 @@ import warnings
 from typing import Any
 
 import torch
+from torch import nn
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+from transformers.models.qwen2_vl import modeling_qwen2_vl
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from flmm_lightning.data.sample import GroundingSample
 from flmm_lightning.lmm.base import LMMBatch
 from flmm_lightning.lmm.hf import DEFAULT_INSTRUCTION, ChatPromptBuilder, EncodedImage, HFGroundingAdapter
+from flmm_lightning.lmm.packed_attention import packed_vision_attention_forward
 
 
 class Qwen2VLPromptBuilder(ChatPromptBuilder):
@@ -105,6 +109,22 @@ class Qwen2VLPromptBuilder(ChatPromptBuilder):
         )
 
 
+class PackedQwen2VLVisionAttention(modeling_qwen2_vl.VisionAttention):
+    """Qwen2-VL's vision attention with every image in one SDPA call (``packed_attention``)."""
+
+    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings, **kwargs):
+        rotary = modeling_qwen2_vl.apply_rotary_pos_emb_vision
+        return packed_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings, rotary)
+
+
+class PackedQwen2_5VLVisionAttention(modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention):
+    """Qwen2.5-VL's vision attention with every image and window in one SDPA call (``packed_attention``)."""
+
+    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings, **kwargs):
+        rotary = modeling_qwen2_5_vl.apply_rotary_pos_emb_vision
+        return packed_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings, rotary)
+
+
 class Qwen2VLAdapter(HFGroundingAdapter):
     """A frozen Qwen2-VL / Qwen2.5-VL read out as phrase-token attention maps and projected hidden states.
 
@@ -112,6 +132,10 @@ class Qwen2VLAdapter(HFGroundingAdapter):
     """
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    packed_vision_attention: dict[type[nn.Module], type[nn.Module]] = {
+        modeling_qwen2_vl.VisionAttention: PackedQwen2VLVisionAttention,
+        modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention: PackedQwen2_5VLVisionAttention,
+    }
 
     def _pixel_inputs(
         self, batch: LMMBatch, image_tokens: torch.Tensor, device: torch.device

@@ -15,6 +15,11 @@ What differs from Qwen2/2.5-VL, and why nothing else needs overriding:
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+from flmm_lightning.lmm.packed_attention import packed_vision_attention_forward
 from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter, Qwen2VLPromptBuilder
 
 
@@ -27,7 +32,18 @@ class Qwen3VLPromptBuilder(Qwen2VLPromptBuilder):
     processor_classes = ("Qwen3VLProcessor",)
 
 
+class PackedQwen3VLVisionAttention(modeling_qwen3_vl.Qwen3VLVisionAttention):
+    """Qwen3-VL's vision attention with every image in one SDPA call (``packed_attention``)."""
+
+    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings, **kwargs):
+        rotary = modeling_qwen3_vl.apply_rotary_pos_emb_vision
+        return packed_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings, rotary)
+
+
 class Qwen3VLAdapter(Qwen2VLAdapter):
     """A frozen Qwen3-VL read out as phrase-token attention maps and projected hidden states."""
 
     model_types = ("qwen3_vl",)
+    packed_vision_attention: dict[type[nn.Module], type[nn.Module]] = {
+        modeling_qwen3_vl.Qwen3VLVisionAttention: PackedQwen3VLVisionAttention
+    }
