@@ -713,7 +713,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "sequence_length_mean": float(
-            np.mean([b.batched.lmm.attention_mask.sum(1).float().mean() for b in batches])
+            np.mean([float(b.batched.lmm.attention_mask.sum(1).float().mean()) for b in batches])
         ),
         "image_tokens": [g for b in batches for g in _image_tokens(b.batched)],
     }
