@@ -25,6 +25,7 @@ def test_tiny_bench_writes_a_sane_report(tmp_path: Path):
         "--threads=1",
         f"--cache-dir={tmp_path / 'sam_cache'}",
         f"--out={out}",
+        "--profile",
     ]
     subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     report = json.loads(out.read_text())
@@ -44,3 +45,8 @@ def test_tiny_bench_writes_a_sane_report(tmp_path: Path):
     # The warm cache served every image of the cached path; no entry was rewritten.
     cache = report["fast_cached"]["cache"]
     assert cache["hits"] > 0 and cache["misses"] == cache["stale"] == cache["corrupt"] == cache["writes"] == 0
+    # --profile: one operator table per path, beside the JSON.
+    profile = Path(report["profile"]).read_text()
+    assert profile == (tmp_path / "tiny.profile.txt").read_text()
+    assert [line for line in profile.splitlines() if line.startswith("== ")] == [f"== {p} ==" for p in PATHS]
+    assert "aten::" in profile
