@@ -1,5 +1,6 @@
-"""The fast path's packed vision attention: one SDPA call over padded sequences gives what transformers' one
-call per image or window gives (tiny Qwen2.5-VL and Qwen3-VL towers); ``eager`` keeps the originals."""
+"""The fast path's packed vision attention: one SDPA call over padded sequences gives what transformers'
+one call per image or window gives (toy Qwen2-VL, tiny Qwen2.5-VL and Qwen3-VL towers); ``eager`` keeps the
+originals."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import Qwen2VLConfig
 
 from flmm_lightning.assets import ensure_tiny_qwen2_5_vl, ensure_tiny_qwen3_vl
 from flmm_lightning.lmm.packed_attention import _LAYOUTS, packed_layout, packed_sdpa
@@ -59,12 +61,34 @@ def test_layout_is_built_once_per_boundary_tensor_and_forgotten_with_it():
     assert key not in _LAYOUTS
 
 
+def tiny_qwen2_vl_config() -> Qwen2VLConfig:
+    """Qwen2-VL (no tiny asset of its own: the vision tower is what is tested), at toy size."""
+    return Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=256,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        ),
+    )
+
+
 @pytest.mark.parametrize(
-    ("adapter_class", "ensure"),
-    [(Qwen2VLAdapter, ensure_tiny_qwen2_5_vl), (Qwen3VLAdapter, ensure_tiny_qwen3_vl)],
+    ("adapter_class", "pretrained"),
+    [
+        (Qwen2VLAdapter, tiny_qwen2_vl_config),
+        (Qwen2VLAdapter, ensure_tiny_qwen2_5_vl),
+        (Qwen3VLAdapter, ensure_tiny_qwen3_vl),
+    ],
+    ids=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"],
 )
-def test_fused_vision_tower_is_packed_and_equals_transformers(adapter_class, ensure):
-    adapter = adapter_class(ensure(), 16, capture="fused", torch_dtype="float32")
+def test_fused_vision_tower_is_packed_and_equals_transformers(adapter_class, pretrained):
+    torch.manual_seed(0)
+    adapter = adapter_class(pretrained(), 16, capture="fused", torch_dtype="float32")
     visual = adapter.model.model.visual
     config = adapter.model.config.vision_config
     grids = torch.tensor([[1, 16, 24], [1, 12, 8]])  # two image sizes, several windows each
