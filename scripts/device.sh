@@ -71,7 +71,8 @@ smoke() {
         hydra.run.dir="$run_dir" 2>&1 | grep -v "^Loading weights" | tee "$OUT_DIR/smoke_train.log" || status=1
     timeout 60 python3 -m flmm_lightning.eval ckpt="$run_dir/checkpoints/last.ckpt" trainer=gpu logger=csv \
         hydra.run.dir="$run_dir/eval" 2>&1 | grep -v "^Loading weights" | tee "$OUT_DIR/smoke_eval.log" || status=1
-    find "$run_dir" -name metrics.json -exec cp --backup=numbered {} "$OUT_DIR/" \;
+    cp "$run_dir/metrics.json" "$OUT_DIR/smoke_train_metrics.json" || status=1
+    cp "$run_dir/eval/metrics.json" "$OUT_DIR/smoke_eval_metrics.json" || status=1
     return "$status"
 }
 
