@@ -165,8 +165,8 @@ class SamRefiner(nn.Module):
 
     ``encoder_attention``: ``"sdpa"`` runs the encoder's attention as one fused call per block
     (``sam_attention``), ``"reference"`` as segment-anything writes it; same function. ``encoder_batch_size``:
-    images per encoder call, which bounds the memory of the 1024-px global-attention blocks (one
-    ``[heads, 4096, 4096]`` bias per image: 0.5 GiB for ViT-L in bf16).
+    images per encoder call; it bounds the encoder's transient memory (``reference`` attention writes
+    ``[heads, 4096, 4096]`` logits per 1024-px image in its global blocks, ``sdpa`` nothing of that size).
     """
 
     def __init__(

@@ -14,10 +14,10 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 RotaryFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
@@ -76,18 +76,24 @@ def packed_sdpa(
     return attended.transpose(1, 2)[layout.sequence, layout.offset]  # [T, H, d]
 
 
-def packed_vision_attention_forward(
-    attention: nn.Module,
-    hidden_states: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    apply_rotary: RotaryFn,
-) -> torch.Tensor:
-    """A Qwen vision attention block (``qkv``, ``proj``, ``num_heads``, ``scaling``) on packed ``[T, C]``."""
-    seq_length = hidden_states.shape[0]
-    qkv = attention.qkv(hidden_states).reshape(seq_length, 3, attention.num_heads, -1)  # [T, 3, H, d]
-    query, key, value = qkv.permute(1, 0, 2, 3).unbind(0)  # each [T, H, d]
-    cos, sin = position_embeddings
-    query, key = apply_rotary(query, key, cos, sin)
-    attended = packed_sdpa(query, key, value, cu_seqlens, attention.scaling)  # [T, H, d]
-    return attention.proj(attended.reshape(seq_length, -1))
+class PackedVisionAttention:
+    """Mixin, first base of a subclass of a Qwen vision attention (``qkv``, ``proj``, ``num_heads``,
+    ``scaling``): its forward, with every packed sequence in one ``packed_sdpa`` call. ``apply_rotary`` is
+    that family's ``apply_rotary_pos_emb_vision``, as a staticmethod."""
+
+    apply_rotary: RotaryFn
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        seq_length = hidden_states.shape[0]
+        qkv = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1)  # [T, 3, H, d]
+        query, key, value = qkv.permute(1, 0, 2, 3).unbind(0)  # each [T, H, d]
+        cos, sin = position_embeddings
+        query, key = self.apply_rotary(query, key, cos, sin)
+        attended = packed_sdpa(query, key, value, cu_seqlens, self.scaling)  # [T, H, d]
+        return self.proj(attended.reshape(seq_length, -1))

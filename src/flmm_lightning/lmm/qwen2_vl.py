@@ -15,7 +15,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from flmm_lightning.data.sample import GroundingSample
 from flmm_lightning.lmm.base import LMMBatch
 from flmm_lightning.lmm.hf import DEFAULT_INSTRUCTION, ChatPromptBuilder, EncodedImage, HFGroundingAdapter
-from flmm_lightning.lmm.packed_attention import packed_vision_attention_forward
+from flmm_lightning.lmm.packed_attention import PackedVisionAttention
 
 
 class Qwen2VLPromptBuilder(ChatPromptBuilder):
@@ -109,20 +109,16 @@ class Qwen2VLPromptBuilder(ChatPromptBuilder):
         )
 
 
-class PackedQwen2VLVisionAttention(modeling_qwen2_vl.VisionAttention):
+class PackedQwen2VLVisionAttention(PackedVisionAttention, modeling_qwen2_vl.VisionAttention):
     """Qwen2-VL's vision attention with every image in one SDPA call (``packed_attention``)."""
 
-    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings, **kwargs):
-        rotary = modeling_qwen2_vl.apply_rotary_pos_emb_vision
-        return packed_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings, rotary)
+    apply_rotary = staticmethod(modeling_qwen2_vl.apply_rotary_pos_emb_vision)
 
 
-class PackedQwen2_5VLVisionAttention(modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention):
+class PackedQwen2_5VLVisionAttention(PackedVisionAttention, modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention):
     """Qwen2.5-VL's vision attention with every image and window in one SDPA call (``packed_attention``)."""
 
-    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings, **kwargs):
-        rotary = modeling_qwen2_5_vl.apply_rotary_pos_emb_vision
-        return packed_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings, rotary)
+    apply_rotary = staticmethod(modeling_qwen2_5_vl.apply_rotary_pos_emb_vision)
 
 
 class Qwen2VLAdapter(HFGroundingAdapter):

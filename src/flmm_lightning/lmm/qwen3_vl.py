@@ -11,15 +11,16 @@ What differs from Qwen2/2.5-VL, and why nothing else needs overriding:
   vision-tower features to the image positions of the first decoder layers inside the model, from
   ``visual_pos_masks`` it derives itself. The phrase tokens, whose hidden states the adapter reads, are never
   image positions, and the attention capture sees every decoder layer's self-attention as usual.
+- vision attention: its own class (full attention per image, no windows), so the fast path's packed
+  replacement is its own subclass too.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 
-from flmm_lightning.lmm.packed_attention import packed_vision_attention_forward
+from flmm_lightning.lmm.packed_attention import PackedVisionAttention
 from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter, Qwen2VLPromptBuilder
 
 
@@ -32,12 +33,10 @@ class Qwen3VLPromptBuilder(Qwen2VLPromptBuilder):
     processor_classes = ("Qwen3VLProcessor",)
 
 
-class PackedQwen3VLVisionAttention(modeling_qwen3_vl.Qwen3VLVisionAttention):
+class PackedQwen3VLVisionAttention(PackedVisionAttention, modeling_qwen3_vl.Qwen3VLVisionAttention):
     """Qwen3-VL's vision attention with every image in one SDPA call (``packed_attention``)."""
 
-    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings, **kwargs):
-        rotary = modeling_qwen3_vl.apply_rotary_pos_emb_vision
-        return packed_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings, rotary)
+    apply_rotary = staticmethod(modeling_qwen3_vl.apply_rotary_pos_emb_vision)
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
