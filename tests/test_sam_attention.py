@@ -23,14 +23,15 @@ def images() -> list[torch.Tensor]:
     ]
 
 
-@pytest.mark.parametrize("size", [(6, 5), (8, 8)])
-def test_sdpa_block_equals_segment_anything(size: tuple[int, int]) -> None:
+@pytest.mark.parametrize(("size", "use_rel_pos"), [((6, 5), True), ((8, 8), True), ((8, 8), False)])
+def test_sdpa_block_equals_segment_anything(size: tuple[int, int], use_rel_pos: bool) -> None:
     torch.manual_seed(0)
-    reference = Attention(32, num_heads=4, qkv_bias=True, use_rel_pos=True, input_size=size)
-    with torch.no_grad():  # segment-anything zero-initialises the relative positions
-        reference.rel_pos_h.normal_()
-        reference.rel_pos_w.normal_()
-    fused = Attention(32, num_heads=4, qkv_bias=True, use_rel_pos=True, input_size=size)
+    reference = Attention(32, num_heads=4, qkv_bias=True, use_rel_pos=use_rel_pos, input_size=size)
+    if use_rel_pos:
+        with torch.no_grad():  # segment-anything zero-initialises the relative positions
+            reference.rel_pos_h.normal_()
+            reference.rel_pos_w.normal_()
+    fused = Attention(32, num_heads=4, qkv_bias=True, use_rel_pos=use_rel_pos, input_size=size)
     fused.load_state_dict(reference.state_dict())
     fused.__class__ = SdpaRelPosAttention
     x = torch.randn(3, *size, 32)

@@ -1,12 +1,12 @@
 """Attention over packed sequences in one SDPA call, for the Qwen vision towers on the fast path.
 
-A Qwen2.5-VL / Qwen3-VL vision block attends within each image (full blocks) or each 112-px window (windowed
-blocks), all images packed into one ``[T, H, d]`` sequence with ``cu_seqlens`` boundaries. Outside flash-attn
-builds, transformers runs that as one SDPA call per sequence, after a host sync for the lengths: a 640x480
-image has 30 windows, so a batch of 8 through 32 blocks is about 7,000 small kernels. Here the sequences are
-padded to the longest into ``[N, H, L, d]`` with a key-padding mask: the same softmax over the same keys, one
-kernel per block, and one host sync per ``cu_seqlens`` tensor (the tower passes two per forward, full and
-windowed, to all of its blocks).
+A Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision block attends within each image (full blocks) or each 112-px
+window (Qwen2.5-VL's windowed blocks), all images packed into one ``[T, H, d]`` sequence with ``cu_seqlens``
+boundaries. Outside flash-attn builds, transformers runs that as one SDPA call per sequence, after a host sync
+for the lengths: a 640x480 image has 30 windows, so a batch of 8 through 32 blocks is about 7,000 small
+kernels. Here the sequences are padded to the longest into ``[N, H, L, d]`` with a key-padding mask: the same
+softmax over the same keys, one kernel per block, and one host sync per ``cu_seqlens`` tensor (the tower
+passes two per forward, full and windowed, to all of its blocks).
 """
 
 from __future__ import annotations
