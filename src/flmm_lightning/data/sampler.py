@@ -11,6 +11,18 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 
+def replicas_and_rank(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """The given replica count and rank, each defaulting to the initialised process group (else 1 and 0)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if distributed else 1
+    if rank is None:
+        rank = dist.get_rank() if distributed else 0
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ValueError(f"Invalid rank {rank} for {num_replicas} replicas")
+    return num_replicas, rank
+
+
 class UnpaddedDistributedSampler(Sampler[int]):
     """Rank ``r`` of ``R`` gets indices ``r, r + R, r + 2R, ...``, in order.
 
@@ -26,16 +38,8 @@ class UnpaddedDistributedSampler(Sampler[int]):
 
     def __init__(self, dataset: Sized, num_replicas: int | None = None, rank: int | None = None) -> None:
         super().__init__()
-        distributed = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if distributed else 1
-        if rank is None:
-            rank = dist.get_rank() if distributed else 0
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"Invalid rank {rank} for {num_replicas} replicas")
         self.dataset = dataset
-        self.num_replicas = num_replicas
-        self.rank = rank
+        self.num_replicas, self.rank = replicas_and_rank(num_replicas, rank)
 
     def _indices(self) -> range:
         return range(self.rank, len(self.dataset), self.num_replicas)
@@ -77,15 +81,7 @@ class TrainingSampler(Sampler[EpochIndex]):
         rank: int | None = None,
     ) -> None:
         super().__init__()
-        distributed = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if distributed else 1
-        if rank is None:
-            rank = dist.get_rank() if distributed else 0
-        self.num_replicas = num_replicas
-        self.rank = rank
-        if self.num_replicas < 1 or not 0 <= self.rank < self.num_replicas:
-            raise ValueError(f"Invalid rank {self.rank} for {self.num_replicas} replicas")
+        self.num_replicas, self.rank = replicas_and_rank(num_replicas, rank)
         if length < 1:
             raise ValueError("the training set is empty")
         self.length = length
