@@ -109,6 +109,15 @@ def mask_outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
     return mask & ~interior
 
 
+def pad_to(image: Image.Image, size: tuple[int, int], fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """``image`` at the top left of a ``size`` (width, height) canvas of ``fill``."""
+    if image.size == tuple(size):
+        return image
+    canvas = Image.new("RGB", size, fill)
+    canvas.paste(image, (0, 0))
+    return canvas
+
+
 def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:
     combined = Image.new(
         "RGB", (left.width + gap + right.width, max(left.height, right.height)), (255, 255, 255)
