@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import intra_op_threads
 from fontTools.ttLib import TTFont
 from omegaconf import DictConfig
 from PIL import Image
@@ -35,7 +36,7 @@ ROTATE_CLOCKWISE = 6
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(intra_op_threads())
     yield
     torch.set_num_threads(threads)
 

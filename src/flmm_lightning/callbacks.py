@@ -131,9 +131,14 @@ class HyperparameterLogger(Callback):
     def from_config(cls, cfg: DictConfig, stored: dict[str, Any] | None = None) -> HyperparameterLogger:
         """The resolved ``cfg`` (Hydra's own section left out) over ``stored``, the config a checkpoint
         carries (model, SAM, module, data), where ``cfg`` does not set a key."""
-        resolved = OmegaConf.to_container(cfg, resolve=True)
         merged = dict(stored or {})
-        merged.update({key: value for key, value in resolved.items() if key != "hydra" and value is not None})
+        for key in cfg:
+            if key == "hydra":
+                continue
+            value = cfg[key]
+            value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            if value is not None:
+                merged[key] = value
         return cls(merged)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
