@@ -10,6 +10,12 @@ import pytest
 
 from flmm_lightning.data.synthetic import SyntheticPaths, write_synthetic_dataset
 
+
+def intra_op_threads() -> int:
+    """Intra-op threads for the tests that pin them (training runs): FLMM_TEST_THREADS, default 1."""
+    return int(os.environ.get("FLMM_TEST_THREADS", "1"))
+
+
 # ---- data fixtures ---------------------------------------------------------------------------------------
 # The real annotation fixtures (read-only; copy before modifying). FLMM_FIXTURES_DIR overrides the location.
 _FIXTURE_CANDIDATES = (Path(__file__).parent / "fixtures", Path("/work/shared/fixtures"))

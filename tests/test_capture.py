@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from samples import make_sample
@@ -10,7 +12,12 @@ from flmm_lightning.assets import ensure_tiny_qwen2_5_vl
 from flmm_lightning.lmm.capture import build_capture, gather_rows_cols, recording, selected_attention_probs
 from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter, Qwen2VLPromptBuilder
 
-ATOL = 1e-5
+# float32 rounding differs with the kernel, the batch layout, the CPU and the thread count, so no fixed
+# tolerance holds everywhere. What must hold: every float32 path is about as close to the exact values (the
+# eager path in float64) as the plain eager float32 path of one sample is; a bug (a wrong mask, a padded
+# key let in) is an error of the size of the attention itself, far beyond this factor.
+ACCURACY_FACTOR = 4.0
+EPS32 = torch.finfo(torch.float32).eps
 
 
 SAMPLES = [
@@ -42,6 +49,7 @@ def adapters(tiny_dir):
 def batch_outputs(builder, adapters):
     prompts = [builder(s) for s in SAMPLES]
     fused, eager = adapters
+    exact = copy.deepcopy(eager).double()
     batch = builder.collate(prompts)
     singles = [builder.collate([p]) for p in prompts]
     return {
@@ -49,12 +57,36 @@ def batch_outputs(builder, adapters):
         "eager_batch": eager(batch),
         "fused_single": [fused(s)[0] for s in singles],
         "eager_single": [eager(s)[0] for s in singles],
+        "exact_single": [exact(s)[0] for s in singles],
     }
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape
-    return (a - b).abs().max().item()
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_as_accurate_as_eager(
+    tested: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, what: str
+) -> None:
+    """``tested`` deviates from the float64 values ``exact`` at most ACCURACY_FACTOR times as much as the
+    eager float32 ``eager`` does (or as one float32 rounding of the largest value, should eager be exact)."""
+    error, eager_error = max_diff(tested, exact), max_diff(eager, exact)
+    bound = ACCURACY_FACTOR * max(eager_error, EPS32 * exact.abs().max().item())
+    assert error <= bound, f"{what}: {error:.3g} from float64, eager float32 {eager_error:.3g}"
+
+
+def assert_path_as_accurate_as_eager(outputs: dict, name: str) -> None:
+    references = zip(outputs["eager_single"], outputs["exact_single"], strict=True)
+    for index, (features, (eager, exact)) in enumerate(zip(outputs[name], references, strict=True)):
+        what = f"{name}[{index}]"
+        assert_as_accurate_as_eager(
+            features.attention_maps, eager.attention_maps, exact.attention_maps, f"{what} maps"
+        )
+        for k, texts in enumerate(
+            zip(features.text_embeddings, eager.text_embeddings, exact.text_embeddings, strict=True)
+        ):
+            assert_as_accurate_as_eager(*texts, f"{what} text embedding {k}")
 
 
 def test_adapters_run_different_attention(adapters):
@@ -65,30 +97,24 @@ def test_adapters_run_different_attention(adapters):
 
 
 def test_fused_equals_eager_single_sample(batch_outputs):
-    for fused, eager in zip(batch_outputs["fused_single"], batch_outputs["eager_single"], strict=True):
-        assert max_diff(fused.attention_maps, eager.attention_maps) < ATOL
+    assert_path_as_accurate_as_eager(batch_outputs, "fused_single")
 
 
 def test_fused_equals_eager_padded_batch(batch_outputs):
-    for fused, eager in zip(batch_outputs["fused_batch"], batch_outputs["eager_batch"], strict=True):
-        assert max_diff(fused.attention_maps, eager.attention_maps) < ATOL
-        for f, e in zip(fused.text_embeddings, eager.text_embeddings, strict=True):
-            assert max_diff(f, e) < ATOL
+    assert_path_as_accurate_as_eager(batch_outputs, "fused_batch")
 
 
 @pytest.mark.parametrize("mode", ["fused", "eager"])
 def test_batch_equals_single(batch_outputs, mode):
-    for batched, single in zip(batch_outputs[f"{mode}_batch"], batch_outputs[f"{mode}_single"], strict=True):
-        assert max_diff(batched.attention_maps, single.attention_maps) < ATOL
-        for b, s in zip(batched.text_embeddings, single.text_embeddings, strict=True):
-            assert max_diff(b, s) < ATOL
+    assert_path_as_accurate_as_eager(batch_outputs, f"{mode}_batch")
 
 
 def test_maps_are_informative(batch_outputs):
     """Guards the comparisons above against a degenerate model (all-uniform or all-zero maps)."""
     for features in batch_outputs["fused_batch"]:
         maps = features.attention_maps.flatten(2)  # [n, C, h*w]
-        assert torch.all(maps >= 0) and torch.all(maps.sum(-1) <= 1 + ATOL)
+        # probabilities over part of the keys: their float32 sum is at most 1 plus its rounding
+        assert torch.all(maps >= 0) and torch.all(maps.sum(-1) <= 1 + maps.shape[-1] * EPS32)
         spread = maps.amax(-1) / maps.mean(-1)
         assert spread.max() > 2.0
 
@@ -99,7 +125,10 @@ def test_capture_everywhere_records_decoder_layers_only(tiny_dir, builder, batch
     adapter.model.set_attn_implementation("flmm_capture")
     assert adapter.model.config.vision_config._attn_implementation == "flmm_capture"
     features = adapter(builder.collate([builder(SAMPLES[0])]))[0]
-    assert max_diff(features.attention_maps, batch_outputs["fused_single"][0].attention_maps) < ATOL
+    eager, exact = batch_outputs["eager_single"][0], batch_outputs["exact_single"][0]
+    assert_as_accurate_as_eager(
+        features.attention_maps, eager.attention_maps, exact.attention_maps, "capture everywhere"
+    )
 
 
 def test_recording_without_capture_attention_raises():

@@ -130,8 +130,8 @@ def test_real_data_experiment_instantiates_with_the_tiny_model(
     )
     datamodule = build_datamodule(cfg.data, build_prompt_builder(cfg), cfg.sam.image_size)
     assert list(datamodule.train_sets) == list(cfg.data.train_sets)
-    assert datamodule.test_names == list(cfg.data.test_sets)
-    assert datamodule.val_names == list(cfg.data.val_sets)
+    assert datamodule.test_names == [reported_name(key) for key in cfg.data.test_sets]
+    assert datamodule.val_names == [reported_name(key) for key in cfg.data.val_sets]
     for name_, dataset in {**datamodule.train_sets, **datamodule.test_sets}.items():
         assert len(dataset) > 0, name_
     for dataset in datamodule.train_sets.values():
@@ -148,6 +148,32 @@ def test_real_data_experiment_instantiates_with_the_tiny_model(
     assert module.lmm.attention_channels == first_conv.in_channels == layers_x_heads
     callbacks = build_callbacks(cfg.callbacks)
     assert len(callbacks) == len(cfg.callbacks)
+
+
+def reported_name(key: str) -> str:
+    """RefCOCO+ keys are spelled ``refcocop_*`` (no "+" in a Hydra key); reports say ``refcoco+_*``."""
+    return "refcoco+_" + key.removeprefix("refcocop_") if key.startswith("refcocop_") else key
+
+
+@pytest.mark.parametrize("name", ["refcoco", "refcoco_png"])
+def test_refcoco_plus_splits_are_addressed_from_the_command_line(
+    name: str, coco_layout: Path, compose_config: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    cfg = compose_config(
+        [
+            f"+experiment={name}",
+            f"paths.data_dir={coco_layout}",
+            f"paths.output_dir={tmp_path}",
+            "data.test_sets.refcocop_val.split=testB",
+            "~data.test_sets.refcocop_testA",
+            "data.train_sets.refcocop_train.text_mode=select_first",
+        ]
+    )
+    datamodule = build_datamodule(cfg.data, build_prompt_builder(cfg), cfg.sam.image_size)
+    plus_splits = [split for split in datamodule.test_names if split.startswith("refcoco+")]
+    assert plus_splits == ["refcoco+_val", "refcoco+_testB"]
+    assert datamodule.test_sets["refcoco+_val"].name == "refcoco+(unc)/testB"
+    assert datamodule.train_sets["refcocop_train"].text_mode == "select_first"
 
 
 def test_eval_without_checkpoint_is_a_missing_mandatory_value(tmp_path: Path) -> None:

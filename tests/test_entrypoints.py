@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import intra_op_threads, tiny_overrides
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
@@ -65,10 +65,10 @@ def assert_same_results(actual: Results, expected: Results, tolerance: float = 1
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a small machine shared with other jobs, two spinning OpenMP threads made a
-    CPU step several times slower than one."""
+    """One intra-op thread unless FLMM_TEST_THREADS says otherwise: on a small machine shared with other
+    jobs, two spinning OpenMP threads made a CPU step several times slower than one."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(intra_op_threads())
     yield
     torch.set_num_threads(threads)
 
@@ -195,14 +195,29 @@ def test_wandb_offline_run_holds_metrics_and_overlay_panels(demo_run: DemoRun) -
             for name, value in values.items():
                 if not math.isnan(value):  # the test loop's values are the last logged
                     assert float(history[f"{split}/{name}"][-1]) == pytest.approx(value, rel=1e-6)
-    # the validation's overlay panel: an image list with its files under files/
+    # the validation's overlay panel: an image list with its files under files/, all of the panel's size
+    # (the synthetic images are 256x256 and 256x192: the smaller ones are padded)
     panel = "synthetic_refcoco_val/overlays"
     assert json.loads(history[f"{panel}/_type"][-1]) == "images/separated"
     filenames = json.loads(history[f"{panel}/filenames"][-1])
     assert len(filenames) == json.loads(history[f"{panel}/count"][-1]) >= 1
+    panel_size = (json.loads(history[f"{panel}/width"][-1]), json.loads(history[f"{panel}/height"][-1]))
     for filename in filenames:
         with Image.open(runs[0] / "files" / filename) as image:
-            assert image.format == "PNG"
+            assert image.format == "PNG" and image.size == panel_size
+
+    # the run's config: the resolved hyper-parameters that tell the runs of a sweep apart
+    config: dict[str, object] = {}
+    for record in wandb_records(next(runs[0].glob("run-*.wandb"))):
+        if record.WhichOneof("record_type") == "config":
+            for item in record.config.update:
+                config[item.key] = json.loads(item.value_json)
+    for section in ("model", "sam", "data", "module", "trainer"):
+        assert section in config, section
+    stored = {key: value.get("value", value) for key, value in config.items() if isinstance(value, dict)}
+    assert stored["module"]["optimizer"]["lr"] == demo_run.cfg.module.optimizer.lr
+    assert stored["trainer"]["max_steps"] == STEPS
+    assert stored["data"]["batch_size"] == demo_run.cfg.data.batch_size
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -306,10 +321,19 @@ def test_predict_writes_overlay_and_rles_of_the_grounder_masks(
 # ---------------------------------------------------------------------------------------------- DDP
 @pytest.mark.slow
 def test_ddp_spawn_trains_and_evaluates_like_a_single_process(
-    demo_run: DemoRun, compose_config: Callable[..., DictConfig], tmp_path: Path
+    demo_run: DemoRun,
+    compose_config: Callable[..., DictConfig],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two gloo processes (ddp_spawn) train STEPS steps; a 2-process evaluation of their checkpoint gives
-    the metrics and the per-object table of a single-process one (every sample on exactly one rank)."""
+    the metrics and the per-object table of a single-process one (every sample on exactly one rank).
+
+    The per-object IoUs are compared exactly because both evaluations do the same arithmetic: one sample
+    per batch (a batch's padding changes float rounding: rank r of R batches samples r, r + R, ... together)
+    and the intra-op thread count of this process in the spawned workers too (a reduction split over
+    another number of threads rounds differently)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     run_dir = tmp_path / "ddp"
     overrides = run_overrides(
         demo_run.data_dir,
@@ -317,6 +341,7 @@ def test_ddp_spawn_trains_and_evaluates_like_a_single_process(
         "trainer=ddp_cpu",
         f"trainer.max_steps={STEPS}",
         "data.batch_size=1",
+        "data.eval_batch_size=1",
         "test_after_fit=false",  # every spawn costs two fresh interpreters: the evaluation below tests
         "whole_image_baseline_split=null",
     )

@@ -1,19 +1,23 @@
-"""Callbacks: mask overlays (files and W&B panels) and the per-object table of an evaluation."""
+"""Callbacks: mask overlays (files and W&B panels), the per-object table of an evaluation, the run's
+hyper-parameters for every logger, a progress bar that reads right when training by steps."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
 
 from flmm_lightning.data.sample import GroundingSample
 from flmm_lightning.metrics.functional import mask_box_iou
 from flmm_lightning.model import EvalStepOutput
 from flmm_lightning.reporting import write_metrics_json, write_per_object_csv
-from flmm_lightning.visualize import label_map, overlay_masks, side_by_side
+from flmm_lightning.visualize import label_map, overlay_masks, pad_to, side_by_side
 
 
 def _split_name(trainer: Trainer, dataloader_idx: int) -> str:
@@ -68,17 +72,22 @@ class MaskOverlayCallback(Callback):
             import wandb
 
             for split, kept in self._kept.items():
+                # W&B shows a panel's images at one size: smaller ones are padded (masks with background).
+                size = (max(s.image.width for s, _ in kept), max(s.image.height for s, _ in kept))
                 images = []
                 for sample, pred in kept:
                     class_labels = {k + 1: phrase for k, phrase in enumerate(sample.phrases)}
                     images.append(
                         wandb.Image(
-                            sample.image,
+                            pad_to(sample.image, size),
                             caption=" | ".join(sample.phrases),
                             masks={
-                                "prediction": {"mask_data": label_map(pred), "class_labels": class_labels},
+                                "prediction": {
+                                    "mask_data": _pad_labels(label_map(pred), size),
+                                    "class_labels": class_labels,
+                                },
                                 "ground_truth": {
-                                    "mask_data": label_map(sample.masks),
+                                    "mask_data": _pad_labels(label_map(sample.masks), size),
                                     "class_labels": class_labels,
                                 },
                             },
@@ -102,6 +111,54 @@ class MaskOverlayCallback(Callback):
                     )
                     figure.save(folder / f"{sample.image_id}_pred_vs_gt.png")
         self._kept.clear()
+
+
+def _pad_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A label map padded at the right and bottom to ``size`` (width, height) with background (0)."""
+    width, height = size
+    return np.pad(labels, ((0, height - labels.shape[0]), (0, width - labels.shape[1])))
+
+
+class HyperparameterLogger(Callback):
+    """Gives every logger the run's resolved config (model, SAM, data, optimizer, trainer, ...), so that the
+    runs of a sweep can be told apart: W&B shows it as the run config, the CSV logger writes
+    ``hparams.yaml``. Logged from the process that runs the loop (``ddp_spawn`` workers included)."""
+
+    def __init__(self, hyperparameters: dict[str, Any]) -> None:
+        self.hyperparameters = hyperparameters
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, stored: dict[str, Any] | None = None) -> HyperparameterLogger:
+        """The resolved ``cfg`` (Hydra's own section left out) over ``stored``, the config a checkpoint
+        carries (model, SAM, module, data), where ``cfg`` does not set a key."""
+        merged = dict(stored or {})
+        for key in cfg:
+            if key == "hydra":
+                continue
+            value = cfg[key]
+            value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            if value is not None:
+                merged[key] = value
+        return cls(merged)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_hyperparams(self.hyperparameters)
+
+
+class StepAwareProgressBar(RichProgressBar):
+    """Lightning's rich bar labels the epoch ``Epoch 0/-2`` when training by steps (``max_epochs: -1``): this
+    one names the step budget instead of a last epoch."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        description = f"Epoch {current_epoch}"
+        if trainer.max_steps >= 0:
+            description += f" · max_steps {trainer.max_steps}"
+        return f"{description:{len(self.validation_description)}}"
 
 
 def _all_gather(value: Any) -> list[Any]:

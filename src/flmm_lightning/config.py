@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -25,6 +26,9 @@ def _synthetic(root: str, num_train: int = 240, num_val: int = 60) -> str:
 def register_resolvers() -> None:
     """``${flmm_asset:<name>,<cache_dir>}`` builds a tiny offline model when missing and returns its path;
     ``${flmm_synthetic:<root>[,num_train,num_val]}`` writes the synthetic dataset when missing and returns
-    its root."""
+    its root; ``${flmm_cwd:}`` is the working directory (``hydra:runtime.cwd`` is the same with
+    ``hydra.job.chdir=false``, but a multirun launcher resolves ``hydra.sweep.dir`` before Hydra's own
+    resolver works)."""
+    OmegaConf.register_new_resolver("flmm_cwd", os.getcwd, replace=True)
     OmegaConf.register_new_resolver("flmm_asset", _asset, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("flmm_synthetic", _synthetic, replace=True, use_cache=True)

@@ -18,7 +18,7 @@ from flmm_lightning.builders import (
     output_dir_of,
     test_results,
 )
-from flmm_lightning.callbacks import MetricsJsonWriter, PerObjectRecorder
+from flmm_lightning.callbacks import HyperparameterLogger, MetricsJsonWriter, PerObjectRecorder
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.reporting import print_metrics
 
@@ -39,7 +39,11 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     # Both files are written by global rank 0 of the processes that run the test loop (workers under
     # ddp_spawn), the per-object rows gathered from every rank.
     metrics_path = output_dir / "metrics.json"
-    callbacks = [PerObjectRecorder(output_dir / "per_object.csv"), MetricsJsonWriter(metrics_path)]
+    callbacks = [
+        PerObjectRecorder(output_dir / "per_object.csv"),
+        MetricsJsonWriter(metrics_path),
+        HyperparameterLogger.from_config(cfg, stored),
+    ]
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.get("logger")) or False
     )

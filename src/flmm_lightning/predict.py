@@ -1,14 +1,16 @@
 """Ground phrases in an image with a trained checkpoint.
 
 CLI: ``python -m flmm_lightning.predict ckpt=<path> image=<file> phrases='[a man, the ball]'`` writes an
-overlay PNG and a JSON (each mask as COCO RLE with its box). In Python:
-``Grounder.from_checkpoint(path).ground(image, phrases)``.
+overlay PNG and a JSON (each mask as COCO RLE with its box); ``phrases='a man'`` grounds one phrase. In
+Python: ``Grounder.from_checkpoint(path).ground(image, phrases)``. Photos are grounded as viewers show them
+(EXIF orientation applied), so masks and overlay line up with the displayed image.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import hydra
 import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.ops import masks_to_boxes
@@ -24,7 +26,7 @@ from torchvision.ops import masks_to_boxes
 from flmm_lightning.builders import build_prompt_builder, module_from_checkpoint, output_dir_of
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
-from flmm_lightning.data.images import to_rgb
+from flmm_lightning.data.images import UnreadableImageError, as_displayed, load_photo
 from flmm_lightning.data.sample import GroundingSample
 from flmm_lightning.lmm.base import PromptBuilder
 from flmm_lightning.model import FLMMModule
@@ -39,6 +41,7 @@ class Grounding:
     masks: torch.Tensor  # bool [n, H, W]
     boxes: torch.Tensor  # float [n, 4] inclusive [x0, y0, x1, y1]; all -1 for an empty mask
     attention_maps: torch.Tensor  # [n, C, h, w] the merged LMM attention each mask was decoded from
+    image: Image.Image  # the RGB image the masks belong to (EXIF orientation applied)
 
     def to_json(self) -> list[dict[str, object]]:
         records = []
@@ -74,21 +77,21 @@ class Grounder:
         return cls(module, build_prompt_builder(stored), stored["sam"]["image_size"], device=device)
 
     @torch.no_grad()
-    def ground(self, image: Image.Image | str | Path, phrases: list[str]) -> Grounding:
-        if not isinstance(image, Image.Image):
-            image = Image.open(image)
-        image = to_rgb(image)
-        if not phrases:
-            raise ValueError("give at least one phrase to ground")
+    def ground(self, image: Image.Image | str | Path, phrases: str | Sequence[str]) -> Grounding:
+        """Grounds each phrase (a single string is one phrase) in ``image``, a file or a PIL image, taken as
+        viewers show it: its EXIF orientation is applied, and the masks are at that orientation's size."""
+        phrases = phrase_list(phrases)
+        file_name = str(image) if isinstance(image, str | Path) else getattr(image, "filename", "")
+        image = load_photo(image) if isinstance(image, str | Path) else _displayed_pil(image)
         n = len(phrases)
         sample = GroundingSample(
             image=image,
-            phrases=list(phrases),
+            phrases=phrases,
             masks=torch.zeros(n, image.height, image.width, dtype=torch.bool),
             is_thing=torch.ones(n, dtype=torch.bool),
             is_plural=torch.zeros(n, dtype=torch.bool),
             image_id="input",
-            file_name=getattr(image, "filename", "") or "input",
+            file_name=file_name or "input",
             object_ids=[str(k) for k in range(n)],
         )
         encoded = self.encode.encode(sample)
@@ -99,19 +102,53 @@ class Grounder:
         nonempty = masks.flatten(1).any(1)
         if nonempty.any():
             boxes[nonempty] = masks_to_boxes(masks[nonempty])
-        return Grounding(list(phrases), masks, boxes, prediction.features.attention_maps.cpu())
+        return Grounding(phrases, masks, boxes, prediction.features.attention_maps.cpu(), image)
+
+
+def _displayed_pil(image: Image.Image) -> Image.Image:
+    """A PIL image handed to ``ground`` (possibly still lazily opened) as viewers show it."""
+    try:
+        return as_displayed(image)
+    except (OSError, SyntaxError, ValueError) as error:
+        name = getattr(image, "filename", "") or "the image given"
+        raise UnreadableImageError(f"cannot read image {name}: {type(error).__name__}: {error}") from error
+
+
+class PhraseError(ValueError):
+    """Phrases that cannot be grounded (none, a blank one, one that is not text)."""
+
+
+def phrase_list(phrases: str | Sequence[str]) -> list[str]:
+    """The phrases to ground: a plain string is one phrase (not one per character); numbers a config parsed
+    (``phrases=[1984]``) are taken as their text; an empty list or a blank phrase is refused."""
+    if OmegaConf.is_config(phrases):
+        phrases = OmegaConf.to_container(phrases)
+    if isinstance(phrases, str):
+        phrases = [phrases]
+    if not isinstance(phrases, Sequence) or not phrases:
+        raise PhraseError(
+            f"give at least one phrase to ground (a string or a list of strings), got {phrases!r}"
+        )
+    result = []
+    for index, phrase in enumerate(phrases):
+        if isinstance(phrase, bool) or not isinstance(phrase, str | int | float):
+            raise PhraseError(f"phrase {index} is not text: {phrase!r}")
+        if not str(phrase).strip():
+            raise PhraseError(f"phrase {index} is blank")
+        result.append(str(phrase))
+    return result
 
 
 def predict(cfg: DictConfig) -> tuple[Path, Path]:
     """Grounds ``cfg.phrases`` in ``cfg.image``; returns the paths of the overlay PNG and the masks JSON."""
-    grounder = Grounder.from_checkpoint(cfg.ckpt, device=cfg.device)
     image_path = Path(cfg.image)
-    image = to_rgb(Image.open(image_path))
-    grounding = grounder.ground(image, list(cfg.phrases))
+    image = load_photo(image_path)  # before the model loads: a bad file fails in a second
+    grounder = Grounder.from_checkpoint(cfg.ckpt, device=cfg.device)
+    grounding = grounder.ground(image, cfg.phrases)
     output_dir = output_dir_of(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     overlay_path = output_dir / f"{image_path.stem}_overlay.png"
-    overlay_masks(image, grounding.masks, grounding.phrases).save(overlay_path)
+    overlay_masks(grounding.image, grounding.masks, grounding.phrases).save(overlay_path)
     json_path = output_dir / f"{image_path.stem}_masks.json"
     json_path.write_text(json.dumps({"image": str(image_path), "objects": grounding.to_json()}, indent=2))
     print(f"overlay: {overlay_path}\nmasks:   {json_path}")
@@ -121,7 +158,11 @@ def predict(cfg: DictConfig) -> tuple[Path, Path]:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    predict(cfg)
+    try:
+        predict(cfg)
+    except (UnreadableImageError, PhraseError) as error:
+        # A bad input file or phrase list is the user's to fix: one line, no traceback.
+        raise SystemExit(f"predict: {error}") from None
 
 
 if __name__ == "__main__":

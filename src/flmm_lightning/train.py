@@ -23,8 +23,9 @@ from flmm_lightning.builders import (
     run_config,
     test_results,
 )
-from flmm_lightning.callbacks import MetricsJsonWriter
+from flmm_lightning.callbacks import HyperparameterLogger, MetricsJsonWriter
 from flmm_lightning.config import CONF_DIR, register_resolvers
+from flmm_lightning.data.datamodule import split_name
 from flmm_lightning.metrics import ReferringSegmentationMetric
 from flmm_lightning.reporting import print_metrics, write_metrics_json
 
@@ -49,7 +50,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     datamodule = build_datamodule(cfg.data, prompt_builder, cfg.sam.image_size)
     module = build_module(cfg, stored_config=run_config(cfg))
     run_test = bool(cfg.get("test_after_fit") and datamodule.test_names)
-    callbacks = build_callbacks(cfg.get("callbacks"))
+    callbacks = [*build_callbacks(cfg.get("callbacks")), HyperparameterLogger.from_config(cfg)]
     if run_test:
         callbacks.append(MetricsJsonWriter(metrics_path))
     trainer = hydra.utils.instantiate(
@@ -63,7 +64,9 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         results = test_results(module, metrics_path)
     baseline_split = cfg.get("whole_image_baseline_split")
     if baseline_split:
-        results["baseline_whole_image"] = whole_image_baseline(datamodule.test_sets[baseline_split])
+        results["baseline_whole_image"] = whole_image_baseline(
+            datamodule.test_sets[split_name(baseline_split)]
+        )
     if trainer.is_global_zero and results:
         print_metrics(results, title=f"{cfg.task_name}: test metrics (%)")
         path = write_metrics_json(results, metrics_path)

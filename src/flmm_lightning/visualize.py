@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 PALETTE = (
     (230, 25, 75),
@@ -39,8 +41,61 @@ def overlay_masks(
     for index, label in enumerate(labels):
         top = 4 + 14 * index
         draw.rectangle([4, top, 14, top + 10], fill=object_color(index))
-        draw.text((18, top - 1), label, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
+        text, font = legend_entry(index, label)
+        draw.text((18, top - 1), text, font=font, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
     return result
+
+
+# Fonts tried for the legend, by file name (PIL looks in the system's font folders): DejaVu Sans covers
+# Latin, Greek and Cyrillic; the CJK fonts of Linux, Windows and macOS follow. PIL's bundled font (ASCII
+# only) is always there. No colour-emoji font: its bitmaps come in one size only.
+LEGEND_FONT_FILES = ("DejaVuSans.ttf", "NotoSansCJK-Regular.ttc", "msyh.ttc", "Arial Unicode.ttf")
+LEGEND_FONT_SIZE = 10
+# A private-use code point no font maps: it renders as the font's "missing glyph" box.
+_MISSING = "\U000ffffd"
+
+
+@functools.cache
+def legend_fonts() -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, ...]:
+    fonts = []
+    for name in LEGEND_FONT_FILES:
+        try:
+            fonts.append(ImageFont.truetype(name, LEGEND_FONT_SIZE))
+        except OSError:
+            continue
+    return (*fonts, ImageFont.load_default(LEGEND_FONT_SIZE))
+
+
+def _glyph(
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont, character: str
+) -> tuple[tuple[int, int], bytes]:
+    mask = font.getmask(character)
+    return mask.size, bytes(mask)
+
+
+def draws_all(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, text: str) -> bool:
+    """Whether ``font`` has a glyph for every character of ``text``: a missing one renders as the font's
+    missing-glyph box (or as nothing, for fonts whose box is empty)."""
+    missing = _glyph(font, _MISSING)
+    for character in set(text):
+        if character.isspace():
+            continue
+        glyph = _glyph(font, character)
+        if glyph == missing or not any(glyph[1]):
+            return False
+    return True
+
+
+def legend_entry(index: int, label: str) -> tuple[str, ImageFont.FreeTypeFont | ImageFont.ImageFont]:
+    """The legend line of object ``index`` and the font to draw it in: ``"<index + 1> <label>"`` in the
+    first font that has all of its glyphs, or the number alone where none has (no missing-glyph boxes; the
+    full text stays in the JSON / per-object table, in the same order)."""
+    text = f"{index + 1} {label}"
+    fonts = legend_fonts()
+    for font in fonts:
+        if draws_all(font, text):
+            return text, font
+    return str(index + 1), fonts[-1]
 
 
 def mask_outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
@@ -52,6 +107,15 @@ def mask_outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
             padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
         )
     return mask & ~interior
+
+
+def pad_to(image: Image.Image, size: tuple[int, int], fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """``image`` at the top left of a ``size`` (width, height) canvas of ``fill``."""
+    if image.size == tuple(size):
+        return image
+    canvas = Image.new("RGB", size, fill)
+    canvas.paste(image, (0, 0))
+    return canvas
 
 
 def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:

@@ -15,11 +15,25 @@ from flmm_lightning.data.sampler import ResumableDataLoader, TrainingSampler, Un
 from flmm_lightning.lmm.base import PromptBuilder
 from flmm_lightning.reliability import dataloader_worker_init
 
+# Hydra's override grammar allows no "+" in a key: the RefCOCO+ splits are configured as ``refcocop_*`` (so
+# that ``data.test_sets.refcocop_val.<setting>=`` works on the command line) and reported under RefCOCO+'s
+# own name: tables, metrics.json, W&B panels and the per-object CSV say ``refcoco+_val``.
+_KEY_SPELLINGS = {"refcocop_": "refcoco+_"}
+
+
+def split_name(key: str) -> str:
+    """The name a split is reported under, from its config key (``refcocop_val`` -> ``refcoco+_val``)."""
+    for spelling, name in _KEY_SPELLINGS.items():
+        if key.startswith(spelling):
+            return name + key[len(spelling) :]
+    return key
+
 
 class GroundingDataModule(LightningDataModule):
     """``train`` is the concatenation of ``train_sets``; ``val``/``test`` have one dataloader per named split.
 
-    Split names (``refcoco_val``, ``png_val``, ...) are reused as metric prefixes. Samplers are built here
+    Split names (``refcoco_val``, ``png_val``, ...: ``split_name`` of the config keys) are reused as metric
+    prefixes. Samplers are built here
     (the Trainer runs with ``use_distributed_sampler=False``): under DDP the evaluation sampler gives every
     sample to exactly one rank, without the padding Lightning's default sampler adds, so a distributed
     evaluation measures the same objects as a single process.
@@ -42,8 +56,8 @@ class GroundingDataModule(LightningDataModule):
         self.prompt_builder = prompt_builder
         self.sam_image_size = sam_image_size
         self.train_sets = dict(train_sets or {})
-        self.val_sets = dict(val_sets or {})
-        self.test_sets = dict(test_sets or {})
+        self.val_sets = {split_name(key): dataset for key, dataset in (val_sets or {}).items()}
+        self.test_sets = {split_name(key): dataset for key, dataset in (test_sets or {}).items()}
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers

@@ -4,7 +4,9 @@ PIL opens files lazily; a truncated JPEG only fails when its pixels are read, wh
 deep inside a processor. ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off on purpose: a half-grey image with
 a full-size mask is a wrong training sample, not a usable one.
 
-EXIF orientation is NOT applied: COCO annotations (RefCOCO, panoptic) are drawn on the stored pixel grid.
+EXIF orientation is NOT applied to dataset images: COCO annotations (RefCOCO, panoptic) are drawn on the
+stored pixel grid. A person's photo (``load_photo``, ``as_displayed``: predict and ``Grounder``) is oriented
+as image viewers show it, so that its masks line up with what the person sees.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from flmm_lightning.data.bad_samples import BadSampleError, BadSampleReason
 
@@ -36,14 +38,60 @@ def open_image(path: str | Path, *, dataset: str, sample_id: str) -> Image.Image
         raise BadSampleError(dataset, sample_id, str(path), reason, detail) from error
 
 
+class UnreadableImageError(ValueError):
+    """A photo handed to predict / ``Grounder`` that cannot be read (names the file)."""
+
+
+# 16-bit grey levels span the whole unsigned range; PIL's own conversion clips them at 255 (white).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# 32-bit integer and float images have no nominal range: their own minimum and maximum are black and white.
+_UNBOUNDED_MODES = ("I", "F")
+
+
+def _high_bit_depth_to_grey(image: Image.Image) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        low, high = 0.0, 65535.0
+    else:
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    scaled = (values - low) * (255.0 / max(high - low, 1e-12))
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8))
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB. Alpha is dropped (the colour under it is kept), as a plain ``convert`` does."""
+    """Any PIL mode to 8-bit RGB. Alpha is dropped (the colour under it is kept), as a plain ``convert``
+    does; 16-bit grey is scaled from 0..65535, 32-bit integer and float grey from their own value range."""
     if image.mode == "RGB":
         return image
-    if image.mode == "P" and "transparency" in image.info:
+    if image.mode in _SIXTEEN_BIT_MODES + _UNBOUNDED_MODES:
+        image = _high_bit_depth_to_grey(image)
+    elif image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
         # PIL warns when a palette with transparency goes straight to RGB; via RGBA is the route it asks for.
         image = image.convert("RGBA")
+    elif image.mode == "La":  # premultiplied alpha: PIL converts it only to LA
+        image = image.convert("LA")
     return image.convert("RGB")
+
+
+def as_displayed(image: Image.Image) -> Image.Image:
+    """``image`` as viewers show it: its EXIF orientation applied, in 8-bit RGB."""
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def load_photo(path: str | Path) -> Image.Image:
+    """Reads a person's photo fully, oriented as viewers show it (``as_displayed``); a missing, truncated or
+    undecodable file raises ``UnreadableImageError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableImageError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return as_displayed(image)
+    except _DECODE_ERRORS as error:
+        raise UnreadableImageError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
 
 
 def check_size(
