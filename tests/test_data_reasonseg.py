@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,17 +14,21 @@ import pytest
 import torch
 from PIL import Image
 
-from flmm_lightning.builders import build_prompt_builder
+from flmm_lightning.builders import build_datamodule, build_prompt_builder
 from flmm_lightning.data import (
     BadSampleError,
     BadSampleReason,
     GroundingSample,
     ReasonSegDataset,
+    RefCocoDataset,
     SkippedSample,
+    SyntheticPaths,
     reasoning_prompt,
+    write_synthetic_dataset,
 )
 from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.data.reasonseg import ANSWER_PREFIX, polygon_mask
+from flmm_lightning.data.synthetic import COLOUR_THINGS, COLOURS
 
 WIDTH, HEIGHT = 12, 8
 
@@ -53,7 +59,7 @@ def box(x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
 def split_dir(tmp_path: Path) -> Path:
     """Three images: two queries with a target and an ignore region; a plain-string sentence query with two
     target polygons and a deprecated "flag" shape; nested shapes where the smaller one decides."""
-    root = tmp_path / "ReasonSeg" / "val"
+    root = tmp_path / "reason_seg" / "ReasonSeg" / "val"
     write_sample(
         root,
         "a_two_queries",
@@ -289,3 +295,85 @@ def test_split_kind_and_context_cut_keep_reasonseg_fields(split_dir: Path, tiny_
     with pytest.warns(UserWarning, match="its last 1 of 3 objects are dropped"):
         fitted = prompt_builder.fit_to_context(sample)
     assert torch.equal(fitted.ignore_masks, ignore[:2]) and fitted.is_sentence.tolist() == [False, True]
+
+
+# The property words of the synthetic queries, per kind (the colour ones come from COLOUR_THINGS).
+KIND_WORDS = {"circle": ("round", "no corners", "wheel"), "square": ("four",), "triangle": ("three",)}
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a & b).sum()) / float((a | b).sum())
+
+
+def test_synthetic_reasonseg_reads_back(synthetic_data: SyntheticPaths) -> None:
+    """Each query names one shape through a property; its mask is that shape (the RefCOCO phrase of the
+    best-matching shape carries the colour and the kind the property implies); the ignore region is
+    another shape."""
+    seen = {"sentence": set(), "ignore": 0, "several": 0, "kind": 0, "colour": 0}
+    for split in ("train", "val"):
+        every = ReasonSegDataset(**synthetic_data.reasonseg_kwargs(split), query_mode="all")
+        refs = {sample.file_name: sample for sample in RefCocoDataset(**synthetic_data.refcoco_kwargs(split))}
+        assert len(ReasonSegDataset(**synthetic_data.reasonseg_kwargs(split))) == len(refs)
+        seen["several"] += len(every) - len(refs)
+        for sample in every:
+            assert isinstance(sample, GroundingSample)
+            ref = refs[sample.file_name]
+            assert np.array_equal(np.asarray(sample.image), np.asarray(ref.image))
+            query, target = sample.phrases[0], sample.masks[0]
+            assert not set(re.findall(r"[a-z]+", query.lower())) & set(COLOURS)  # no colour named
+            ious = [mask_iou(target, mask) for mask in ref.masks]
+            best = int(np.argmax(ious))
+            assert ious[best] > 0.8
+            colour = (
+                next(name for name, thing in COLOUR_THINGS.items() if thing in query)
+                if "colour" in query
+                else None
+            )
+            if colour is not None:
+                assert colour in ref.phrases[best].split()
+                seen["colour"] += 1
+            else:
+                kind = next(k for k, words in KIND_WORDS.items() if any(w in query for w in words))
+                assert kind in ref.phrases[best].split()
+                seen["kind"] += 1
+            seen["sentence"].add(bool(sample.is_sentence[0]))
+            assert query.endswith("?") == bool(sample.is_sentence[0])
+            ignore = sample.ignore_masks[0]
+            if ignore.any():
+                seen["ignore"] += 1
+                assert max(mask_iou(ignore, mask) for k, mask in enumerate(ref.masks) if k != best) > 0.8
+    assert seen["sentence"] == {False, True}
+    assert min(seen["ignore"], seen["several"], seen["kind"], seen["colour"]) > 0
+
+
+def test_data_configs(split_dir: Path, compose_config, tmp_path: Path) -> None:
+    """data=reasonseg reads the released layout under paths.data_dir; data=synthetic_reasonseg the demo's."""
+    data_dir = split_dir.parents[2]
+    assert split_dir == data_dir / "reason_seg" / "ReasonSeg" / "val"
+    shutil.copytree(split_dir, split_dir.parent / "test")
+    common = ["model=tiny_qwen2_5_vl", "sam=tiny", f"paths.output_dir={tmp_path}", "data.num_workers=0"]
+    cfg = compose_config([*common, "data=reasonseg", f"paths.data_dir={data_dir}"])
+    prompt_builder = build_prompt_builder(cfg)
+    datamodule = build_datamodule(cfg.data, prompt_builder, cfg.sam.image_size)
+    assert datamodule.val_names == ["reasonseg_val"]
+    assert datamodule.test_names == ["reasonseg_val", "reasonseg_test"]
+    assert [len(datamodule.test_sets[name]) for name in datamodule.test_names] == [3, 3]
+    assert {datamodule.split_kind(name) for name in datamodule.test_names} == {"reasonseg"}
+
+    overrides = ["data=synthetic_reasonseg", f"paths.data_dir={tmp_path}", "data.synthetic.num_val=3"]
+    cfg = compose_config([*common, *overrides, "data.synthetic.num_train=2"])
+    datamodule = build_datamodule(cfg.data, prompt_builder, cfg.sam.image_size)
+    assert datamodule.test_names == ["synthetic_reasonseg_val"]
+    assert datamodule.split_kind("synthetic_reasonseg_val") == "reasonseg"
+    val = datamodule.test_sets["synthetic_reasonseg_val"]
+    assert len(val) >= 3 and all(isinstance(sample, GroundingSample) for sample in val)
+
+
+def test_synthetic_rebuild_leaves_no_stale_reasonseg_files(tmp_path: Path) -> None:
+    paths = write_synthetic_dataset(tmp_path, num_train=3, num_val=1)
+    assert len(list(paths.reasonseg_dir["train"].glob("*.json"))) == 3
+    write_synthetic_dataset(tmp_path, num_train=1, num_val=1)
+    assert sorted(path.name for path in paths.reasonseg_dir["train"].iterdir()) == [
+        "synthetic_000001.jpg",
+        "synthetic_000001.json",
+    ]
