@@ -18,7 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
 from flmm_lightning.data.sampler import UnpaddedDistributedSampler
-from flmm_lightning.metrics import BoxIoUMetric, PanopticNarrativeRecall, ReferringSegmentationMetric
+from flmm_lightning.metrics import (
+    BoxIoUMetric,
+    PanopticNarrativeRecall,
+    ReasonSegMetric,
+    ReferringSegmentationMetric,
+)
 
 WORLD_SIZE = 2
 
@@ -42,22 +47,31 @@ class MaskPairDataset(Dataset):
         pred[0] &= rng.random() < 0.8
         is_plural = rng.random(n) < 0.3
         is_thing = is_plural | (rng.random(n) < 0.5)
+        is_sentence = rng.random(n) < 0.5
+        ignore = rng.random((n, h, w)) < rng.uniform(0, 0.3, (n, 1, 1))
         arrays = {"pred": pred, "gt": gt, "is_thing": is_thing, "is_plural": is_plural}
+        arrays |= {"is_sentence": is_sentence, "ignore": ignore}
         return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
 def make_metrics() -> dict[str, Metric]:
-    return {"res": ReferringSegmentationMetric(), "rec": BoxIoUMetric(), "png": PanopticNarrativeRecall()}
+    return {
+        "res": ReferringSegmentationMetric(),
+        "rec": BoxIoUMetric(),
+        "png": PanopticNarrativeRecall(),
+        "reasonseg": ReasonSegMetric(),
+    }
 
 
 def update_metrics(metrics: dict[str, Metric], item: dict[str, Tensor]) -> None:
     metrics["res"].update(item["pred"], item["gt"])
     metrics["rec"].update(item["pred"], item["gt"])
     metrics["png"].update(item["pred"], item["gt"], item["is_thing"], item["is_plural"])
+    metrics["reasonseg"].update(item["pred"], item["gt"], item["is_sentence"], item["ignore"])
 
 
 def compute_metrics(metrics: dict[str, Metric]) -> dict[str, float]:
-    return {k: v for metric in metrics.values() for k, v in metric.compute().items()}
+    return {f"{name}/{k}": v for name, metric in metrics.items() for k, v in metric.compute().items()}
 
 
 def single_process_result(length: int) -> dict[str, float]:
@@ -129,9 +143,9 @@ class EvalModule(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         results = {}
-        for metric in self.val_metrics.values():
+        for name, metric in self.val_metrics.items():
             # compute() all-gathers the state, so every rank logs the same global values.
-            values = metric.compute()
+            values = {f"{name}/{k}": v for k, v in metric.compute().items()}
             self.log_dict({f"val/{k}": v for k, v in values.items()})
             metric.reset()
             results.update(values)

@@ -1,4 +1,4 @@
-"""Datasets (RefCOCO family, Panoptic Narrative Grounding, synthetic shapes) and the sample type.
+"""Datasets (RefCOCO family, Panoptic Narrative Grounding, ReasonSeg, synthetic shapes) and the sample type.
 
 The sample types and the bad-sample handling import eagerly; the datasets (which need pycocotools) load on
 first access, so that code which only batches samples (the model, the benchmark) does not import them.
@@ -15,6 +15,8 @@ from flmm_lightning.data.sample import NOT_GROUNDED, GroundingSample, SkippedSam
 _LAZY = {
     "load_rgb_image": "flmm_lightning.data.images",
     "PNGDataset": "flmm_lightning.data.png",
+    "ReasonSegDataset": "flmm_lightning.data.reasonseg",
+    "reasoning_prompt": "flmm_lightning.data.reasonseg",
     "RefCocoDataset": "flmm_lightning.data.refcoco",
     "UnsafePickleError": "flmm_lightning.data.safe_pickle",
     "load_refs": "flmm_lightning.data.safe_pickle",

@@ -28,6 +28,7 @@ class BadSampleReason(StrEnum):
     UNREADABLE_IMAGE = "unreadable image"
     SIZE_MISMATCH = "size mismatch"
     MISSING_ANNOTATION = "missing annotation"
+    MALFORMED_ANNOTATION = "malformed annotation"
     MISSING_SEGMENT = "segment absent"
     EMPTY_MASK = "empty mask"
 

@@ -11,6 +11,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.data.png import PNGDataset
+from flmm_lightning.data.reasonseg import ReasonSegDataset
 from flmm_lightning.data.sampler import ResumableDataLoader, TrainingSampler, UnpaddedDistributedSampler
 from flmm_lightning.lmm.base import PromptBuilder
 from flmm_lightning.reliability import dataloader_worker_init
@@ -74,9 +75,12 @@ class GroundingDataModule(LightningDataModule):
         return list(self.test_sets)
 
     def split_kind(self, name: str) -> str:
-        """``"png"`` for narrative splits (recall metrics), ``"res"`` for referring splits."""
+        """``"png"`` for narrative splits (recall metrics), ``"reasonseg"`` for reasoning segmentation
+        (gIoU / cIoU per query), ``"res"`` for referring splits."""
         dataset = self.val_sets.get(name) or self.test_sets.get(name)
-        return "png" if isinstance(dataset, PNGDataset) else "res"
+        if isinstance(dataset, PNGDataset):
+            return "png"
+        return "reasonseg" if isinstance(dataset, ReasonSegDataset) else "res"
 
     def _encoded(self, dataset: Dataset, fit_to_context: bool = False) -> EncodedDataset:
         return EncodedDataset(dataset, self.prompt_builder, self.sam_image_size, fit_to_context)

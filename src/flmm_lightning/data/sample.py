@@ -31,6 +31,10 @@ class GroundingSample:
     utterances: list[tuple[str, int]] = field(default_factory=list)
     # Trailing objects cut because the text did not fit the LMM's context (``PromptBuilder.fit_to_context``).
     num_dropped_objects: int = 0
+    # ReasonSeg: per object, the pixels the benchmark leaves out of the metric (bool [n, H, W]); None: none.
+    ignore_masks: torch.Tensor | None = None
+    # ReasonSeg: per object, whether its text is a long query (a sentence) rather than a phrase (bool [n]).
+    is_sentence: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.utterances:

@@ -11,6 +11,7 @@ Layout under ``root`` (all paths in ``SyntheticPaths``)::
     annotations/png_{train,val}.json                       # PNG narratives
     annotations/panoptic_{train,val}.json                  # COCO panoptic json (things: shapes)
     annotations/panoptic_{train,val}/synthetic_000001.png  # panoptic PNGs (id = R + 256*G + 256^2*B)
+    reasonseg/{train,val}/synthetic_000001.{jpg,json}      # ReasonSeg: the image (a hard link) + queries
 
 Everything is a function of the parameters: same arguments, same bytes.
 """
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
+import os
 import pickle
 import shutil
 from dataclasses import dataclass
@@ -32,11 +35,12 @@ from pycocotools import mask as mask_utils
 from flmm_lightning.data.images import panoptic_id_to_rgb
 
 # Part of the marker: bump it whenever the generator's output changes, so existing copies are rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER_NAME = "synthetic.json"
 REFCOCO_DATASET = "refcoco_synthetic"
 REFCOCO_SPLIT_BY = "unc"
 IMAGE_DIR = "images"
+REASONSEG_DIR = "reasonseg"
 SPLITS = ("train", "val")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -74,6 +78,7 @@ class SyntheticPaths:
     png_narratives: dict[str, Path]
     panoptic_json: dict[str, Path]
     panoptic_dir: dict[str, Path]
+    reasonseg_dir: dict[str, Path]
 
     def refcoco_kwargs(self, split: str) -> dict[str, Any]:
         return {
@@ -92,6 +97,9 @@ class SyntheticPaths:
             "image_dir": self.image_dir,
         }
 
+    def reasonseg_kwargs(self, split: str) -> dict[str, Any]:
+        return {"split_dir": self.reasonseg_dir[split]}
+
 
 def synthetic_paths(root: str | Path) -> SyntheticPaths:
     root = Path(root)
@@ -104,6 +112,7 @@ def synthetic_paths(root: str | Path) -> SyntheticPaths:
         png_narratives={split: annotations / f"png_{split}.json" for split in SPLITS},
         panoptic_json={split: annotations / f"panoptic_{split}.json" for split in SPLITS},
         panoptic_dir={split: annotations / f"panoptic_{split}" for split in SPLITS},
+        reasonseg_dir={split: root / REASONSEG_DIR / split for split in SPLITS},
     )
 
 
@@ -157,7 +166,13 @@ def write_synthetic_dataset(
         if marker.is_file():
             # Only what an earlier build wrote (the marker proves it) is removed: stale files would linger.
             marker.unlink()
-            for directory in (paths.image_dir, paths.refcoco_refs.parent, paths.root / "annotations"):
+            stale = (
+                paths.image_dir,
+                paths.refcoco_refs.parent,
+                paths.root / "annotations",
+                paths.root / REASONSEG_DIR,
+            )
+            for directory in stale:
                 shutil.rmtree(directory, ignore_errors=True)
         _write(paths, num_train, num_val, image_size, seed)
         marker.write_text(json.dumps(params))
@@ -167,7 +182,12 @@ def write_synthetic_dataset(
 def _write(
     paths: SyntheticPaths, num_train: int, num_val: int, image_size: tuple[int, int], seed: int
 ) -> None:
-    for directory in (paths.image_dir, paths.refcoco_refs.parent, *paths.panoptic_dir.values()):
+    for directory in (
+        paths.image_dir,
+        paths.refcoco_refs.parent,
+        *paths.panoptic_dir.values(),
+        *paths.reasonseg_dir.values(),
+    ):
         directory.mkdir(parents=True, exist_ok=True)
     coco_images: list[dict[str, Any]] = []
     coco_annotations: list[dict[str, Any]] = []
@@ -199,6 +219,9 @@ def _write(
             {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments_info}
         )
         narratives[split].append(_narrative(rng, image_id, shapes))
+        # Its own random stream: the other formats' draws (and bytes) stay as they were without it.
+        reasonseg_rng = np.random.default_rng([seed, index, 1])
+        _write_reasonseg(reasonseg_rng, paths.reasonseg_dir[split], paths.image_dir / f"{stem}.jpg", shapes)
 
     _renumber_sentences(refs)
     instances = {
@@ -415,3 +438,89 @@ def _narrative(rng: np.random.Generator, image_id: int, shapes: list[_Shape]) ->
         "caption": "".join(segment["utterance"] for segment in segments),
         "segments": segments,
     }
+
+
+# ReasonSeg queries name a shape only through a property of it. Per kind: (short phrases, sentences).
+_KIND_QUERIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "circle": (
+        ("the round shape", "the shape with no corners"),
+        ("Which shape in this picture has no corners at all?", "Which shape here could roll like a wheel?"),
+    ),
+    "square": (
+        ("the shape with four equal sides", "the shape with four right angles"),
+        ("Which shape in this picture has four equal sides?", "Which shape here has four right angles?"),
+    ),
+    "triangle": (
+        ("the shape with three corners", "the three-sided shape"),
+        ("Which shape in this picture has exactly three corners?", "Which shape here has only three sides?"),
+    ),
+}
+# Per colour, a thing of that colour.
+COLOUR_THINGS: dict[str, str] = {
+    "red": "a ripe tomato",
+    "green": "fresh grass",
+    "blue": "a clear summer sky",
+    "yellow": "a lemon",
+    "purple": "a violet",
+    "orange": "a carrot",
+}
+_COLOUR_QUERIES: tuple[tuple[str, ...], tuple[str, ...]] = (
+    ("the shape the colour of {thing}", "the shape coloured like {thing}"),
+    ("Which shape in this picture has the colour of {thing}?", "Which shape here is coloured like {thing}?"),
+)
+_CIRCLE_VERTICES = 32
+_IGNORE_PROBABILITY = 0.3
+
+
+def _polygon(shape: _Shape) -> list[list[float]]:
+    """The shape's outline as labelme points ``[[x, y], ...]`` (a circle as a regular 32-gon)."""
+    r = shape.radius
+    if shape.kind == "circle":
+        angles = [2 * math.pi * k / _CIRCLE_VERTICES for k in range(_CIRCLE_VERTICES)]
+        points = [(shape.cx + r * math.cos(a), shape.cy + r * math.sin(a)) for a in angles]
+    elif shape.kind == "square":
+        points = [(shape.cx - r, shape.cy - r), (shape.cx + r, shape.cy - r)]
+        points += [(shape.cx + r, shape.cy + r), (shape.cx - r, shape.cy + r)]
+    else:
+        points = [(shape.cx, shape.cy - r), (shape.cx + r, shape.cy + r), (shape.cx - r, shape.cy + r)]
+    return [[round(x, 2), round(y, 2)] for x, y in points]
+
+
+def _labelme_shape(label: str, shape: _Shape) -> dict[str, Any]:
+    return {"label": label, "points": _polygon(shape), "group_id": None, "shape_type": "polygon", "flags": {}}
+
+
+def _reasonseg_queries(
+    rng: np.random.Generator, target: _Shape, shapes: list[_Shape]
+) -> tuple[list[str], bool]:
+    """One or two phrasings of a query for ``target`` alone, and whether they are sentences. The kind is a
+    property only when no other shape shares it; the colour always is (one colour per shape and image)."""
+    unique_kind = sum(shape.kind == target.kind for shape in shapes) == 1
+    is_sentence = bool(rng.random() < 0.5)
+    if unique_kind and rng.random() < 0.5:
+        phrasings = list(_KIND_QUERIES[target.kind][int(is_sentence)])
+    else:
+        thing = COLOUR_THINGS[target.colour]
+        phrasings = [template.format(thing=thing) for template in _COLOUR_QUERIES[int(is_sentence)]]
+    count = int(rng.integers(1, len(phrasings) + 1))
+    return [phrasings[int(k)] for k in rng.permutation(len(phrasings))[:count]], is_sentence
+
+
+def _write_reasonseg(
+    rng: np.random.Generator, split_dir: Path, image_path: Path, shapes: list[_Shape]
+) -> None:
+    """``<stem>.jpg`` (the image, hard-linked where the file system allows) and ``<stem>.json``: queries for
+    one target shape; sometimes another shape is marked ``ignore``."""
+    target_index = int(rng.integers(len(shapes)))
+    queries, is_sentence = _reasonseg_queries(rng, shapes[target_index], shapes)
+    labelled = [_labelme_shape("target", shapes[target_index])]
+    others = [shape for k, shape in enumerate(shapes) if k != target_index]
+    if others and rng.random() < _IGNORE_PROBABILITY:
+        labelled.append(_labelme_shape("ignore", others[int(rng.integers(len(others)))]))
+    document = {"text": queries, "is_sentence": is_sentence, "shapes": labelled}
+    link = split_dir / image_path.name
+    try:
+        os.link(image_path, link)
+    except OSError:
+        shutil.copyfile(image_path, link)
+    link.with_suffix(".json").write_text(json.dumps(document))

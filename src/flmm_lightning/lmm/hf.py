@@ -183,6 +183,8 @@ class ChatPromptBuilder(PromptBuilder):
             object_ids=sample.object_ids[:kept],
             utterances=[(text, obj if obj < kept else NOT_GROUNDED) for text, obj in sample.utterances[:cut]],
             num_dropped_objects=sample.num_dropped_objects + dropped,
+            ignore_masks=None if sample.ignore_masks is None else sample.ignore_masks[:kept],
+            is_sentence=None if sample.is_sentence is None else sample.is_sentence[:kept],
         )
 
     def _utterance_ids(self, sample: GroundingSample) -> tuple[list[int], list[int]]:

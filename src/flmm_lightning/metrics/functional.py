@@ -20,6 +20,8 @@ RECALL_STEP = 1e-5
 NUM_RECALL_THRESHOLDS = 100_000
 # Order of the rows in the PNG subset statistics; "" is every object.
 PNG_SUBSETS: tuple[str, ...] = ("", "_things", "_stuff", "_singulars", "_plurals")
+# Order of the rows in the ReasonSeg subset statistics; "" is every query.
+REASONSEG_SUBSETS: tuple[str, ...] = ("", "_short", "_long")
 
 
 def _check_masks(pred_masks: Tensor, gt_masks: Tensor) -> None:
@@ -29,6 +31,14 @@ def _check_masks(pred_masks: Tensor, gt_masks: Tensor) -> None:
         raise ValueError(
             "Expected masks of the same shape [n, H, W], "
             f"got {tuple(pred_masks.shape)} and {tuple(gt_masks.shape)}"
+        )
+
+
+def _check_flags(name: str, flags: Tensor, n: int) -> None:
+    if flags.dtype != torch.bool or flags.shape != (n,):
+        raise ValueError(
+            f"Expected `{name}` to be a boolean tensor of shape ({n},), "
+            f"got {flags.dtype} {tuple(flags.shape)}"
         )
 
 
@@ -127,13 +137,8 @@ def _panoptic_narrative_update(
     """Return, per row of ``PNG_SUBSETS``, the summed recall-threshold counts and the number of objects;
     then the number of objects with IoU > ``PNG_ACC_THRESHOLD`` and the summed pixel accuracy."""
     _check_masks(pred_masks, gt_masks)
-    n = pred_masks.shape[0]
-    for name, flags in (("is_thing", is_thing), ("is_plural", is_plural)):
-        if flags.dtype != torch.bool or flags.shape != (n,):
-            raise ValueError(
-                f"Expected `{name}` to be a boolean tensor of shape ({n},), "
-                f"got {flags.dtype} {tuple(flags.shape)}"
-            )
+    _check_flags("is_thing", is_thing, pred_masks.shape[0])
+    _check_flags("is_plural", is_plural, pred_masks.shape[0])
     intersection, union = _intersection_union(pred_masks, gt_masks)
     iou = _mask_iou(intersection, union)
     counts = _recall_threshold_counts(iou)
@@ -157,4 +162,30 @@ def _panoptic_narrative_compute(
     }
     result[f"Acc@{PNG_ACC_THRESHOLD:g}"] = _ratio(hits, num_objects[0])
     result["pixel_acc"] = _ratio(pixel_acc_sum, num_objects[0])
+    return result
+
+
+def _reasonseg_update(
+    pred_masks: Tensor, gt_masks: Tensor, is_sentence: Tensor, ignore_masks: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Return, per row of ``REASONSEG_SUBSETS``, the summed intersection, union and IoU and the number of
+    queries; ``ignore_masks`` pixels count in neither the intersection nor the union."""
+    _check_masks(pred_masks, gt_masks)
+    _check_flags("is_sentence", is_sentence, pred_masks.shape[0])
+    if ignore_masks is not None:
+        _check_masks(ignore_masks, gt_masks)
+        pred_masks, gt_masks = pred_masks & ~ignore_masks, gt_masks & ~ignore_masks
+    intersection, union = _intersection_union(pred_masks, gt_masks)
+    iou = _mask_iou(intersection, union)
+    subsets = torch.stack([torch.ones_like(is_sentence), ~is_sentence, is_sentence])  # bool [3, n]
+    return (subsets * intersection).sum(1), (subsets * union).sum(1), (subsets * iou).sum(1), subsets.sum(1)
+
+
+def _reasonseg_compute(
+    intersection: Tensor, union: Tensor, iou_sum: Tensor, num_queries: Tensor
+) -> dict[str, float]:
+    result = {}
+    for k, suffix in enumerate(REASONSEG_SUBSETS):
+        result[f"gIoU{suffix}"] = _ratio(iou_sum[k], num_queries[k])
+        result[f"cIoU{suffix}"] = _ratio(intersection[k], union[k])
     return result
