@@ -1,7 +1,9 @@
-"""torchmetrics metrics of the grounding benchmarks: RefCOCO masks and boxes, PNG average recall."""
+"""torchmetrics metrics of the grounding benchmarks: RefCOCO masks and boxes, PNG average recall, and the
+keyword selection of phrases to ground."""
 
 from flmm_lightning.metrics.boxes import BoxIoUMetric
+from flmm_lightning.metrics.keywords import KeywordSelectionMetric
 from flmm_lightning.metrics.panoptic import PanopticNarrativeRecall
 from flmm_lightning.metrics.referring import ReferringSegmentationMetric
 
-__all__ = ["BoxIoUMetric", "PanopticNarrativeRecall", "ReferringSegmentationMetric"]
+__all__ = ["BoxIoUMetric", "KeywordSelectionMetric", "PanopticNarrativeRecall", "ReferringSegmentationMetric"]
