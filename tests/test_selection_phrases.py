@@ -108,6 +108,8 @@ def test_phrases_from_hand_made_scores():
         # " and" is just below 0.3; " the" at exactly 0.3 is in; the final "." is stripped with its token.
         AnswerPhrase("the sky", (25, 32), (8, 10), pytest.approx((0.3 + 0.7) / 2)),
     ]
+    # The selector's own output (a tensor with a graph) reads the same.
+    assert phrases_from_scores(HAND_TEXT, offsets, torch.tensor(scores, requires_grad=True)) == phrases
     assert phrases_from_scores(HAND_TEXT, offsets, [0.0] * len(offsets)) == []
     assert phrases_from_scores(HAND_TEXT, offsets, [1.0] * len(offsets)) == [
         AnswerPhrase(HAND_TEXT[:-1], (0, 32), (0, 10), 1.0)

@@ -168,7 +168,8 @@ def phrases_from_scores(
     over the tokens of its token span (the tokens whose maps ground it), so it speaks for the whole phrase
     rather than its most confident token.
     """
-    values = torch.as_tensor(scores, dtype=torch.float64).flatten()  # [T]
+    # On the host: the runs are walked token by token.
+    values = torch.as_tensor(scores).detach().to("cpu", torch.float64).flatten()  # [T]
     if values.numel() != len(offsets):
         raise ValueError(f"{values.numel()} scores for {len(offsets)} tokens")
     check_offsets(answer, offsets)
