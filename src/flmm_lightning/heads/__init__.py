@@ -1,6 +1,7 @@
-"""Trainable heads on top of the frozen LMM: U-Net mask head, SAM refiner, losses."""
+"""Trainable heads on top of the frozen LMM: U-Net mask head, SAM refiner, keyword selector, losses."""
 
-from flmm_lightning.heads.losses import MaskLosses, bce_loss, dice_loss, mask_losses
+from flmm_lightning.heads.keyword_selector import KeywordSelector
+from flmm_lightning.heads.losses import MaskLosses, bce_loss, dice_loss, keyword_selector_loss, mask_losses
 from flmm_lightning.heads.sam_refiner import (
     SamRefiner,
     binarize_coarse,
@@ -14,6 +15,7 @@ from flmm_lightning.heads.sam_refiner import (
 from flmm_lightning.heads.unet import UNetMaskHead, crop_to_content
 
 __all__ = [
+    "KeywordSelector",
     "MaskLosses",
     "SamRefiner",
     "UNetMaskHead",
@@ -22,6 +24,7 @@ __all__ = [
     "build_sam",
     "crop_to_content",
     "dice_loss",
+    "keyword_selector_loss",
     "mask_losses",
     "masks_to_boxes",
     "prompt_masks",

@@ -1,4 +1,5 @@
-"""Mask losses and training-time mask statistics (reference: ``FrozenLlava._compute``)."""
+"""Mask losses and training-time mask statistics (reference: ``FrozenLlava._compute``); the keyword
+selector's token loss."""
 
 from __future__ import annotations
 
@@ -46,3 +47,16 @@ def mask_losses(logits: torch.Tensor, gt: torch.Tensor) -> MaskLosses:
         union = (pred + gt - pred * gt).flatten(1).sum(-1)  # [n]
         iou = (intersection / (union + 1e-12)).mean()
     return MaskLosses(bce=bce_loss(logits, gt), dice=dice_loss(logits, gt), accuracy=accuracy, iou=iou)
+
+
+def keyword_selector_loss(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the keyword selector's token logits, averaged over the valid tokens.
+
+    logits: ``[..., T]``; labels: bool ``[..., T]`` (token of a grounded phrase); valid: bool ``[..., T]``
+    (a token of the text: not prompt, image or padding). With no valid token the loss is 0, still attached
+    to the logits so that every DDP rank's gradient covers the selector.
+    """
+    logits = logits.float()
+    per_token = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+    valid = valid.to(logits.dtype)
+    return (per_token * valid).sum() / valid.sum().clamp(min=1)

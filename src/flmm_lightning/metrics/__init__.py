@@ -1,8 +1,16 @@
-"""torchmetrics metrics of the benchmarks: RefCOCO masks and boxes, PNG average recall, ReasonSeg IoUs."""
+"""torchmetrics metrics of the benchmarks: RefCOCO masks and boxes, PNG average recall, ReasonSeg IoUs, and
+the keyword selection of phrases to ground."""
 
 from flmm_lightning.metrics.boxes import BoxIoUMetric
+from flmm_lightning.metrics.keywords import KeywordSelectionMetric
 from flmm_lightning.metrics.panoptic import PanopticNarrativeRecall
 from flmm_lightning.metrics.reasonseg import ReasonSegMetric
 from flmm_lightning.metrics.referring import ReferringSegmentationMetric
 
-__all__ = ["BoxIoUMetric", "PanopticNarrativeRecall", "ReasonSegMetric", "ReferringSegmentationMetric"]
+__all__ = [
+    "BoxIoUMetric",
+    "KeywordSelectionMetric",
+    "PanopticNarrativeRecall",
+    "ReasonSegMetric",
+    "ReferringSegmentationMetric",
+]

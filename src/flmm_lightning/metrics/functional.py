@@ -1,13 +1,15 @@
 """Functional halves of the grounding metrics.
 
-Each ``_*_update`` turns one batch of masks into sufficient statistics and each ``_*_compute`` turns the
-accumulated statistics into the reported numbers. Every statistic is a sum (the PNG average recall too,
-see ``_recall_threshold_counts``), so the metric classes keep O(1) state reduced with ``"sum"``.
+Each ``_*_update`` turns one batch of masks (or one text's phrase spans) into sufficient statistics and
+each ``_*_compute`` turns the accumulated statistics into the reported numbers. Every statistic is a sum
+(the PNG average recall too, see ``_recall_threshold_counts``), so the metric classes keep O(1) state
+reduced with ``"sum"``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -188,4 +190,60 @@ def _reasonseg_compute(
     for k, suffix in enumerate(REASONSEG_SUBSETS):
         result[f"gIoU{suffix}"] = _ratio(iou_sum[k], num_queries[k])
         result[f"cIoU{suffix}"] = _ratio(intersection[k], union[k])
+    return result
+
+
+def _check_spans(spans: Sequence[tuple[int, int]], name: str) -> list[tuple[int, int]]:
+    """``spans`` sorted; each non-empty, none overlapping another."""
+    ordered = sorted((int(start), int(end)) for start, end in spans)
+    for start, end in ordered:
+        if not 0 <= start < end:
+            raise ValueError(f"{name}: span ({start}, {end}) is empty or negative")
+    for (_, end), (start, _) in zip(ordered, ordered[1:], strict=False):
+        if start < end:
+            raise ValueError(f"{name}: spans overlap in {ordered}")
+    return ordered
+
+
+def _keyword_selection_update(
+    pred_spans: Sequence[tuple[int, int]], target_spans: Sequence[tuple[int, int]]
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Return the counts of one text: tokens in both a predicted and a target phrase, tokens predicted,
+    tokens in target phrases; then phrases matching a target phrase exactly, phrases predicted, target
+    phrases. Spans are half-open ``(start, end)`` positions, disjoint within each list."""
+    pred = _check_spans(pred_spans, "pred_spans")
+    target = _check_spans(target_spans, "target_spans")
+    overlap = sum(
+        max(0, min(p_end, t_end) - max(p_start, t_start))
+        for p_start, p_end in pred
+        for t_start, t_end in target
+    )
+    counts = (
+        overlap,
+        sum(end - start for start, end in pred),
+        sum(end - start for start, end in target),
+        len(set(pred) & set(target)),
+        len(pred),
+        len(target),
+    )
+    return tuple(torch.tensor(count, dtype=torch.int64) for count in counts)
+
+
+def _keyword_selection_compute(
+    token_hits: Tensor,
+    token_pred: Tensor,
+    token_target: Tensor,
+    phrase_hits: Tensor,
+    phrase_pred: Tensor,
+    phrase_target: Tensor,
+) -> dict[str, float]:
+    result = {}
+    for level, hits, pred, target in (
+        ("token", token_hits, token_pred, token_target),
+        ("phrase", phrase_hits, phrase_pred, phrase_target),
+    ):
+        result[f"{level}_precision"] = _ratio(hits, pred)
+        result[f"{level}_recall"] = _ratio(hits, target)
+        # 2PR/(P+R) written on counts: defined (0) when nothing is predicted but targets exist.
+        result[f"{level}_F1"] = _ratio(2 * hits, pred + target)
     return result
