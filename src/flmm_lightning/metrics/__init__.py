@@ -3,5 +3,12 @@
 from flmm_lightning.metrics.boxes import BoxIoUMetric
 from flmm_lightning.metrics.panoptic import PanopticNarrativeRecall
 from flmm_lightning.metrics.referring import ReferringSegmentationMetric
+from flmm_lightning.metrics.split import SPLIT_KINDS, SplitMetrics
 
-__all__ = ["BoxIoUMetric", "PanopticNarrativeRecall", "ReferringSegmentationMetric"]
+__all__ = [
+    "SPLIT_KINDS",
+    "BoxIoUMetric",
+    "PanopticNarrativeRecall",
+    "ReferringSegmentationMetric",
+    "SplitMetrics",
+]

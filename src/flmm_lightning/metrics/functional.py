@@ -72,6 +72,12 @@ def _referring_segmentation_compute(
     return result
 
 
+def mask_iou(pred_masks: Tensor, gt_masks: Tensor) -> Tensor:
+    """Per-object mask IoU (float64 [n]) of two boolean ``[n, H, W]`` mask stacks; 1 when both are empty."""
+    _check_masks(pred_masks, gt_masks)
+    return _mask_iou(*_intersection_union(pred_masks, gt_masks))
+
+
 def mask_box_iou(pred_masks: Tensor, gt_masks: Tensor) -> Tensor:
     """Per-object IoU (float64 [n]) of the tight boxes of two boolean ``[n, H, W]`` mask stacks, on
     inclusive pixel areas; an empty mask has no box (IoU 0, or 1 when both are empty)."""
