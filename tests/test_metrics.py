@@ -18,7 +18,7 @@ from flmm_lightning.metrics import (
     SplitMetrics,
 )
 from flmm_lightning.metrics.functional import (
-    NUM_RECALL_THRESHOLDS,
+    NUM_SUMMED_THRESHOLDS,
     RECALL_STEP,
     _recall_threshold_counts,
     mask_box_iou,
@@ -128,11 +128,12 @@ def np_boxes(images: list[Image]) -> dict[str, float]:
 
 
 def np_average_recall(ious: np.ndarray) -> float:
+    """The reference's integration: recall at each threshold times the width to the next threshold."""
     if ious.size == 0:
         return math.nan
     thresholds = np.arange(0, 1, 1e-5)
     recall = (ious[None, :] >= thresholds[:, None]).mean(axis=1)
-    return float((1e-5 * recall).sum())
+    return float((np.abs(np.diff(thresholds)) * recall[:-1]).sum())
 
 
 def np_panoptic(images: list[Image]) -> dict[str, float]:
@@ -268,9 +269,25 @@ def test_empty_subset_is_nan() -> None:
     assert result["AR_things"] == result["AR"] == result["AR_singulars"]
 
 
+def test_average_recall_counts_the_thresholds_the_reference_counts() -> None:
+    # IoUs 1, 0.99999 (the last threshold, which the reference's pairwise sum leaves out) and 0.5
+    pred = torch.zeros(3, 1, 100_000, dtype=torch.bool)
+    gt = torch.zeros_like(pred)
+    gt[:, 0, :] = True
+    pred[0, 0, :] = True
+    pred[1, 0, :99_999] = True
+    pred[2, 0, :50_000] = True
+    metric = PanopticNarrativeRecall()
+    flags = torch.ones(3, dtype=torch.bool)
+    metric.update(pred, gt, flags, ~flags)
+    ious = np.array([1.0, 0.99999, 0.5])
+    assert metric.compute()["AR"] == pytest.approx(np_average_recall(ious), abs=1e-11)
+    assert np_average_recall(ious[:1]) == pytest.approx(0.99999, abs=1e-11)
+
+
 def test_recall_threshold_counts_are_exact() -> None:
-    thresholds = np.arange(0, 1, 1e-5)
-    on_grid = np.arange(NUM_RECALL_THRESHOLDS + 1) * RECALL_STEP
+    thresholds = np.arange(0, 1, 1e-5)[:-1]  # the thresholds the reference sums
+    on_grid = np.arange(NUM_SUMMED_THRESHOLDS + 2) * RECALL_STEP
     num, den = np.meshgrid(np.arange(0, 400), np.arange(1, 400))
     rationals = (num / den)[num <= den]
     ious = np.concatenate(
