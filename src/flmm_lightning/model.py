@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -76,7 +77,11 @@ class FLMMModule(LightningModule):
         fine_bce_weight: float = 1.0,
         fine_dice_weight: float = 1.0,
         max_consecutive_nonfinite: int = 10,
+        eval_heads_fp32: bool = True,
     ) -> None:
+        """``eval_heads_fp32``: outside training (validation, test, prediction) the U-Net and SAM run in
+        fp32 with autocast off, as in the reference's evaluation, whatever the trainer's precision; the LMM
+        (and the text projection that reads it) keeps the trainer's precision. Training is unaffected."""
         super().__init__()
         self.lmm = lmm
         self.sam = sam
@@ -100,10 +105,19 @@ class FLMMModule(LightningModule):
         self._window_nonfinite = False
         self._window_has_samples = False
         self.dropped_objects = 0  # objects cut from training samples that overflowed the LMM's context
+        self.eval_heads_fp32 = eval_heads_fp32
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, batch: GroundingBatch) -> list[GroundingPrediction]:
         features = self.lmm(batch.lmm)
+        with self._head_precision():
+            coarse, fine = self._heads(batch, features)
+        return [GroundingPrediction(c, f, feat) for c, f, feat in zip(coarse, fine, features, strict=True)]
+
+    def _heads(
+        self, batch: GroundingBatch, features: list[GroundingFeatures]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Coarse (U-Net) and fine (SAM) logits of every sample."""
         coarse = self._coarse_logits(features)
         image_embeddings = self.sam.encode_images(batch.sam_images)
         fine = self.sam(
@@ -113,7 +127,14 @@ class FLMMModule(LightningModule):
             input_sizes=[tuple(image.shape[-2:]) for image in batch.sam_images],
             original_sizes=[(s.image.height, s.image.width) for s in batch.samples],
         )
-        return [GroundingPrediction(c, f, feat) for c, f, feat in zip(coarse, fine, features, strict=True)]
+        return coarse, fine
+
+    def _head_precision(self) -> contextlib.AbstractContextManager:
+        """Autocast off around the heads outside training when ``eval_heads_fp32`` (see ``__init__``)."""
+        if self.training or not self.eval_heads_fp32:
+            return contextlib.nullcontext()
+        device_type = next(self.mask_head.parameters()).device.type
+        return torch.autocast(device_type=device_type, enabled=False)
 
     def _coarse_logits(self, features: list[GroundingFeatures]) -> list[torch.Tensor]:
         """Runs the U-Net once per distinct grid size (it treats every object independently)."""
