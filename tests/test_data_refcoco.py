@@ -24,11 +24,11 @@ def trusted_refs(path: Path) -> list[dict]:
 
 
 def expected_by_ref(data_dir: Path, refs_name: str) -> dict[int, tuple[str, np.ndarray, dict]]:
-    """ref_id -> (first sentence lower-cased, mask by COCO.annToMask, ref)."""
+    """ref_id -> (first sentence lower-cased as mmdet does it, mask by COCO.annToMask, ref)."""
     coco = COCO(str(data_dir / "instances.json"))
     return {
         ref["ref_id"]: (
-            ref["sentences"][0]["raw"].strip().lower(),
+            ref["sentences"][0]["raw"].lower(),
             coco.annToMask(coco.anns[ref["ann_id"]]),
             ref,
         )
@@ -77,37 +77,84 @@ def test_coco_sample_every_split(fixtures_dir: Path, split: str, group_by_image:
         assert all(sample.num_objects == 1 for sample in samples)
 
 
-def test_text_modes(fixtures_dir: Path) -> None:
-    root = fixtures_dir / "coco_sample"
-    two_sentences = [
-        "player on the far left",
-        "leftmost rugby player",
-    ]  # ref 1, the only val ref on its image
+TWO_SENTENCES = ["player on the far left", "leftmost rugby player"]  # ref 1, the only val ref on its image
 
+
+def ref1_choices(root: Path, text_mode: str, seed: int, epochs: range) -> list[str]:
+    """The sentence a freshly built dataset (a new worker, a resumed run) gives ref 1 in each epoch."""
+    dataset = RefCocoDataset(
+        root, "refcoco", "unc", "val", "images", text_mode=text_mode, group_by_image=False, seed=seed
+    )
+    index = next(i for i, s in enumerate(dataset) if s.object_ids[0] == "1")
+    picked = []
+    for epoch in epochs:
+        dataset.set_epoch(epoch)
+        assert dataset[index].phrases == dataset[index].phrases  # a re-read within the epoch repeats it
+        picked.append(dataset[index].phrases[0])
+    return picked
+
+
+def test_text_mode_all_and_first(fixtures_dir: Path) -> None:
+    root = fixtures_dir / "coco_sample"
     every = RefCocoDataset(root, "refcoco", "unc", "val", "images", text_mode="all", group_by_image=False)
     sample = next(s for s in every if s.object_ids[0] == "1")
-    assert sample.phrases == two_sentences
+    assert sample.phrases == TWO_SENTENCES
     assert sample.object_ids == ["1", "1"]
     assert torch.equal(sample.masks[0], sample.masks[1])
-
-    def draws(seed: int) -> list[str]:
-        dataset = RefCocoDataset(
-            root, "refcoco", "unc", "val", "images", text_mode="random", group_by_image=False, seed=seed
-        )
-        index = next(i for i, s in enumerate(dataset) if s.object_ids[0] == "1")
-        picked = []
-        for epoch in range(16):  # one draw per ref and epoch: a re-read within the epoch repeats it
-            dataset.set_epoch(epoch)
-            assert dataset[index].phrases == dataset[index].phrases
-            picked.append(dataset[index].phrases[0])
-        return picked
-
-    first = draws(seed=0)
-    assert set(first) == set(two_sentences)
-    assert draws(seed=0) == first
+    assert ref1_choices(root, "first", seed=3, epochs=range(4)) == [TWO_SENTENCES[0]] * 4
 
     with pytest.raises(ValueError, match="group_by_image"):
         RefCocoDataset(root, "refcoco", "unc", "val", "images", text_mode="concat")
+
+
+def test_random_once_draws_one_sentence_for_every_epoch(fixtures_dir: Path) -> None:
+    """mmdet's RefCocoDataset draws each ref's sentence once, when the dataset is built."""
+    root = fixtures_dir / "coco_sample"
+    per_seed = [ref1_choices(root, "random_once", seed, range(6)) for seed in range(16)]
+    for choices in per_seed:
+        assert len(set(choices)) == 1  # the same sentence in every epoch
+    assert {choices[0] for choices in per_seed} == set(TWO_SENTENCES)  # a draw, seeded
+    # A dataset built again (a dataloader worker, a resumed run) starting at a later epoch draws the same.
+    assert [ref1_choices(root, "random_once", seed, range(4, 6)) for seed in range(16)] == [
+        choices[4:] for choices in per_seed
+    ]
+
+
+def test_random_per_epoch_draws_again_every_epoch(fixtures_dir: Path) -> None:
+    root = fixtures_dir / "coco_sample"
+    first = ref1_choices(root, "random_per_epoch", seed=0, epochs=range(16))
+    assert set(first) == set(TWO_SENTENCES)
+    assert ref1_choices(root, "random_per_epoch", seed=0, epochs=range(16)) == first
+    assert ref1_choices(root, "random_per_epoch", seed=0, epochs=range(9, 16)) == first[9:]  # resumed
+    assert ref1_choices(root, "random_per_epoch", seed=1, epochs=range(16)) != first
+
+
+def test_earlier_text_mode_names_keep_their_behaviour(fixtures_dir: Path) -> None:
+    root = fixtures_dir / "coco_sample"
+    epochs = range(8)
+    assert ref1_choices(root, "select_first", 0, epochs) == ref1_choices(root, "first", 0, epochs)
+    assert ref1_choices(root, "random", 2, epochs) == ref1_choices(root, "random_per_epoch", 2, epochs)
+    with pytest.raises(ValueError, match="random_once"):
+        RefCocoDataset(root, "refcoco", "unc", "val", "images", text_mode="once")
+
+
+def test_sentences_are_lower_cased_and_keep_whitespace_as_in_mmdet(coco_sample: Path) -> None:
+    refs_path = coco_sample / "refcoco" / "refs(unc).p"
+    refs = trusted_refs(refs_path)
+    ref = next(r for r in refs if r["ref_id"] == 1)
+    ref["sentences"][0]["raw"] = "Player on the Far Left "
+    with refs_path.open("wb") as file:
+        pickle.dump(refs, file)
+
+    def first_phrase(**kwargs: object) -> str:
+        dataset = RefCocoDataset(
+            coco_sample, "refcoco", "unc", "val", "images", group_by_image=False, **kwargs
+        )
+        return next(s for s in dataset if s.object_ids[0] == "1").phrases[0]
+
+    # the reference tokenises the trailing space too (Qwen2: token " ") and averages it into the phrase
+    assert first_phrase() == "player on the far left "
+    assert first_phrase(strip_sentences=True) == "player on the far left"
 
 
 def test_unknown_split_lists_valid_splits(fixtures_dir: Path) -> None:

@@ -36,7 +36,7 @@ def test_refcoco_format_reads_back(synthetic_data: SyntheticPaths, split: str) -
         for k, phrase in enumerate(sample.phrases):
             colour = next(name for name in COLOURS if name in phrase.split())
             assert any(kind in phrase for kind in SHAPE_KINDS)
-            assert phrase == phrase.strip().lower()
+            assert phrase == phrase.lower()
             # The mask covers the shape the phrase names: its pixels have the named colour.
             assert np.abs(mean_colour(sample, k) - COLOURS[colour]).max() < 25
     assert sizes == {(256, 256), (256, 192)}

@@ -161,3 +161,28 @@ def test_adapter_rejects_bad_options(tiny_dir):
         Qwen2VLAdapter(tiny_dir, text_proj_dim=8, merge="sum")
     with pytest.raises(ValueError, match="torch_dtype"):
         Qwen2VLAdapter(tiny_dir, text_proj_dim=8, torch_dtype="float16")
+
+
+def test_use_fast_picks_the_image_processor(tiny_dir):
+    from transformers.image_processing_backends import PilBackend, TorchvisionBackend
+
+    # default: the PIL ("slow") processor the reference's transformers used
+    assert isinstance(Qwen2VLPromptBuilder(tiny_dir).processor.image_processor, PilBackend)
+    fast = Qwen2VLPromptBuilder(tiny_dir, use_fast=True)
+    assert isinstance(fast.processor.image_processor, TorchvisionBackend)
+    # both give the same patch grid; the pixels differ by round-off and resampling
+    slow_prompt, fast_prompt = Qwen2VLPromptBuilder(tiny_dir)(REFCOCO_LIKE), fast(REFCOCO_LIKE)
+    assert torch.equal(slow_prompt.input_ids, fast_prompt.input_ids)
+    assert slow_prompt.grid_hw == fast_prompt.grid_hw
+
+
+def test_trailing_space_is_a_token_of_the_phrase(builder):
+    """RefCOCO sentences keep their whitespace (mmdet only lower-cases them): the reference encodes each
+    sentence alone, so a trailing space is one more token of the phrase (Qwen2's " ")."""
+    sample = make_sample(100, 150, ["man on left "], 7)
+    prompt = builder(sample)
+    tokenizer = builder.processor.tokenizer
+    phrase_ids = prompt.input_ids[prompt.mask_ids == 0].tolist()
+    assert phrase_ids == tokenizer.encode("man on left ", add_special_tokens=False)
+    assert phrase_ids[-1:] == tokenizer.encode(" ", add_special_tokens=False)
+    assert phrase_ids[:-1] == tokenizer.encode("man on left", add_special_tokens=False)

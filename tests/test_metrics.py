@@ -10,9 +10,15 @@ import torch
 from torchmetrics import Metric
 
 from flmm_lightning.data.sampler import UnpaddedDistributedSampler
-from flmm_lightning.metrics import BoxIoUMetric, PanopticNarrativeRecall, ReferringSegmentationMetric
+from flmm_lightning.metrics import (
+    SPLIT_KINDS,
+    BoxIoUMetric,
+    PanopticNarrativeRecall,
+    ReferringSegmentationMetric,
+    SplitMetrics,
+)
 from flmm_lightning.metrics.functional import (
-    NUM_RECALL_THRESHOLDS,
+    NUM_SUMMED_THRESHOLDS,
     RECALL_STEP,
     _recall_threshold_counts,
     mask_box_iou,
@@ -122,11 +128,12 @@ def np_boxes(images: list[Image]) -> dict[str, float]:
 
 
 def np_average_recall(ious: np.ndarray) -> float:
+    """The reference's integration: recall at each threshold times the width to the next threshold."""
     if ious.size == 0:
         return math.nan
     thresholds = np.arange(0, 1, 1e-5)
     recall = (ious[None, :] >= thresholds[:, None]).mean(axis=1)
-    return float((1e-5 * recall).sum())
+    return float((np.abs(np.diff(thresholds)) * recall[:-1]).sum())
 
 
 def np_panoptic(images: list[Image]) -> dict[str, float]:
@@ -181,6 +188,59 @@ def test_edge_cases_alone(metric_cls: type[Metric], reference) -> None:
     assert metric.compute() == pytest.approx(reference(images), abs=1e-6)
 
 
+def _with_coarse(images: list[Image], seed: int) -> list[tuple[Image, np.ndarray]]:
+    """Each image with hand-made coarse masks: another imperfect prediction per object, empty for the first
+    object of every other image."""
+    rng = np.random.default_rng(seed)
+    result = []
+    for index, image in enumerate(images):
+        coarse = np.stack([_prediction(rng, g) for g in image[1]])
+        if index % 2 == 0:
+            coarse[0] = False
+        result.append((image, coarse))
+    return result
+
+
+@pytest.mark.parametrize("kind", SPLIT_KINDS)
+def test_split_metrics_add_coarse_boxes_to_the_fine_figures(kind: str) -> None:
+    pairs = _with_coarse(make_images(seed=4, num_images=30), seed=5)
+    metrics = SplitMetrics(kind)
+    for (pred, gt, is_thing, is_plural), coarse in pairs:
+        metrics.update(*(torch.from_numpy(a) for a in (pred, coarse, gt, is_thing, is_plural)))
+    images = [image for image, _ in pairs]
+    coarse_images = [(coarse, gt, t, p) for (_, gt, t, p), coarse in pairs]
+    expected = (np_panoptic if kind == "png" else np_referring)(images) | np_boxes(images)
+    coarse_masks = np_referring(coarse_images)
+    expected |= {"coarse_cIoU": coarse_masks["cIoU"], "coarse_mIoU": coarse_masks["mIoU"]}
+    expected |= {f"coarse_{name}": value for name, value in np_boxes(coarse_images).items()}
+    result = metrics.compute()
+    assert result == pytest.approx(expected, abs=1e-6)
+    # the empty coarse masks were scored, at box IoU 0
+    num_objects = sum(len(gt) for _, gt, _, _ in images)
+    coarse_box_ious = [np_box_iou(c, g) for c, g, _, _ in _objects(coarse_images)]
+    assert len(coarse_box_ious) == num_objects and coarse_box_ious.count(0.0) >= len(pairs) // 2
+    metrics.reset()
+    assert all(math.isnan(value) for value in metrics.compute().values())
+
+
+def test_empty_coarse_mask_scores_box_iou_zero() -> None:
+    gt = torch.zeros(2, 5, 6, dtype=torch.bool)
+    gt[:, 1:4, 2:5] = True
+    coarse = gt.clone()
+    coarse[1] = False  # the U-Net found nothing for the second object: no box
+    metrics = SplitMetrics("res")
+    flags = torch.ones(2, dtype=torch.bool)
+    metrics.update(gt, coarse, gt, flags, ~flags)
+    result = metrics.compute()
+    assert result["coarse_box_mIoU"] == 0.5 and result["coarse_box_Acc@0.5"] == 0.5
+    assert result["box_mIoU"] == 1.0 and result["coarse_mIoU"] == 0.5
+
+
+def test_split_kind_is_checked() -> None:
+    with pytest.raises(ValueError, match="split kind"):
+        SplitMetrics("rec")
+
+
 def test_edge_case_values() -> None:
     images = [_edge_case_image()]
     ious = [np_mask_iou(p, g) for p, g, _, _ in _objects(images)]
@@ -209,9 +269,25 @@ def test_empty_subset_is_nan() -> None:
     assert result["AR_things"] == result["AR"] == result["AR_singulars"]
 
 
+def test_average_recall_counts_the_thresholds_the_reference_counts() -> None:
+    # IoUs 1, 0.99999 (the last threshold, which the reference's pairwise sum leaves out) and 0.5
+    pred = torch.zeros(3, 1, 100_000, dtype=torch.bool)
+    gt = torch.zeros_like(pred)
+    gt[:, 0, :] = True
+    pred[0, 0, :] = True
+    pred[1, 0, :99_999] = True
+    pred[2, 0, :50_000] = True
+    metric = PanopticNarrativeRecall()
+    flags = torch.ones(3, dtype=torch.bool)
+    metric.update(pred, gt, flags, ~flags)
+    ious = np.array([1.0, 0.99999, 0.5])
+    assert metric.compute()["AR"] == pytest.approx(np_average_recall(ious), abs=1e-11)
+    assert np_average_recall(ious[:1]) == pytest.approx(0.99999, abs=1e-11)
+
+
 def test_recall_threshold_counts_are_exact() -> None:
-    thresholds = np.arange(0, 1, 1e-5)
-    on_grid = np.arange(NUM_RECALL_THRESHOLDS + 1) * RECALL_STEP
+    thresholds = np.arange(0, 1, 1e-5)[:-1]  # the thresholds the reference sums
+    on_grid = np.arange(NUM_SUMMED_THRESHOLDS + 2) * RECALL_STEP
     num, den = np.meshgrid(np.arange(0, 400), np.arange(1, 400))
     rationals = (num / den)[num <= den]
     ious = np.concatenate(

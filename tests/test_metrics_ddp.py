@@ -23,13 +23,15 @@ from flmm_lightning.metrics import (
     PanopticNarrativeRecall,
     ReasonSegMetric,
     ReferringSegmentationMetric,
+    SplitMetrics,
 )
 
 WORLD_SIZE = 2
 
 
 class MaskPairDataset(Dataset):
-    """Item i: predicted and true masks of a few objects of one image, drawn from ``(seed, i)``."""
+    """Item i: predicted (fine and coarse) and true masks of a few objects of one image, drawn from
+    ``(seed, i)``."""
 
     def __init__(self, length: int, seed: int = 0) -> None:
         self.length = length
@@ -45,32 +47,39 @@ class MaskPairDataset(Dataset):
         # Flip a random share of the pixels so IoUs spread over [0, 1]; some objects come out empty.
         pred = gt ^ (rng.random((n, h, w)) < rng.uniform(0, 0.5, (n, 1, 1)))
         pred[0] &= rng.random() < 0.8
+        coarse = gt ^ (rng.random((n, h, w)) < rng.uniform(0, 0.5, (n, 1, 1)))
+        coarse[-1] &= rng.random() < 0.7
         is_plural = rng.random(n) < 0.3
         is_thing = is_plural | (rng.random(n) < 0.5)
         is_sentence = rng.random(n) < 0.5
         ignore = rng.random((n, h, w)) < rng.uniform(0, 0.3, (n, 1, 1))
-        arrays = {"pred": pred, "gt": gt, "is_thing": is_thing, "is_plural": is_plural}
+        arrays = {"pred": pred, "coarse": coarse, "gt": gt, "is_thing": is_thing, "is_plural": is_plural}
         arrays |= {"is_sentence": is_sentence, "ignore": ignore}
         return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
-def make_metrics() -> dict[str, Metric]:
+def make_metrics() -> dict[str, Metric | SplitMetrics]:
     return {
         "res": ReferringSegmentationMetric(),
         "rec": BoxIoUMetric(),
         "png": PanopticNarrativeRecall(),
         "reasonseg": ReasonSegMetric(),
+        # what FLMMModule keeps per split: fine and coarse figures, boxes included
+        "res_split": SplitMetrics("res"),
+        "png_split": SplitMetrics("png"),
     }
 
 
-def update_metrics(metrics: dict[str, Metric], item: dict[str, Tensor]) -> None:
+def update_metrics(metrics: dict[str, Metric | SplitMetrics], item: dict[str, Tensor]) -> None:
     metrics["res"].update(item["pred"], item["gt"])
     metrics["rec"].update(item["pred"], item["gt"])
     metrics["png"].update(item["pred"], item["gt"], item["is_thing"], item["is_plural"])
     metrics["reasonseg"].update(item["pred"], item["gt"], item["is_sentence"], item["ignore"])
+    for name in ("res_split", "png_split"):
+        metrics[name].update(item["pred"], item["coarse"], item["gt"], item["is_thing"], item["is_plural"])
 
 
-def compute_metrics(metrics: dict[str, Metric]) -> dict[str, float]:
+def compute_metrics(metrics: dict[str, Metric | SplitMetrics]) -> dict[str, float]:
     return {f"{name}/{k}": v for name, metric in metrics.items() for k, v in metric.compute().items()}
 
 

@@ -148,3 +148,31 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert all(a <= b for a, b in zip(factors[:30], factors[1:31], strict=True))
     assert all(a >= b for a, b in zip(factors[30:-1], factors[31:], strict=True))
     assert factors[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def _logits(predictions) -> list[torch.Tensor]:
+    return [t for p in predictions for t in (p.coarse_logits, p.fine_logits)]
+
+
+@torch.no_grad()
+def test_heads_evaluate_in_fp32_under_a_bf16_trainer(parts):
+    """As in the reference's evaluation: U-Net and SAM in fp32 outside training, whatever the autocast."""
+    module = fresh_module(parts)
+    batch = parts[1]
+    module.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        evaluated = module(batch)  # the LMM under autocast, as a bf16-mixed trainer runs it
+    # the fp32 computation of the heads on the very same LMM outputs, no autocast anywhere
+    coarse, fine = module._heads(batch, [p.features for p in evaluated])
+    assert all(t.dtype == torch.float32 for t in _logits(evaluated))
+    expected = [t for pair in zip(coarse, fine, strict=True) for t in pair]
+    for got, want in zip(_logits(evaluated), expected, strict=True):
+        assert torch.equal(got, want)
+
+    module.eval_heads_fp32 = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(t.dtype == torch.bfloat16 for t in _logits(module(batch)))
+    module.eval_heads_fp32 = True
+    module.train()  # training keeps the trainer's precision
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(t.dtype == torch.bfloat16 for t in _logits(module(batch)))

@@ -171,7 +171,8 @@ def _all_gather(value: Any) -> list[Any]:
 
 
 class PerObjectRecorder(Callback):
-    """Collects one row per evaluated object (image, phrase, mask IoU, box IoU) to find failures.
+    """Collects one row per evaluated object (image, phrase; mask IoU and box IoU of the fine masks and of the
+    coarse ones) to find failures.
 
     At the end of testing the rows of every rank are gathered (under DDP each rank saw a shard, rank ``r`` of
     ``R`` the samples ``r, r + R, ...``; they are put back in dataset order) and, when ``path`` is given,
@@ -200,8 +201,18 @@ class PerObjectRecorder(Callback):
     ) -> None:
         split = _split_name(trainer, dataloader_idx)
         samples = self._per_sample.setdefault(split, [])
-        for sample, pred, ious in zip(outputs.batch.samples, outputs.pred_masks, outputs.ious, strict=True):
-            box_ious = mask_box_iou(pred, sample.masks.to(pred.device))
+        per_sample = zip(
+            outputs.batch.samples,
+            outputs.pred_masks,
+            outputs.ious,
+            outputs.coarse_masks,
+            outputs.coarse_ious,
+            strict=True,
+        )
+        for sample, pred, ious, coarse, coarse_ious in per_sample:
+            gt = sample.masks.to(pred.device)
+            box_ious = mask_box_iou(pred, gt)
+            coarse_box_ious = mask_box_iou(coarse, gt)
             samples.append(
                 [
                     {
@@ -212,6 +223,8 @@ class PerObjectRecorder(Callback):
                         "phrase": sample.phrases[k],
                         "iou": round(float(ious[k]), 6),
                         "box_iou": round(float(box_ious[k]), 6),
+                        "coarse_iou": round(float(coarse_ious[k]), 6),
+                        "coarse_box_iou": round(float(coarse_box_ious[k]), 6),
                     }
                     for k in range(sample.num_objects)
                 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -9,17 +10,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from lightning import LightningModule
 from torch import nn
 
 from flmm_lightning.data.bad_samples import BadSampleSummary
 from flmm_lightning.data.batch import GroundingBatch
 from flmm_lightning.heads.losses import MaskLosses, mask_losses
-from flmm_lightning.heads.sam_refiner import SamRefiner
+from flmm_lightning.heads.sam_refiner import SamRefiner, binarize_coarse
 from flmm_lightning.heads.unet import UNetMaskHead, crop_to_content
 from flmm_lightning.lmm.base import FrozenLMM, GroundingFeatures
-from flmm_lightning.metrics import BoxIoUMetric, PanopticNarrativeRecall, ReferringSegmentationMetric
+from flmm_lightning.metrics import SplitMetrics
+from flmm_lightning.metrics.functional import mask_iou
 from flmm_lightning.reliability import NonFiniteStreak
 
 # Parameters under these prefixes are frozen and come from their own pretrained files: never checkpointed.
@@ -40,8 +41,10 @@ class EvalStepOutput:
     """What a validation/test step hands to callbacks (overlays, per-object tables)."""
 
     batch: GroundingBatch
-    pred_masks: list[torch.Tensor]  # bool [n, H, W] per sample
-    ious: list[torch.Tensor]  # float [n] per sample
+    pred_masks: list[torch.Tensor]  # bool [n, H, W] per sample: the fine (SAM) masks
+    ious: list[torch.Tensor]  # float64 [n] per sample: mask IoU of the fine masks
+    coarse_masks: list[torch.Tensor]  # bool [n, H, W] per sample: the U-Net's masks at the image's size
+    coarse_ious: list[torch.Tensor]  # float64 [n] per sample
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -74,7 +77,11 @@ class FLMMModule(LightningModule):
         fine_bce_weight: float = 1.0,
         fine_dice_weight: float = 1.0,
         max_consecutive_nonfinite: int = 10,
+        eval_heads_fp32: bool = True,
     ) -> None:
+        """``eval_heads_fp32``: outside training (validation, test, prediction) the U-Net and SAM run in
+        fp32 with autocast off, as in the reference's evaluation, whatever the trainer's precision; the LMM
+        (and the text projection that reads it) keeps the trainer's precision. Training is unaffected."""
         super().__init__()
         self.lmm = lmm
         self.sam = sam
@@ -98,10 +105,19 @@ class FLMMModule(LightningModule):
         self._window_nonfinite = False
         self._window_has_samples = False
         self.dropped_objects = 0  # objects cut from training samples that overflowed the LMM's context
+        self.eval_heads_fp32 = eval_heads_fp32
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, batch: GroundingBatch) -> list[GroundingPrediction]:
         features = self.lmm(batch.lmm)
+        with self._head_precision():
+            coarse, fine = self._heads(batch, features)
+        return [GroundingPrediction(c, f, feat) for c, f, feat in zip(coarse, fine, features, strict=True)]
+
+    def _heads(
+        self, batch: GroundingBatch, features: list[GroundingFeatures]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Coarse (U-Net) and fine (SAM) logits of every sample."""
         coarse = self._coarse_logits(features)
         image_embeddings = self.sam.encode_images(batch.sam_images)
         fine = self.sam(
@@ -111,7 +127,14 @@ class FLMMModule(LightningModule):
             input_sizes=[tuple(image.shape[-2:]) for image in batch.sam_images],
             original_sizes=[(s.image.height, s.image.width) for s in batch.samples],
         )
-        return [GroundingPrediction(c, f, feat) for c, f, feat in zip(coarse, fine, features, strict=True)]
+        return coarse, fine
+
+    def _head_precision(self) -> contextlib.AbstractContextManager:
+        """Autocast off around the heads outside training when ``eval_heads_fp32`` (see ``__init__``)."""
+        if self.training or not self.eval_heads_fp32:
+            return contextlib.nullcontext()
+        device_type = next(self.mask_head.parameters()).device.type
+        return torch.autocast(device_type=device_type, enabled=False)
 
     def _coarse_logits(self, features: list[GroundingFeatures]) -> list[torch.Tensor]:
         """Runs the U-Net once per distinct grid size (it treats every object independently)."""
@@ -227,49 +250,29 @@ class FLMMModule(LightningModule):
             return
         for name in dict.fromkeys(datamodule.val_names + datamodule.test_names):
             if name not in self.eval_metrics:
-                self.eval_metrics[name] = self._metrics_for(datamodule.split_kind(name))
+                self.eval_metrics[name] = SplitMetrics(datamodule.split_kind(name))
         self._split_names = {"validate": datamodule.val_names, "test": datamodule.test_names}
-
-    @staticmethod
-    def _metrics_for(kind: str) -> nn.ModuleDict:
-        if kind == "png":
-            return nn.ModuleDict({"fine": PanopticNarrativeRecall()})
-        return nn.ModuleDict(
-            {
-                "fine": ReferringSegmentationMetric(),
-                "box": BoxIoUMetric(),
-                "coarse": ReferringSegmentationMetric(),
-            }
-        )
 
     def _eval_step(self, batch: GroundingBatch, dataloader_idx: int, stage: str) -> EvalStepOutput:
         split = self._split_names[stage][dataloader_idx]
-        metrics = self.eval_metrics[split]
+        metrics: SplitMetrics = self.eval_metrics[split]
         self.bad_samples.update(batch.skipped)
-        pred_masks: list[torch.Tensor] = []
-        ious: list[torch.Tensor] = []
+        output = EvalStepOutput(batch, [], [], [], [])
         if not batch.samples:
-            return EvalStepOutput(batch, pred_masks, ious)
+            return output
         for sample, prediction in zip(batch.samples, self(batch), strict=True):
             gt = sample.masks.to(prediction.fine_logits.device)
-            # The fine logits are already at the image's size, so "sigmoid(resized) > 0.5" is "logit > 0".
-            pred = prediction.fine_logits > 0
-            if isinstance(metrics["fine"], PanopticNarrativeRecall):
-                metrics["fine"].update(
-                    pred, gt, sample.is_thing.to(gt.device), sample.is_plural.to(gt.device)
-                )
-            else:
-                metrics["fine"].update(pred, gt)
-                metrics["box"].update(pred, gt)
-                coarse = F.interpolate(
-                    prediction.coarse_logits[None].float(), size=gt.shape[-2:], mode="bilinear"
-                )
-                metrics["coarse"].update(coarse[0] > 0, gt)
-            pred_masks.append(pred)
-            intersection = (pred & gt).flatten(1).sum(1)
-            union = (pred | gt).flatten(1).sum(1)
-            ious.append(torch.where(union > 0, intersection / union.clamp(min=1), 1.0))
-        return EvalStepOutput(batch, pred_masks, ious)
+            # Binarised as the reference's evaluation does it: sigmoid, bilinear resize to the image, > 0.5.
+            # The fine logits are already at the image's size, where that is "logit > 0"; for the coarse ones
+            # it is the very mask whose box prompts SAM.
+            fine = prediction.fine_logits > 0
+            coarse = binarize_coarse(prediction.coarse_logits, tuple(gt.shape[-2:]))
+            metrics.update(fine, coarse, gt, sample.is_thing.to(gt.device), sample.is_plural.to(gt.device))
+            output.pred_masks.append(fine)
+            output.ious.append(mask_iou(fine, gt))
+            output.coarse_masks.append(coarse)
+            output.coarse_ious.append(mask_iou(coarse, gt))
+        return output
 
     def validation_step(
         self, batch: GroundingBatch, batch_idx: int, dataloader_idx: int = 0
@@ -283,15 +286,9 @@ class FLMMModule(LightningModule):
         """Computes (synchronised across ranks) and resets the metrics of every split of ``stage``."""
         results: dict[str, dict[str, float]] = {}
         for split in self._split_names[stage]:
-            values: dict[str, float] = {}
-            for group, metric in self.eval_metrics[split].items():
-                computed = {name: float(value) for name, value in metric.compute().items()}
-                metric.reset()
-                if group == "coarse":
-                    # U-Net masks before SAM: how much the refiner adds.
-                    computed = {f"coarse_{name}": computed[name] for name in ("cIoU", "mIoU")}
-                values.update(computed)
-            results[split] = values
+            metrics = self.eval_metrics[split]
+            results[split] = {name: float(value) for name, value in metrics.compute().items()}
+            metrics.reset()
         return results
 
     def _log_split_results(self, stage: str) -> None:

@@ -27,14 +27,27 @@ def metrics_table(results: dict[str, dict[str, float]], title: str = "Metrics (%
     return table
 
 
+# Columns of the second table of each kind of split: the box figures and the coarse (U-Net) stage's.
+SECONDARY_PREFIXES = ("box_", "coarse_")
+
+
 def print_metrics(results: dict[str, dict[str, float]], title: str = "Metrics (%)") -> None:
-    """One table per kind of split (referring / narrative), so that each stays narrow enough to read."""
+    """Per kind of split (referring / narrative) one table of its benchmark figures and one of its box and
+    coarse-stage figures, so that each stays narrow enough to read."""
     groups: dict[tuple[str, ...], dict[str, dict[str, float]]] = {}
     for split, values in results.items():
         groups.setdefault(tuple(values), {})[split] = values
     console = Console(width=max(Console().width, 160))
     for group in groups.values():
-        console.print(metrics_table(group, title))
+        main = {split: _columns(values, secondary=False) for split, values in group.items()}
+        console.print(metrics_table(main, title))
+        secondary = {split: _columns(values, secondary=True) for split, values in group.items()}
+        if any(secondary.values()):
+            console.print(metrics_table(secondary, f"{title}: boxes, coarse (U-Net) masks"))
+
+
+def _columns(values: dict[str, float], secondary: bool) -> dict[str, float]:
+    return {name: value for name, value in values.items() if name.startswith(SECONDARY_PREFIXES) == secondary}
 
 
 def write_metrics_json(results: dict[str, dict[str, float]], path: str | Path) -> Path:
@@ -58,11 +71,22 @@ def read_metrics_json(path: str | Path) -> dict[str, dict[str, float]]:
     }
 
 
-PER_OBJECT_FIELDS = ("split", "image_id", "file_name", "object_id", "phrase", "iou", "box_iou")
+PER_OBJECT_FIELDS = (
+    "split",
+    "image_id",
+    "file_name",
+    "object_id",
+    "phrase",
+    "iou",
+    "box_iou",
+    "coarse_iou",
+    "coarse_box_iou",
+)
 
 
 def write_per_object_csv(rows: list[dict[str, object]], path: str | Path) -> Path:
-    """One row per evaluated object: split, image, phrase, mask IoU and box IoU (to find failures)."""
+    """One row per evaluated object: split, image, phrase, mask IoU and box IoU of the fine and of the coarse
+    masks (to find failures)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:

@@ -23,8 +23,11 @@ from flmm_lightning.data.images import load_rgb_image
 from flmm_lightning.data.safe_pickle import load_refs
 from flmm_lightning.data.sample import GroundingSample, SkippedSample
 
-TextMode = Literal["select_first", "random", "all"]
-TEXT_MODES: tuple[str, ...] = ("select_first", "random", "all")
+TextMode = Literal["random_once", "random_per_epoch", "first", "all"]
+# The values ``text_mode`` accepts (see RefCocoDataset).
+TEXT_MODES: tuple[str, ...] = ("random_once", "random_per_epoch", "first", "all")
+# Earlier names, still read from the configs stored in older checkpoints: same behaviour as before.
+LEGACY_TEXT_MODES: dict[str, str] = {"select_first": "first", "random": "random_per_epoch"}
 
 
 def decode_segmentation(segmentation: list | dict, height: int, width: int) -> np.ndarray:
@@ -76,14 +79,20 @@ class RefCocoDataset(Dataset):
     images ``<data_root>/<image_dir>/<file_name of instances.json>``. Splits are whatever the refs file
     holds (refcoco/refcoco+ unc: train/val/testA/testB; refcocog umd: train/val/test; google: train/val).
 
-    ``text_mode`` picks which sentences of each ref become objects; sentences are the ``raw`` text,
-    stripped and lower-cased:
+    ``text_mode`` picks which sentences of each ref become objects:
 
-    - ``select_first``: the first sentence (the reference's evaluation protocol);
-    - ``random``: one sentence per ref and epoch (training), drawn from ``(seed, epoch, ref_id)`` alone:
-      the same whichever worker reads the item and whatever the worker count, so a resumed run draws what an
-      uninterrupted one would. The training sampler passes the epoch (``set_epoch``; 0 until then);
+    - ``random_once``: one sentence per ref, drawn once for the dataset's life from ``(seed, ref_id)``, as
+      mmdet's ``RefCocoDataset`` (the reference's training data) draws it when the dataset is built; the
+      same sentence in every epoch, in every worker and after a resume;
+    - ``random_per_epoch``: a new sentence per ref and epoch, drawn from ``(seed, epoch, ref_id)`` alone, so
+      the same whichever worker reads the item and whatever the worker count, and a resumed run draws what
+      an uninterrupted one would. The training sampler passes the epoch (``set_epoch``; 0 until then);
+    - ``first``: the first sentence (the reference's evaluation protocol);
     - ``all``: one object per sentence, each with the ref's mask.
+
+    ``select_first`` and ``random``, the earlier names of ``first`` and ``random_per_epoch``, are still read.
+    Sentences are the ``raw`` text lower-cased, as mmdet gives them; whitespace is kept, so a trailing space
+    is a token of the phrase, as in the reference. ``strip_sentences=True`` also strips them.
 
     The reference's "concat" mode (all refs of an image in one sequence) is ``group_by_image=True``: one
     sample per image holding every ref of the split on it, in the refs file's order. ``group_by_image=False``
@@ -97,16 +106,19 @@ class RefCocoDataset(Dataset):
         split_by: str,
         split: str,
         image_dir: str | Path,
-        text_mode: TextMode = "select_first",
+        text_mode: TextMode = "first",
         group_by_image: bool = True,
         on_bad_sample: OnBadSample = "raise",
         seed: int = 0,
+        strip_sentences: bool = False,
     ) -> None:
+        text_mode = LEGACY_TEXT_MODES.get(text_mode, text_mode)
         if text_mode not in TEXT_MODES:
             hint = " (the reference's concat mode is group_by_image=True)" if text_mode == "concat" else ""
             raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}{hint}")
         self.on_bad_sample = check_on_bad_sample(on_bad_sample)
         self.text_mode = text_mode
+        self.strip_sentences = strip_sentences
         self.group_by_image = group_by_image
         self.seed = seed
         self.name = f"{dataset}({split_by})/{split}"
@@ -159,7 +171,7 @@ class RefCocoDataset(Dataset):
         image_id = group[0]["image_id"]
         image = images.get(image_id)
         refs = tuple(
-            _Ref(ref["ref_id"], ref["ann_id"], tuple(s["raw"].strip().lower() for s in ref["sentences"]))
+            _Ref(ref["ref_id"], ref["ann_id"], tuple(self._normalise(s["raw"]) for s in ref["sentences"]))
             for ref in group
         )
         return _Item(
@@ -171,6 +183,10 @@ class RefCocoDataset(Dataset):
             refs=refs,
             problem=self._find_problem(sample_id, image_id, image, refs, annotations),
         )
+
+    def _normalise(self, sentence: str) -> str:
+        sentence = sentence.lower()
+        return sentence.strip() if self.strip_sentences else sentence
 
     def _find_problem(
         self,
@@ -260,9 +276,12 @@ class RefCocoDataset(Dataset):
         self.epoch = epoch
 
     def _choose_sentences(self, ref: _Ref) -> tuple[str, ...]:
-        if self.text_mode == "select_first":
+        if self.text_mode == "first":
             return ref.sentences[:1]
-        if self.text_mode == "random":
-            draw = np.random.default_rng([self.seed, self.epoch, ref.ref_id]).integers(len(ref.sentences))
-            return (ref.sentences[int(draw)],)
-        return ref.sentences
+        if self.text_mode == "all":
+            return ref.sentences
+        # A function of its key alone (no state): what a fresh copy of the dataset, in another worker or a
+        # resumed run, draws too.
+        per_epoch = [self.epoch] if self.text_mode == "random_per_epoch" else []
+        key = [self.seed, *per_epoch, ref.ref_id]
+        return (ref.sentences[int(np.random.default_rng(key).integers(len(ref.sentences)))],)

@@ -68,8 +68,8 @@ class TrainingSampler(Sampler[EpochIndex]):
     that all ranks take the same number of steps.
 
     The items are ``EpochIndex(epoch, index)``: a dataset with per-epoch randomness (RefCOCO
-    ``text_mode="random"``) reads the epoch from the index, in whichever worker loads the item, since workers
-    hold their own copies of the dataset.
+    ``text_mode="random_per_epoch"``) reads the epoch from the index, in whichever worker loads the item,
+    since workers hold their own copies of the dataset.
     """
 
     def __init__(

@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PretrainedConfig,
+)
 
 from flmm_lightning.data.sample import NOT_GROUNDED, GroundingSample
 from flmm_lightning.lmm.base import (
@@ -52,6 +58,10 @@ class ChatPromptBuilder(PromptBuilder):
     The sequence (prompt, image tokens, utterances) must fit ``max_length``, by default the LMM's
     ``max_position_embeddings``: ``__call__`` refuses a sample that does not fit (``ContextOverflowError``);
     ``fit_to_context`` (training) first drops the trailing objects that do not fit.
+
+    ``use_fast``: which image processor turns the image into pixels: ``False`` the PIL one (transformers 4's
+    default, the "slow" processor), ``True`` the torchvision one (transformers 5's default); ``None`` leaves
+    the choice to transformers. The two differ by float round-off and in their resampling filters.
     """
 
     # Class names of the processors this family reads (empty: any).
@@ -64,10 +74,12 @@ class ChatPromptBuilder(PromptBuilder):
         pretrained: str | os.PathLike,
         instruction: str = DEFAULT_INSTRUCTION,
         max_length: int | None = None,
+        use_fast: bool | None = None,
     ) -> None:
         self.pretrained = str(pretrained)
         self.instruction = instruction
         self.max_length = max_length
+        self.use_fast = use_fast
         self._processor: Any = None
         self._prompt: str | None = None
         self._context: int | None = None
@@ -79,7 +91,14 @@ class ChatPromptBuilder(PromptBuilder):
         return state
 
     def _load(self) -> None:
-        processor = AutoProcessor.from_pretrained(self.pretrained, trust_remote_code=False)
+        chosen: dict[str, Any] = {}
+        if self.use_fast is not None:
+            # transformers 5 names the image processors by backend ("use_fast" is deprecated there).
+            backend = "torchvision" if self.use_fast else "pil"
+            chosen["image_processor"] = AutoImageProcessor.from_pretrained(
+                self.pretrained, backend=backend, trust_remote_code=False
+            )
+        processor = AutoProcessor.from_pretrained(self.pretrained, trust_remote_code=False, **chosen)
         found = type(processor).__name__
         if self.processor_classes and found not in self.processor_classes:
             expected = " or ".join(self.processor_classes)

@@ -25,6 +25,8 @@ class Qwen2VLPromptBuilder(ChatPromptBuilder):
     ``max_pixels`` (aspect ratio kept, sides a multiple of 28) and upscales one below ``min_pixels``; the
     builder warns once when it downscales. An image more than 200 times wider than tall (or the reverse) is
     refused with the sample named.
+
+    ``use_fast`` defaults to ``False``: the PIL image processor, which the reference's transformers used.
     """
 
     fewer_image_tokens_hint = "lower model.prompt.max_pixels"
@@ -36,8 +38,9 @@ class Qwen2VLPromptBuilder(ChatPromptBuilder):
         min_pixels: int | None = None,
         instruction: str = DEFAULT_INSTRUCTION,
         max_length: int | None = None,
+        use_fast: bool | None = False,
     ) -> None:
-        super().__init__(pretrained, instruction=instruction, max_length=max_length)
+        super().__init__(pretrained, instruction=instruction, max_length=max_length, use_fast=use_fast)
         self.max_pixels = max_pixels
         self.min_pixels = min_pixels
         self._size: dict[str, int] | None = None

@@ -6,11 +6,14 @@ from flmm_lightning.metrics.keywords import KeywordSelectionMetric
 from flmm_lightning.metrics.panoptic import PanopticNarrativeRecall
 from flmm_lightning.metrics.reasonseg import ReasonSegMetric
 from flmm_lightning.metrics.referring import ReferringSegmentationMetric
+from flmm_lightning.metrics.split import SPLIT_KINDS, SplitMetrics
 
 __all__ = [
+    "SPLIT_KINDS",
     "BoxIoUMetric",
     "KeywordSelectionMetric",
     "PanopticNarrativeRecall",
     "ReasonSegMetric",
     "ReferringSegmentationMetric",
+    "SplitMetrics",
 ]

@@ -14,6 +14,10 @@ from flmm_lightning.metrics.functional import _box_iou_compute, _box_iou_update
 class BoxIoUMetric(Metric):
     """IoU of the tight boxes of predicted and true masks.
 
+    This project's addition (referring expression comprehension read from masks): neither the official
+    F-LMM nor its Qwen fork reports it for the fine masks. On the coarse masks it is the seed analysis's
+    coarse-stage evaluation (``SplitMetrics``' ``coarse_box_*``).
+
     ``update(pred_masks, gt_masks)`` takes boolean ``[n, H, W]`` tensors. Each mask's box is
     ``torchvision.ops.masks_to_boxes`` (inclusive ``[x0, y0, x1, y1]``), and areas count pixels, so a box
     covers ``(x1 - x0 + 1) * (y1 - y0 + 1)``. An empty mask has no box: IoU 0 against a non-empty mask,

@@ -22,8 +22,10 @@ class PanopticNarrativeRecall(Metric):
     ``[n]`` flags. A plural phrase counts as a thing: the caller passes ``is_thing`` already True for
     plurals. ``compute()`` returns a dict of floats:
 
-    - ``AR``: area under "fraction of objects with IoU >= t" for ``t = i * 1e-5``, ``i < 100000``
-      (``sum_i 1e-5 * recall(t_i)``), exactly as the reference evaluates it;
+    - ``AR``: area under "fraction of objects with IoU >= t" for ``t = i * 1e-5``, ``i < 99999``
+      (``sum_i 1e-5 * recall(t_i)``), as the reference's loop sums it: its last threshold, 0.99999, has no
+      step and is left out, so a perfect prediction scores 0.99999. Equal to the reference's value to
+      within 1e-11 (its step widths are float64 differences, not exactly 1e-5);
     - ``AR_things`` / ``AR_stuff`` / ``AR_singulars`` / ``AR_plurals``: the same on ``is_thing``,
       ``~is_thing``, ``~is_plural``, ``is_plural``; NaN for an empty subset;
     - ``Acc@0.5``: fraction of objects with IoU > 0.5 (strict);

@@ -1,0 +1,65 @@
+"""Every figure of one evaluation split, from the fine (SAM) and coarse (U-Net) masks of its objects."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from flmm_lightning.metrics.boxes import BoxIoUMetric
+from flmm_lightning.metrics.panoptic import PanopticNarrativeRecall
+from flmm_lightning.metrics.referring import ReferringSegmentationMetric
+
+# "res": referring expression segmentation (RefCOCO family); "png": panoptic narrative grounding.
+SPLIT_KINDS: tuple[str, ...] = ("res", "png")
+
+
+class SplitMetrics(nn.Module):
+    """The metrics of one split: the benchmark's own figures on the fine masks, and box and coarse figures.
+
+    ``compute()`` returns, for both kinds:
+
+    - the fine masks' benchmark figures: ``cIoU``, ``mIoU``, ``Pr@t`` (``"res"``) or ``AR*``, ``Acc@0.5``,
+      ``pixel_acc`` (``"png"``);
+    - ``box_mIoU``, ``box_Acc@0.5``: :class:`BoxIoUMetric` on the fine masks;
+    - ``coarse_cIoU``, ``coarse_mIoU``: the U-Net's masks before SAM (how much the refiner adds);
+    - ``coarse_box_mIoU``, ``coarse_box_Acc@0.5``: :class:`BoxIoUMetric` on the coarse masks, the seed
+      analysis's coarse-stage evaluation (the box of a binarised coarse mask is also SAM's box prompt).
+
+    An empty mask has no box and scores box IoU 0 against a non-empty ground truth, for both stages. Every
+    part is a torchmetrics ``Metric`` with summed state, so the figures are exact across DDP ranks; call
+    ``compute()`` on every rank, then ``reset()``.
+    """
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        if kind not in SPLIT_KINDS:
+            raise ValueError(f"split kind must be one of {SPLIT_KINDS}, got {kind!r}")
+        self.kind = kind
+        self.fine = PanopticNarrativeRecall() if kind == "png" else ReferringSegmentationMetric()
+        self.fine_box = BoxIoUMetric()
+        self.coarse = ReferringSegmentationMetric()
+        self.coarse_box = BoxIoUMetric()
+
+    def update(
+        self, fine_masks: Tensor, coarse_masks: Tensor, gt_masks: Tensor, is_thing: Tensor, is_plural: Tensor
+    ) -> None:
+        """Boolean ``[n, H, W]`` masks of one image's objects (the coarse ones already at the image's size)
+        and their boolean ``[n]`` flags (read by PNG splits only)."""
+        if isinstance(self.fine, PanopticNarrativeRecall):
+            self.fine.update(fine_masks, gt_masks, is_thing, is_plural)
+        else:
+            self.fine.update(fine_masks, gt_masks)
+        self.fine_box.update(fine_masks, gt_masks)
+        self.coarse.update(coarse_masks, gt_masks)
+        self.coarse_box.update(coarse_masks, gt_masks)
+
+    def compute(self) -> dict[str, float]:
+        result = dict(self.fine.compute())
+        result.update(self.fine_box.compute())
+        coarse = self.coarse.compute()
+        result.update({f"coarse_{name}": coarse[name] for name in ("cIoU", "mIoU")})
+        result.update({f"coarse_{name}": value for name, value in self.coarse_box.compute().items()})
+        return result
+
+    def reset(self) -> None:
+        for metric in (self.fine, self.fine_box, self.coarse, self.coarse_box):
+            metric.reset()
