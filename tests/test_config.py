@@ -166,14 +166,14 @@ def test_refcoco_plus_splits_are_addressed_from_the_command_line(
             f"paths.output_dir={tmp_path}",
             "data.test_sets.refcocop_val.split=testB",
             "~data.test_sets.refcocop_testA",
-            "data.train_sets.refcocop_train.text_mode=select_first",
+            "data.train_sets.refcocop_train.text_mode=first",
         ]
     )
     datamodule = build_datamodule(cfg.data, build_prompt_builder(cfg), cfg.sam.image_size)
     plus_splits = [split for split in datamodule.test_names if split.startswith("refcoco+")]
     assert plus_splits == ["refcoco+_val", "refcoco+_testB"]
     assert datamodule.test_sets["refcoco+_val"].name == "refcoco+(unc)/testB"
-    assert datamodule.train_sets["refcocop_train"].text_mode == "select_first"
+    assert datamodule.train_sets["refcocop_train"].text_mode == "first"
 
 
 def test_eval_without_checkpoint_is_a_missing_mandatory_value(tmp_path: Path) -> None:
