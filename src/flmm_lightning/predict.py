@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +22,15 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.ops import masks_to_boxes
 
-from flmm_lightning.builders import build_prompt_builder, module_from_checkpoint, output_dir_of
+from flmm_lightning.builders import ConfigError, build_prompt_builder, module_from_checkpoint, output_dir_of
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.data.images import to_rgb
 from flmm_lightning.data.sample import GroundingSample
 from flmm_lightning.lmm.base import PromptBuilder
 from flmm_lightning.model import FLMMModule
+from flmm_lightning.run_dirs import claim_run_dir, mark_latest
+from flmm_lightning.settings import CHECKPOINT_GROUPS, refuse_checkpoint_groups
 from flmm_lightning.visualize import overlay_masks
 
 register_resolvers()
@@ -104,12 +107,15 @@ class Grounder:
 
 def predict(cfg: DictConfig) -> tuple[Path, Path]:
     """Grounds ``cfg.phrases`` in ``cfg.image``; returns the paths of the overlay PNG and the masks JSON."""
+    refuse_checkpoint_groups([key for key in CHECKPOINT_GROUPS if key in cfg], "predict")
+    output_dir = output_dir_of(cfg)
+    claim_run_dir(output_dir)
     grounder = Grounder.from_checkpoint(cfg.ckpt, device=cfg.device)
     image_path = Path(cfg.image)
     image = to_rgb(Image.open(image_path))
     grounding = grounder.ground(image, list(cfg.phrases))
-    output_dir = output_dir_of(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
+    mark_latest(output_dir)
     overlay_path = output_dir / f"{image_path.stem}_overlay.png"
     overlay_masks(image, grounding.masks, grounding.phrases).save(overlay_path)
     json_path = output_dir / f"{image_path.stem}_masks.json"
@@ -119,9 +125,18 @@ def predict(cfg: DictConfig) -> tuple[Path, Path]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     predict(cfg)
+
+
+def main() -> None:
+    """The CLI: a model, SAM or module override is refused before Hydra composes anything."""
+    try:
+        refuse_checkpoint_groups(sys.argv[1:], "predict")
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+    hydra_main()
 
 
 if __name__ == "__main__":
