@@ -150,7 +150,7 @@ class PauseAtStep(Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_run_saves_a_checkpoint_that_resumes(
     signum: signal.Signals, compose_config: Callable[..., DictConfig], tmp_path: Path
 ) -> None:

@@ -88,8 +88,12 @@ def mark_latest(output_dir: Path) -> Path:
 
 class FreshRunDirectory(HydraCallback):
     """Hydra callback: checks ``hydra.run.dir`` before Hydra writes its ``.hydra/`` config into it, so that a
-    refused run leaves the other run's files untouched."""
+    refused run leaves the other run's files untouched. It ends the process itself: Hydra turns an exception
+    of a callback into a warning and runs the job anyway."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         output_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
-        claim_run_dir(output_dir, OmegaConf.select(config, "ckpt_path", default=None))
+        try:
+            claim_run_dir(output_dir, OmegaConf.select(config, "ckpt_path", default=None))
+        except RunDirectoryInUseError as error:
+            raise SystemExit(f"error: {error}") from None
