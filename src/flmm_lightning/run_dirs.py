@@ -82,7 +82,11 @@ def mark_latest(output_dir: Path) -> Path:
     except OSError as error:
         log.warning("cannot create a symlink in %s (%s): %s names the newest run", link.parent, error, link)
         staged.write_text(f"{output_dir}\n")
-    os.replace(staged, link)
+    try:
+        os.replace(staged, link)
+    except OSError as error:  # e.g. a folder of that name: leave it, the run itself is not affected
+        staged.unlink(missing_ok=True)
+        log.warning("cannot point %s at the newest run %s: %s", link, output_dir, error)
     return link
 
 
