@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.lmm.base import PromptBuilder
-from flmm_lightning.model import FLMMModule
+from flmm_lightning.model import CheckpointMismatchError, FLMMModule
 from flmm_lightning.reporting import read_metrics_json
+from flmm_lightning.safe_config import check_stored_config
 
 # The parts of a run's config that define the model; stored in every checkpoint.
 MODEL_KEYS = ("model", "sam", "module")
@@ -31,8 +32,13 @@ def _container(node: Any) -> Any:
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved model-defining config (plain containers, safe for ``torch.load(weights_only=True)``)."""
+    """The resolved model-defining config (plain containers, safe for ``torch.load(weights_only=True)``).
+
+    The SAM embedding cache is this machine's choice, not part of the model: it is stored as off (a stored
+    config never names a directory to write to, ``safe_config``)."""
     stored = {key: _container(cfg[key]) for key in MODEL_KEYS}
+    if "refiner" in stored["sam"]:
+        stored["sam"]["refiner"]["embedding_cache"] = None
     if cfg.get("data") is not None:
         stored["data"] = _container(cfg.data)
     return stored
@@ -140,12 +146,49 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"cannot load checkpoint {path} safely (weights_only=True): {error}") from error
 
 
-def module_from_checkpoint(path: str | Path) -> tuple[FLMMModule, dict[str, Any]]:
-    """Rebuilds the module from the config stored in the checkpoint and loads its trainable weights."""
-    checkpoint = load_checkpoint(path)
+def _stored_config(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The checkpoint's model config, checked by ``safe_config`` before anything may be built from it."""
     stored = checkpoint.get("flmm_config")
     if not stored or any(key not in stored for key in MODEL_KEYS):
         raise ValueError(f"{path} was not written by flmm-lightning (no model config inside)")
+    check_stored_config(stored, path)
+    return stored
+
+
+def model_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same model beyond tensor shapes: the LMM adapter (family), the model's name,
+    its pretrained weights (the last path component: a hub id and a local copy of it agree) and the SAM
+    variant. (Layers x heads are the U-Net's input channels: ``load_state_dict`` compares those shapes.)"""
+    pretrained = str(config["model"].get("pretrained", "")).rstrip("/")
+    return {
+        "model.lmm._target_": config["model"].get("lmm", {}).get("_target_"),
+        "model.name": config["model"].get("name"),
+        "model.pretrained": pretrained.rsplit("/", 1)[-1],
+        "sam.name": config["sam"].get("name"),
+    }
+
+
+def check_resume(path: str | Path, config: dict[str, Any]) -> None:
+    """A resume must continue the same model: the checkpoint's stored config must pass ``safe_config`` and
+    name the LMM and SAM of this run (``config``: its ``run_config``). Lightning then loads its state."""
+    stored = _stored_config(load_checkpoint(path), path)
+    stored_identity, identity = model_identity(stored), model_identity(config)
+    mismatches = [
+        f"{key}: {stored_identity[key]!r} in the checkpoint, {identity[key]!r} in this run"
+        for key in identity
+        if stored_identity[key] != identity[key]
+    ]
+    if mismatches:
+        raise CheckpointMismatchError(
+            f"cannot resume from {path}: it was trained with another model ({'; '.join(mismatches)}). "
+            "Resume with the checkpoint's own model and SAM, or start a new run."
+        )
+
+
+def module_from_checkpoint(path: str | Path) -> tuple[FLMMModule, dict[str, Any]]:
+    """Rebuilds the module from the config stored in the checkpoint and loads its trainable weights."""
+    checkpoint = load_checkpoint(path)
+    stored = _stored_config(checkpoint, path)
     module = build_module(stored, stored_config=stored)
     module.load_state_dict(checkpoint["state_dict"])
     return module, stored

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -10,6 +11,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from flmm_lightning.builders import (
+    ConfigError,
     build_datamodule,
     build_loggers,
     build_prompt_builder,
@@ -21,13 +23,19 @@ from flmm_lightning.builders import (
 from flmm_lightning.callbacks import HyperparameterLogger, MetricsJsonWriter, PerObjectRecorder
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.reporting import print_metrics
+from flmm_lightning.run_dirs import claim_run_dir, mark_latest
+from flmm_lightning.settings import CHECKPOINT_GROUPS, check_choices, refuse_checkpoint_groups
 
 register_resolvers()
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    refuse_checkpoint_groups([key for key in CHECKPOINT_GROUPS if key in cfg], "eval")
+    check_choices(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = output_dir_of(cfg)
+    claim_run_dir(output_dir)
+    mark_latest(output_dir)
     module, stored = module_from_checkpoint(cfg.ckpt)
     data_cfg = cfg.data if cfg.get("data") is not None else stored.get("data")
     if data_cfg is None:
@@ -57,10 +65,19 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     OmegaConf.set_struct(cfg, False)
     evaluate(cfg)
+
+
+def main() -> None:
+    """The CLI: a model, SAM or module override is refused before Hydra composes anything."""
+    try:
+        refuse_checkpoint_groups(sys.argv[1:], "eval")
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+    hydra_main()
 
 
 if __name__ == "__main__":

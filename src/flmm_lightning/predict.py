@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,15 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.ops import masks_to_boxes
 
-from flmm_lightning.builders import build_prompt_builder, module_from_checkpoint, output_dir_of
+from flmm_lightning.builders import ConfigError, build_prompt_builder, module_from_checkpoint, output_dir_of
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.data.images import UnreadableImageError, as_displayed, load_photo
 from flmm_lightning.data.sample import GroundingSample
 from flmm_lightning.lmm.base import PromptBuilder
 from flmm_lightning.model import FLMMModule
+from flmm_lightning.run_dirs import claim_run_dir, mark_latest
+from flmm_lightning.settings import CHECKPOINT_GROUPS, refuse_checkpoint_groups
 from flmm_lightning.visualize import overlay_masks
 
 register_resolvers()
@@ -141,12 +144,15 @@ def phrase_list(phrases: str | Sequence[str]) -> list[str]:
 
 def predict(cfg: DictConfig) -> tuple[Path, Path]:
     """Grounds ``cfg.phrases`` in ``cfg.image``; returns the paths of the overlay PNG and the masks JSON."""
+    refuse_checkpoint_groups([key for key in CHECKPOINT_GROUPS if key in cfg], "predict")
     image_path = Path(cfg.image)
     image = load_photo(image_path)  # before the model loads: a bad file fails in a second
+    output_dir = output_dir_of(cfg)
+    claim_run_dir(output_dir)
     grounder = Grounder.from_checkpoint(cfg.ckpt, device=cfg.device)
     grounding = grounder.ground(image, cfg.phrases)
-    output_dir = output_dir_of(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
+    mark_latest(output_dir)
     overlay_path = output_dir / f"{image_path.stem}_overlay.png"
     overlay_masks(grounding.image, grounding.masks, grounding.phrases).save(overlay_path)
     json_path = output_dir / f"{image_path.stem}_masks.json"
@@ -156,13 +162,22 @@ def predict(cfg: DictConfig) -> tuple[Path, Path]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         predict(cfg)
     except (UnreadableImageError, PhraseError) as error:
         # A bad input file or phrase list is the user's to fix: one line, no traceback.
         raise SystemExit(f"predict: {error}") from None
+
+
+def main() -> None:
+    """The CLI: a model, SAM or module override is refused before Hydra composes anything."""
+    try:
+        refuse_checkpoint_groups(sys.argv[1:], "predict")
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+    hydra_main()
 
 
 if __name__ == "__main__":

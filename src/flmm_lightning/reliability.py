@@ -1,5 +1,5 @@
-"""Surviving crashes and bad numbers: atomic checkpoint files, dataloader workers that die with the trainer,
-and the non-finite-loss guard of training."""
+"""Surviving crashes and bad numbers: atomic checkpoint files, a checkpoint on Ctrl-C / SIGTERM, dataloader
+workers that die with the trainer, and the non-finite-loss guard of training."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from fsspec.implementations.local import LocalFileSystem
+from lightning import Callback, LightningModule, Trainer
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -141,3 +145,72 @@ class NonFiniteStreak:
             f"(module.max_consecutive_nonfinite={self.limit}); their optimizer steps were skipped. "
             "Samples of those batches:\n" + "\n".join(lines)
         )
+
+
+class CheckpointOnInterrupt(Callback):
+    """Ctrl-C (SIGINT) or SIGTERM (``kill``, a SLURM pre-emption) during training: the batch in progress
+    finishes, ``last.ckpt`` is saved (through the trainer's checkpoint IO: ``AtomicCheckpointIO`` writes a
+    temporary file and renames it) and the run stops; ``ckpt_path=<run>/checkpoints/last.ckpt`` resumes
+    from that step. A second Ctrl-C stops at once, without saving.
+
+    The checkpoint is taken where ``ModelCheckpoint`` takes its own (the end of a training batch), never in
+    the middle of an optimizer step. SIGTERM is Lightning's own handling (it stops after the batch); this
+    callback saves first. Under DDP every rank stops at the same batch (the decision is reduced).
+    """
+
+    def __init__(self) -> None:
+        self._sigint = False
+        self._previous_handler: Any = None
+        self._saved_step: int | None = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._sigint:
+            raise KeyboardInterrupt
+        self._sigint = True
+        log.warning("Ctrl-C: saving a checkpoint after this training batch, then stopping (again: stop now)")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sigint = False
+        self._saved_step = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_handler)
+        self._previous_handler = None
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_handler()
+        if self._sigint:  # after the last batch (e.g. in the last validation): the run is complete
+            raise KeyboardInterrupt
+
+    def _save(self, trainer: Trainer) -> None:
+        if self._saved_step == trainer.global_step:
+            return
+        callback = trainer.checkpoint_callback
+        folder = callback.dirpath if callback is not None and callback.dirpath else None
+        path = Path(folder or Path(trainer.default_root_dir) / "checkpoints") / "last.ckpt"
+        trainer.save_checkpoint(path)
+        self._saved_step = trainer.global_step
+        log.warning("interrupted at step %d: saved %s", trainer.global_step, path)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        requested = trainer.strategy.reduce_boolean_decision(
+            self._sigint or trainer.received_sigterm, all=False
+        )
+        if not requested:
+            return
+        self._save(trainer)
+        if not trainer.received_sigterm:  # SIGTERM: Lightning stops the run itself after this batch
+            self._restore_handler()
+            raise KeyboardInterrupt
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
+        # Lightning stops a SIGTERMed run between two batches (training or validation ones); when the signal
+        # came after this callback's batch-end check, it saves here (Lightning resumes mid-validation too).
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
+            self._save(trainer)

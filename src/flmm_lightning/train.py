@@ -18,6 +18,7 @@ from flmm_lightning.builders import (
     build_loggers,
     build_module,
     build_prompt_builder,
+    check_resume,
     finish_wandb,
     output_dir_of,
     run_config,
@@ -28,6 +29,8 @@ from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.data.datamodule import split_name
 from flmm_lightning.metrics import ReferringSegmentationMetric
 from flmm_lightning.reporting import print_metrics, write_metrics_json
+from flmm_lightning.run_dirs import claim_run_dir, mark_latest
+from flmm_lightning.settings import check_choices
 
 register_resolvers()
 
@@ -43,12 +46,19 @@ def whole_image_baseline(dataset: torch.utils.data.Dataset) -> dict[str, float]:
 
 
 def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    check_choices(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = output_dir_of(cfg)
+    ckpt_path = cfg.get("ckpt_path")
+    claim_run_dir(output_dir, ckpt_path)
+    stored = run_config(cfg)
+    if ckpt_path:
+        check_resume(ckpt_path, stored)
+    mark_latest(output_dir)
     metrics_path = output_dir / "metrics.json"
     prompt_builder = build_prompt_builder(cfg)
     datamodule = build_datamodule(cfg.data, prompt_builder, cfg.sam.image_size)
-    module = build_module(cfg, stored_config=run_config(cfg))
+    module = build_module(cfg, stored_config=stored)
     run_test = bool(cfg.get("test_after_fit") and datamodule.test_names)
     callbacks = [*build_callbacks(cfg.get("callbacks")), HyperparameterLogger.from_config(cfg)]
     if run_test:
@@ -56,7 +66,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.get("logger")) or False
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     results: dict[str, dict[str, float]] = {}
     if run_test:

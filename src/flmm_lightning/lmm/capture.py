@@ -189,8 +189,10 @@ class FusedCapture(AttentionCapture):
         return outputs, recorder.stacked()
 
 
+CAPTURES: dict[str, type[AttentionCapture]] = {"eager": EagerCapture, "fused": FusedCapture}
+
+
 def build_capture(name: str) -> AttentionCapture:
-    captures: dict[str, type[AttentionCapture]] = {"eager": EagerCapture, "fused": FusedCapture}
-    if name not in captures:
-        raise ValueError(f"capture must be one of {sorted(captures)}, got {name!r}")
-    return captures[name]()
+    if name not in CAPTURES:
+        raise ValueError(f"capture must be one of {sorted(CAPTURES)}, got {name!r}")
+    return CAPTURES[name]()

@@ -281,13 +281,16 @@ class ChatPromptBuilder(PromptBuilder):
         )
 
 
+TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MERGE_MODES = ("mean", "max")
+
+
 def resolve_dtype(torch_dtype: str) -> torch.dtype:
     if torch_dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if torch_dtype not in dtypes:
+    if torch_dtype not in TORCH_DTYPES:
         raise ValueError(f"torch_dtype must be 'auto', 'float32' or 'bfloat16', got {torch_dtype!r}")
-    return dtypes[torch_dtype]
+    return TORCH_DTYPES[torch_dtype]
 
 
 def padded_positions(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,8 +338,8 @@ class HFGroundingAdapter(FrozenLMM):
         """``pretrained``: a hub id or a local directory; or a config, for a randomly initialised model of
         that architecture (benchmarks: created on the current default device, ``with torch.device(...)``)."""
         super().__init__()
-        if merge not in ("mean", "max"):
-            raise ValueError(f"merge must be 'mean' or 'max', got {merge!r}")
+        if merge not in MERGE_MODES:
+            raise ValueError(f"merge must be one of {MERGE_MODES}, got {merge!r}")
         self.merge = merge
         self.capture = build_capture(capture)
         load_kwargs = dict(
