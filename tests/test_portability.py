@@ -35,13 +35,14 @@ def test_no_tracked_file_names_a_machine_path() -> None:
     assert not found, "absolute machine paths in tracked files:\n" + "\n".join(found)
 
 
+# The examples are split after their first "/" so that this file itself passes the scan above.
 @pytest.mark.parametrize(
     "text, machine",
     [
-        (b'Path("/work/shared/fixtures")', True),
-        (b"cache: /root/.cache/x", True),
-        (b"see /home/alice/data", True),
-        (b"open('/Users/bob/x.png')", True),
+        (b'Path("/' + b'work/shared/fixtures")', True),
+        (b"cache: /" + b"root/.cache/x", True),
+        (b"see /" + b"home/alice/data", True),
+        (b"open('/" + b"Users/bob/x.png')", True),
         (b"https://example.org/home/alice/page", False),
         (b"tmp_path / 'work' / 'x'", False),
         (b"/tmp/flmm_assets", False),
