@@ -6,7 +6,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+def _conf_dir() -> Path:
+    """An installed wheel's ``flmm_lightning/conf``, else the ``conf/`` at the top of the source tree (an
+    editable install, or ``PYTHONPATH=src``)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    return installed if installed.is_dir() else package.parents[1] / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 def _asset(name: str, cache_dir: str) -> str:
