@@ -10,6 +10,8 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from flmm_lightning.builders import (
+    MODEL_KEYS,
+    ConfigError,
     build_datamodule,
     build_loggers,
     build_prompt_builder,
@@ -19,7 +21,7 @@ from flmm_lightning.builders import (
     test_results,
 )
 from flmm_lightning.callbacks import MetricsJsonWriter, PerObjectRecorder
-from flmm_lightning.config import CONF_DIR, register_resolvers
+from flmm_lightning.config import CONF_DIR, paths_read, register_resolvers
 from flmm_lightning.reporting import print_metrics
 
 register_resolvers()
@@ -28,12 +30,27 @@ register_resolvers()
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = output_dir_of(cfg)
-    module, stored = module_from_checkpoint(cfg.ckpt)
-    data_cfg = cfg.data if cfg.get("data") is not None else stored.get("data")
+    # data=<name> (a whole data config: it names its _target_) replaces the stored one; the command line's
+    # other keys of stored sections (++data.eval_batch_size=8, ++model.pretrained=<dir>) patch them.
+    data_chosen = cfg.get("data") is not None and "_target_" in cfg.data
+    patched = [key for key in (*MODEL_KEYS, "data") if cfg.get(key) is not None]
+    overrides = {key: cfg[key] for key in patched if not (key == "data" and data_chosen)}
+    module, config = module_from_checkpoint(cfg.ckpt, paths=cfg.paths, overrides=overrides)
+    data_cfg = cfg.data if data_chosen else config.get("data")
     if data_cfg is None:
         raise ValueError(f"{cfg.ckpt} stores no data config: pass data=<name> (see conf/data/)")
-    prompt_builder = build_prompt_builder(stored)
-    datamodule = build_datamodule(data_cfg, prompt_builder, stored["sam"]["image_size"])
+    prompt_builder = build_prompt_builder(config)
+    try:
+        datamodule = build_datamodule(data_cfg, prompt_builder, config.sam.image_size)
+    except ConfigError as error:
+        read = [] if data_chosen else paths_read(OmegaConf.to_container(data_cfg, resolve=False))
+        if not read:
+            raise
+        here = ", ".join(f"{key} = {OmegaConf.select(config, key)}" for key in read)
+        raise ConfigError(
+            f"{error}\n{cfg.ckpt} stores its data config relative to {here} on this machine: set "
+            f"{read[0]}=<the folder that holds the data>, or choose data=<name>"
+        ) from error
     if cfg.stage == "val":
         datamodule.test_sets = datamodule.val_sets
     # Both files are written by global rank 0 of the processes that run the test loop (workers under

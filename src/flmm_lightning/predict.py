@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -69,9 +71,12 @@ class Grounder:
         self.collate = GroundingCollate(prompt_builder)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Grounder:
-        module, stored = module_from_checkpoint(path)
-        return cls(module, build_prompt_builder(stored), stored["sam"]["image_size"], device=device)
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "auto", paths: Mapping[str, Any] | None = None
+    ) -> Grounder:
+        """``paths``: this machine's ``paths.*`` (data, SAM weights, asset cache); the defaults when None."""
+        module, config = module_from_checkpoint(path, paths=paths)
+        return cls(module, build_prompt_builder(config), config.sam.image_size, device=device)
 
     @torch.no_grad()
     def ground(self, image: Image.Image | str | Path, phrases: list[str]) -> Grounding:
@@ -104,7 +109,7 @@ class Grounder:
 
 def predict(cfg: DictConfig) -> tuple[Path, Path]:
     """Grounds ``cfg.phrases`` in ``cfg.image``; returns the paths of the overlay PNG and the masks JSON."""
-    grounder = Grounder.from_checkpoint(cfg.ckpt, device=cfg.device)
+    grounder = Grounder.from_checkpoint(cfg.ckpt, device=cfg.device, paths=cfg.paths)
     image_path = Path(cfg.image)
     image = to_rgb(Image.open(image_path))
     grounding = grounder.ground(image, list(cfg.phrases))
