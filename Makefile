@@ -10,7 +10,7 @@ export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 export MALLOC_TOP_PAD_ := 536870912
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench dist clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: setup
 bench: setup
 	$(PY) -m flmm_lightning.bench --size tiny --out outputs/bench/tiny.json
 
+# The wheel (configs inside): pip install dist/flmm_lightning-*.whl
+dist: setup
+	$(PY) -m pip wheel --no-deps -w dist .
+
 clean:
-	rm -rf outputs wandb lightning_logs multirun .pytest_cache
+	rm -rf outputs wandb lightning_logs multirun .pytest_cache build dist
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

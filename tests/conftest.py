@@ -1,14 +1,47 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the environment every test runs in."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from flmm_lightning.data.synthetic import SyntheticPaths, write_synthetic_dataset
+if TYPE_CHECKING:
+    from flmm_lightning.data.synthetic import SyntheticPaths
+
+# The small real-data fixtures, inside the repository (tests/fixtures/README.md: origin and licence of each).
+FIXTURES_DIR = Path(__file__).parent / "fixtures"
+# The temporary folder that stands in for the user's caches during a session.
+_TEMP_HOME = pytest.StashKey[Path]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Runs before any test module is imported (this file imports no project code at module level), so before
+    anything imports transformers: nothing reaches the network, and the tiny assets, the Hugging Face, W&B
+    and other XDG caches go to one temporary folder, removed at the end, instead of the user's home."""
+    home = Path(tempfile.mkdtemp(prefix="flmm_tests_"))
+    config.stash[_TEMP_HOME] = home
+    os.environ.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        WANDB_MODE="offline",
+        FLMM_CACHE_DIR=str(home / "flmm_assets"),
+        HF_HOME=str(home / "huggingface"),
+        XDG_CACHE_HOME=str(home / "cache"),
+        WANDB_CACHE_DIR=str(home / "wandb_cache"),
+        WANDB_CONFIG_DIR=str(home / "wandb_config"),
+        WANDB_DATA_DIR=str(home / "wandb_data"),
+    )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    home = config.stash.get(_TEMP_HOME, None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def intra_op_threads() -> int:
@@ -17,18 +50,10 @@ def intra_op_threads() -> int:
 
 
 # ---- data fixtures ---------------------------------------------------------------------------------------
-# The real annotation fixtures (read-only; copy before modifying). FLMM_FIXTURES_DIR overrides the location.
-_FIXTURE_CANDIDATES = (Path(__file__).parent / "fixtures", Path("/work/shared/fixtures"))
-
-
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    override = os.environ.get("FLMM_FIXTURES_DIR")
-    candidates = (Path(override),) if override else _FIXTURE_CANDIDATES
-    for candidate in candidates:
-        if (candidate / "coco_sample").is_dir():
-            return candidate
-    raise FileNotFoundError(f"test fixtures not found in {candidates}; set FLMM_FIXTURES_DIR")
+    """The real annotation fixtures (read-only; ``coco_sample`` gives a writable copy)."""
+    return FIXTURES_DIR
 
 
 @pytest.fixture
@@ -40,6 +65,8 @@ def coco_sample(fixtures_dir: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> SyntheticPaths:
     """A small synthetic dataset in the real RefCOCO / PNG formats, written once per session."""
+    from flmm_lightning.data.synthetic import write_synthetic_dataset
+
     return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), num_train=12, num_val=6)
 
 

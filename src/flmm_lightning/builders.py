@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from lightning import Callback, Trainer
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from flmm_lightning.config import check_input_files, config_on_this_machine, portable_container
 from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.lmm.base import PromptBuilder
 from flmm_lightning.model import CheckpointMismatchError, FLMMModule
@@ -27,20 +29,17 @@ class ConfigError(ValueError):
     """A config value that cannot work (names the config key)."""
 
 
-def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
 def run_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved model-defining config (plain containers, safe for ``torch.load(weights_only=True)``).
+    """The model-defining config a checkpoint stores: plain containers (safe for
+    ``torch.load(weights_only=True)``) and portable (``config.portable_container``: paths stay
+    ``${paths.*}``).
 
     The SAM embedding cache is this machine's choice, not part of the model: it is stored as off (a stored
     config never names a directory to write to, ``safe_config``)."""
-    stored = {key: _container(cfg[key]) for key in MODEL_KEYS}
+    keys = [*MODEL_KEYS, "data"] if cfg.get("data") is not None else list(MODEL_KEYS)
+    stored = portable_container(cfg, keys)
     if "refiner" in stored["sam"]:
         stored["sam"]["refiner"]["embedding_cache"] = None
-    if cfg.get("data") is not None:
-        stored["data"] = _container(cfg.data)
     return stored
 
 
@@ -185,10 +184,20 @@ def check_resume(path: str | Path, config: dict[str, Any]) -> None:
         )
 
 
-def module_from_checkpoint(path: str | Path) -> tuple[FLMMModule, dict[str, Any]]:
-    """Rebuilds the module from the config stored in the checkpoint and loads its trainable weights."""
+def module_from_checkpoint(
+    path: str | Path,
+    paths: DictConfig | Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[FLMMModule, DictConfig]:
+    """Rebuilds the module from the config stored in the checkpoint and loads its trainable weights.
+
+    The stored config is checked first (``safe_config``), then resolved on this machine
+    (``config.config_on_this_machine``): ``paths`` (this machine's ``paths.*``; the defaults when None)
+    and the command line's ``overrides`` of stored sections. Returns the module and that config."""
     checkpoint = load_checkpoint(path)
     stored = _stored_config(checkpoint, path)
-    module = build_module(stored, stored_config=stored)
+    config = config_on_this_machine(stored, paths, overrides, source=str(path))
+    check_input_files(config, source=str(path))
+    module = build_module(config, stored_config=stored)
     module.load_state_dict(checkpoint["state_dict"])
-    return module, stored
+    return module, config

@@ -128,18 +128,19 @@ class HyperparameterLogger(Callback):
         self.hyperparameters = hyperparameters
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, stored: dict[str, Any] | None = None) -> HyperparameterLogger:
-        """The resolved ``cfg`` (Hydra's own section left out) over ``stored``, the config a checkpoint
-        carries (model, SAM, module, data), where ``cfg`` does not set a key."""
-        merged = dict(stored or {})
-        for key in cfg:
-            if key == "hydra":
-                continue
-            value = cfg[key]
-            value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-            if value is not None:
-                merged[key] = value
-        return cls(merged)
+    def from_config(
+        cls, cfg: DictConfig, stored: DictConfig | dict[str, Any] | None = None
+    ) -> HyperparameterLogger:
+        """The resolved ``cfg`` (Hydra's own section left out) merged over ``stored``, the config a checkpoint
+        carries (model, SAM, module, data): a key ``cfg`` sets wins, the rest of a stored section stays."""
+        merged = OmegaConf.merge(stored or {}, {key: cfg[key] for key in cfg if key != "hydra"})
+        return cls(
+            {
+                key: value
+                for key, value in OmegaConf.to_container(merged, resolve=True).items()
+                if value is not None
+            }
+        )
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if trainer.is_global_zero:

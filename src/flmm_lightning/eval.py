@@ -11,6 +11,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from flmm_lightning.builders import (
+    MODEL_KEYS,
     ConfigError,
     build_datamodule,
     build_loggers,
@@ -21,27 +22,42 @@ from flmm_lightning.builders import (
     test_results,
 )
 from flmm_lightning.callbacks import HyperparameterLogger, MetricsJsonWriter, PerObjectRecorder
-from flmm_lightning.config import CONF_DIR, register_resolvers
+from flmm_lightning.config import CONF_DIR, paths_read, register_resolvers
 from flmm_lightning.reporting import print_metrics
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
-from flmm_lightning.settings import CHECKPOINT_GROUPS, check_choices, refuse_checkpoint_groups
+from flmm_lightning.settings import check_choices, chosen_checkpoint_groups, refuse_checkpoint_groups
 
 register_resolvers()
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
-    refuse_checkpoint_groups([key for key in CHECKPOINT_GROUPS if key in cfg], "eval")
+    refuse_checkpoint_groups(chosen_checkpoint_groups(cfg), "eval")
     check_choices(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = output_dir_of(cfg)
     claim_run_dir(output_dir)
     mark_latest(output_dir)
-    module, stored = module_from_checkpoint(cfg.ckpt)
-    data_cfg = cfg.data if cfg.get("data") is not None else stored.get("data")
+    # data=<name> (a whole data config: it names its _target_) replaces the stored one; the command line's
+    # other keys of stored sections (++data.eval_batch_size=8, ++model.pretrained=<dir>) patch them.
+    data_chosen = cfg.get("data") is not None and "_target_" in cfg.data
+    patched = [key for key in (*MODEL_KEYS, "data") if cfg.get(key) is not None]
+    overrides = {key: cfg[key] for key in patched if not (key == "data" and data_chosen)}
+    module, config = module_from_checkpoint(cfg.ckpt, paths=cfg.paths, overrides=overrides)
+    data_cfg = cfg.data if data_chosen else config.get("data")
     if data_cfg is None:
         raise ValueError(f"{cfg.ckpt} stores no data config: pass data=<name> (see conf/data/)")
-    prompt_builder = build_prompt_builder(stored)
-    datamodule = build_datamodule(data_cfg, prompt_builder, stored["sam"]["image_size"])
+    prompt_builder = build_prompt_builder(config)
+    try:
+        datamodule = build_datamodule(data_cfg, prompt_builder, config.sam.image_size)
+    except ConfigError as error:
+        read = [] if data_chosen else paths_read(OmegaConf.to_container(data_cfg, resolve=False))
+        if not read:
+            raise
+        here = ", ".join(f"{key} = {OmegaConf.select(config, key)}" for key in read)
+        raise ConfigError(
+            f"{error}\n{cfg.ckpt} stores its data config relative to {here} on this machine: set "
+            f"{read[0]}=<the folder that holds the data>, or choose data=<name>"
+        ) from error
     if cfg.stage == "val":
         datamodule.test_sets = datamodule.val_sets
     # Both files are written by global rank 0 of the processes that run the test loop (workers under
@@ -50,7 +66,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     callbacks = [
         PerObjectRecorder(output_dir / "per_object.csv"),
         MetricsJsonWriter(metrics_path),
-        HyperparameterLogger.from_config(cfg, stored),
+        HyperparameterLogger.from_config(cfg, config),
     ]
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.get("logger")) or False

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -32,7 +33,7 @@ from flmm_lightning.data.sample import GroundingSample
 from flmm_lightning.lmm.base import PromptBuilder
 from flmm_lightning.model import FLMMModule
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
-from flmm_lightning.settings import CHECKPOINT_GROUPS, refuse_checkpoint_groups
+from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups
 from flmm_lightning.visualize import overlay_masks
 
 register_resolvers()
@@ -75,9 +76,17 @@ class Grounder:
         self.collate = GroundingCollate(prompt_builder)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Grounder:
-        module, stored = module_from_checkpoint(path)
-        return cls(module, build_prompt_builder(stored), stored["sam"]["image_size"], device=device)
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        paths: Mapping[str, Any] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Grounder:
+        """``paths``: this machine's ``paths.*`` (data, SAM weights, asset cache), the defaults when None;
+        ``overrides``: patches of stored settings by section (``{"model": {"pretrained": <dir>}}``)."""
+        module, config = module_from_checkpoint(path, paths=paths, overrides=overrides)
+        return cls(module, build_prompt_builder(config), config.sam.image_size, device=device)
 
     @torch.no_grad()
     def ground(self, image: Image.Image | str | Path, phrases: str | Sequence[str]) -> Grounding:
@@ -144,12 +153,13 @@ def phrase_list(phrases: str | Sequence[str]) -> list[str]:
 
 def predict(cfg: DictConfig) -> tuple[Path, Path]:
     """Grounds ``cfg.phrases`` in ``cfg.image``; returns the paths of the overlay PNG and the masks JSON."""
-    refuse_checkpoint_groups([key for key in CHECKPOINT_GROUPS if key in cfg], "predict")
+    refuse_checkpoint_groups(chosen_checkpoint_groups(cfg), "predict")
     image_path = Path(cfg.image)
     image = load_photo(image_path)  # before the model loads: a bad file fails in a second
     output_dir = output_dir_of(cfg)
     claim_run_dir(output_dir)
-    grounder = Grounder.from_checkpoint(cfg.ckpt, device=cfg.device)
+    patches = {key: cfg[key] for key in CHECKPOINT_GROUPS if cfg.get(key) is not None}
+    grounder = Grounder.from_checkpoint(cfg.ckpt, device=cfg.device, paths=cfg.paths, overrides=patches)
     grounding = grounder.ground(image, cfg.phrases)
     output_dir.mkdir(parents=True, exist_ok=True)
     mark_latest(output_dir)

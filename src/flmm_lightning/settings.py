@@ -59,15 +59,33 @@ def check_choices(cfg: DictConfig) -> None:
         raise ConfigError("unknown value: " + "; ".join(problems))
 
 
+# What a whole config group chosen on the command line (``model=<name>``) holds, unlike a patch of one stored
+# setting (``++model.pretrained=<dir>``), which leaves the rest of the checkpoint's section as it was.
+_GROUP_MARKERS = {"model": "lmm", "sam": "refiner", "module": "_target_"}
+
+
+def chosen_checkpoint_groups(cfg: DictConfig) -> list[str]:
+    """The model, SAM and module groups that a composed eval/predict config chose as a whole."""
+    return [
+        group
+        for group, marker in _GROUP_MARKERS.items()
+        if isinstance(cfg.get(group), DictConfig) and marker in cfg[group]
+    ]
+
+
 def refuse_checkpoint_groups(overrides: Sequence[str], entry_point: str) -> None:
     """``eval`` and ``predict`` rebuild the model from the checkpoint: a ``model=``, ``+model=``, ``sam=``,
-    ``module.*`` ... override would be ignored (or fail with Hydra's "No match in the defaults list")."""
+    ``module.*`` ... override would be ignored (or fail with Hydra's "No match in the defaults list"). A
+    ``++<group>.<key>=<value>`` patch of one stored setting is allowed."""
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("~+")
+        key = override.split("=", 1)[0]
+        if key.startswith("++") and "." in key:
+            continue
+        key = key.lstrip("~+")
         group = key.split("@", 1)[0].split(".", 1)[0].split("/", 1)[0]
         if group in CHECKPOINT_GROUPS:
             raise ConfigError(
                 f"{entry_point}: `{override}`: the model, SAM and module settings come from the checkpoint "
-                f"(ckpt=...), {entry_point} takes no {group} override; to use another model, pass its "
-                "checkpoint"
+                f"(ckpt=...), {entry_point} takes no {group} override (`++{group}.<key>=<value>` patches one "
+                "stored setting); to use another model, pass its checkpoint"
             )

@@ -81,11 +81,6 @@ class FrozenLMM(nn.Module, ABC):
         where transformers registers the layer outputs a model can record; without that registration in the
         new process, ``output_hidden_states=True`` returns None. Registers every Hugging Face model inside."""
         super().__setstate__(state)
-        try:
-            from transformers import PreTrainedModel
-            from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-        except ImportError:  # a transformers version without the registry needs nothing
-            return
-        for module in self.modules():
-            if isinstance(module, PreTrainedModel):
-                _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+        from flmm_lightning.lmm.compat import restore_output_recording
+
+        restore_output_recording(self)

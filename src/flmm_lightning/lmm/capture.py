@@ -22,10 +22,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import ModelOutput
+
+from flmm_lightning.lmm.compat import register_sdpa_like_attention, sdpa_attention_forward
 
 CAPTURE_ATTENTION = "flmm_capture"
 
@@ -122,10 +121,7 @@ def capture_attention_forward(
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
-AttentionInterface.register(CAPTURE_ATTENTION, capture_attention_forward)
-# Same masks as SDPA (None for a plain causal batch, else boolean [B, 1, Q, K]); without this entry the model
-# would build no mask at all for an unknown implementation.
-AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)
+register_sdpa_like_attention(CAPTURE_ATTENTION, capture_attention_forward)
 
 
 @contextmanager

@@ -35,6 +35,7 @@ from flmm_lightning.lmm.base import (
     PromptInputs,
 )
 from flmm_lightning.lmm.capture import build_capture
+from flmm_lightning.lmm.compat import num_image_tokens
 
 DEFAULT_INSTRUCTION = "Please give me a description of the image."
 
@@ -135,8 +136,7 @@ class ChatPromptBuilder(PromptBuilder):
     def _image_tokens(self, sample: GroundingSample) -> int:
         """How many tokens the processor gives this sample's image (cheap: no pixels are processed); by
         default the processor's own count for the image's size."""
-        size = [[sample.image.height, sample.image.width]]
-        return self.processor._get_num_multimodal_tokens(image_sizes=size)["num_image_tokens"][0]
+        return num_image_tokens(self.processor, sample.image.height, sample.image.width)
 
     @abstractmethod
     def _encode_image(self, sample: GroundingSample) -> EncodedImage:

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.image_processing_utils import select_best_resolution
 
 from flmm_lightning.data.sample import GroundingSample
+from flmm_lightning.lmm.compat import select_best_resolution, unpadded_features
 from flmm_lightning.lmm.hf import ChatPromptBuilder, EncodedImage, HFGroundingAdapter
 
 
@@ -33,9 +33,7 @@ class LlavaNextPromptBuilder(ChatPromptBuilder):
         side = image_processor.crop_size.height  # every crop, the base image included, is side x side
         best_h, best_w = select_best_resolution([height, width], image_processor.image_grid_pinpoints)
         patches = side // processor.patch_size
-        cells, rows = processor._get_unpadded_features(
-            height, width, patches, patches, best_h // side, best_w // side
-        )
+        cells, rows = unpadded_features(processor, height, width, patches, best_h // side, best_w // side)
         return rows, cells // rows
 
     def _encode_image(self, sample: GroundingSample) -> EncodedImage:

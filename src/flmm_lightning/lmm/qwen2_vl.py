@@ -8,11 +8,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
-from transformers.models.qwen2_vl import modeling_qwen2_vl
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from flmm_lightning.data.sample import GroundingSample
+from flmm_lightning.lmm import compat
 from flmm_lightning.lmm.base import LMMBatch
 from flmm_lightning.lmm.hf import DEFAULT_INSTRUCTION, ChatPromptBuilder, EncodedImage, HFGroundingAdapter
 from flmm_lightning.lmm.packed_attention import PackedVisionAttention
@@ -63,7 +61,7 @@ class Qwen2VLPromptBuilder(ChatPromptBuilder):
         """The processor's size for this image (its ``smart_resize``), with the sample named on refusal."""
         image_processor = self.processor.image_processor
         try:
-            return smart_resize(
+            return compat.smart_resize(
                 sample.image.height,
                 sample.image.width,
                 factor=image_processor.patch_size * image_processor.merge_size,
@@ -112,16 +110,16 @@ class Qwen2VLPromptBuilder(ChatPromptBuilder):
         )
 
 
-class PackedQwen2VLVisionAttention(PackedVisionAttention, modeling_qwen2_vl.VisionAttention):
+class PackedQwen2VLVisionAttention(PackedVisionAttention, compat.Qwen2VLVisionAttention):
     """Qwen2-VL's vision attention with every image in one SDPA call (``packed_attention``)."""
 
-    apply_rotary = staticmethod(modeling_qwen2_vl.apply_rotary_pos_emb_vision)
+    apply_rotary = staticmethod(compat.qwen2_vl_rotary)
 
 
-class PackedQwen2_5VLVisionAttention(PackedVisionAttention, modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention):
+class PackedQwen2_5VLVisionAttention(PackedVisionAttention, compat.Qwen2_5_VLVisionAttention):
     """Qwen2.5-VL's vision attention with every image and window in one SDPA call (``packed_attention``)."""
 
-    apply_rotary = staticmethod(modeling_qwen2_5_vl.apply_rotary_pos_emb_vision)
+    apply_rotary = staticmethod(compat.qwen2_5_vl_rotary)
 
 
 class Qwen2VLAdapter(HFGroundingAdapter):
@@ -132,8 +130,8 @@ class Qwen2VLAdapter(HFGroundingAdapter):
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
     packed_vision_attention: dict[type[nn.Module], type[nn.Module]] = {
-        modeling_qwen2_vl.VisionAttention: PackedQwen2VLVisionAttention,
-        modeling_qwen2_5_vl.Qwen2_5_VLVisionAttention: PackedQwen2_5VLVisionAttention,
+        compat.Qwen2VLVisionAttention: PackedQwen2VLVisionAttention,
+        compat.Qwen2_5_VLVisionAttention: PackedQwen2_5VLVisionAttention,
     }
 
     def _pixel_inputs(

@@ -18,8 +18,8 @@ What differs from Qwen2/2.5-VL, and why nothing else needs overriding:
 from __future__ import annotations
 
 from torch import nn
-from transformers.models.qwen3_vl import modeling_qwen3_vl
 
+from flmm_lightning.lmm import compat
 from flmm_lightning.lmm.packed_attention import PackedVisionAttention
 from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter, Qwen2VLPromptBuilder
 
@@ -33,10 +33,10 @@ class Qwen3VLPromptBuilder(Qwen2VLPromptBuilder):
     processor_classes = ("Qwen3VLProcessor",)
 
 
-class PackedQwen3VLVisionAttention(PackedVisionAttention, modeling_qwen3_vl.Qwen3VLVisionAttention):
+class PackedQwen3VLVisionAttention(PackedVisionAttention, compat.Qwen3VLVisionAttention):
     """Qwen3-VL's vision attention with every image in one SDPA call (``packed_attention``)."""
 
-    apply_rotary = staticmethod(modeling_qwen3_vl.apply_rotary_pos_emb_vision)
+    apply_rotary = staticmethod(compat.qwen3_vl_rotary)
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
@@ -44,5 +44,5 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     model_types = ("qwen3_vl",)
     packed_vision_attention: dict[type[nn.Module], type[nn.Module]] = {
-        modeling_qwen3_vl.Qwen3VLVisionAttention: PackedQwen3VLVisionAttention
+        compat.Qwen3VLVisionAttention: PackedQwen3VLVisionAttention
     }

@@ -1,0 +1,217 @@
+"""A checkpoint moves between machines: it stores the model's identity and settings, and the machine that
+loads it supplies its own paths (data, SAM weights, asset cache) from its config and command line."""
+
+from __future__ import annotations
+
+import csv
+import math
+import pickle
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from omegaconf import DictConfig
+
+from flmm_lightning.assets import TINY_QWEN2_5_VL, TINY_SAM, TINY_SAM_FILE, ensure_tiny_sam
+from flmm_lightning.builders import (
+    ConfigError,
+    build_module,
+    load_checkpoint,
+    module_from_checkpoint,
+    run_config,
+)
+from flmm_lightning.config import config_on_this_machine
+from flmm_lightning.data.synthetic import REFCOCO_DATASET, REFCOCO_SPLIT_BY, write_synthetic_dataset
+from flmm_lightning.eval import evaluate
+from flmm_lightning.train import train
+
+STEPS = 3
+NUM_TRAIN, NUM_VAL, NUM_VAL_ELSEWHERE = 12, 6, 9
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings(item)
+
+
+def val_image_ids(synthetic_root: Path) -> set[str]:
+    """The images of the val split, from the RefCOCO-format annotation file itself."""
+    refs = pickle.loads((synthetic_root / REFCOCO_DATASET / f"refs({REFCOCO_SPLIT_BY}).p").read_bytes())
+    return {str(ref["image_id"]) for ref in refs if ref["split"] == "val"}
+
+
+def assert_identical(actual: dict[str, dict[str, float]], expected: dict[str, dict[str, float]]) -> None:
+    assert actual.keys() == expected.keys()
+    for split, values in expected.items():
+        assert actual[split].keys() == values.keys(), split
+        for name, value in values.items():
+            other = actual[split][name]
+            assert (math.isnan(value) and math.isnan(other)) or other == value, f"{split}/{name}"
+
+
+def test_moved_checkpoint_evaluates_this_machines_data_with_rebuilt_assets(
+    compose_config: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    """Train with data in A and assets in B; move the checkpoint, delete A and B; evaluate with data in D
+    (another dataset: more val images) and the assets rebuilt in C."""
+    data_a, cache_b, run_dir = tmp_path / "A", tmp_path / "B", tmp_path / "run"
+    overrides = [
+        *tiny_overrides(data_a, run_dir),
+        f"paths.output_dir={run_dir}",
+        f"paths.cache_dir={cache_b}",
+        f"trainer.max_steps={STEPS}",
+        f"callbacks.model_checkpoint.every_n_train_steps={STEPS}",
+        "callbacks.mask_overlays=null",
+        "test_after_fit=false",
+        "whole_image_baseline_split=null",
+    ]
+    train(compose_config(overrides))
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    stored = load_checkpoint(checkpoint)["flmm_config"]
+    assert not [text for text in strings(stored) if str(tmp_path) in text]
+    assert stored["sam"]["refiner"]["sam"]["checkpoint"] == "${flmm_asset:tiny_sam,${paths.cache_dir}}"
+    trained_val_images = val_image_ids(data_a / "synthetic")
+    assert len(trained_val_images) == NUM_VAL
+
+    data_d = tmp_path / "D"
+    write_synthetic_dataset(data_d / "synthetic", num_train=NUM_TRAIN, num_val=NUM_VAL_ELSEWHERE)
+    here = [f"paths.data_dir={data_d}", f"++data.synthetic.num_val={NUM_VAL_ELSEWHERE}"]
+
+    def evaluate_in(folder: Path, ckpt: Path, cache: Path) -> dict[str, dict[str, float]]:
+        cfg = compose_config(
+            [f"ckpt={ckpt}", *here, f"paths.cache_dir={cache}", f"paths.output_dir={folder}"],
+            config_name="eval",
+        )
+        return evaluate(cfg)
+
+    before_the_move = evaluate_in(tmp_path / "eval_before", checkpoint, cache_b)
+
+    moved = tmp_path / "elsewhere" / "model.ckpt"
+    moved.parent.mkdir()
+    shutil.move(checkpoint, moved)
+    for folder in (data_a, cache_b, run_dir):
+        shutil.rmtree(folder)
+    cache_c = tmp_path / "C"
+    results = evaluate_in(tmp_path / "eval_moved", moved, cache_c)
+
+    assert_identical(results, before_the_move)  # the same model: same weights, the same assets rebuilt
+    assert not data_a.exists() and not cache_b.exists()
+    assert (cache_c / TINY_QWEN2_5_VL).is_dir() and (cache_c / TINY_SAM / TINY_SAM_FILE).is_file()
+    with (tmp_path / "eval_moved" / "per_object.csv").open() as handle:
+        rows = [row for row in csv.DictReader(handle) if row["split"] == "synthetic_refcoco_val"]
+    evaluated = {row["image_id"] for row in rows}
+    assert evaluated == val_image_ids(data_d / "synthetic")
+    assert len(evaluated) == NUM_VAL_ELSEWHERE != len(trained_val_images)
+
+
+@pytest.fixture
+def sam_weights_config(compose_config: Callable[..., DictConfig], tmp_path: Path) -> DictConfig:
+    """The demo with its SAM weights read from ``paths.checkpoint_dir``, as the real SAM configs do."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(ensure_tiny_sam(tmp_path / "assets"), weights / "sam_tiny.pth")
+    return compose_config(
+        [
+            *tiny_overrides(tmp_path / "data", tmp_path / "run"),
+            f"paths.checkpoint_dir={weights}",
+            "sam.refiner.sam.checkpoint=${paths.checkpoint_dir}/sam_tiny.pth",
+        ]
+    )
+
+
+def save_untrained(cfg: DictConfig, path: Path) -> Path:
+    module = build_module(cfg)
+    torch.save({"state_dict": module.state_dict(), "flmm_config": run_config(cfg)}, path)
+    return path
+
+
+def test_missing_sam_weights_name_the_key_the_path_and_the_override(
+    sam_weights_config: DictConfig, tmp_path: Path
+) -> None:
+    checkpoint = save_untrained(sam_weights_config, tmp_path / "model.ckpt")
+    stored = load_checkpoint(checkpoint)["flmm_config"]
+    assert stored["sam"]["refiner"]["sam"]["checkpoint"] == "${paths.checkpoint_dir}/sam_tiny.pth"
+
+    paths = dict(sam_weights_config.paths)
+    elsewhere = tmp_path / "no_weights_here"
+    with pytest.raises(FileNotFoundError) as error:
+        module_from_checkpoint(checkpoint, paths={**paths, "checkpoint_dir": str(elsewhere)})
+    message = str(error.value)
+    assert f"sam.refiner.sam.checkpoint = {elsewhere / 'sam_tiny.pth'} does not exist" in message
+    assert "set paths.checkpoint_dir=" in message and str(checkpoint) in message
+
+    module, config = module_from_checkpoint(checkpoint, paths=paths)
+    assert config.sam.refiner.sam.checkpoint == str(tmp_path / "weights" / "sam_tiny.pth")
+
+
+def test_missing_data_of_a_stored_data_config_names_the_paths_key(
+    compose_config: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    demo = [o for o in tiny_overrides(tmp_path / "data", tmp_path / "run") if not o.startswith("data.")]
+    cfg = compose_config([*demo, "data=refcoco"])
+    checkpoint = save_untrained(cfg, tmp_path / "model.ckpt")
+    empty = tmp_path / "empty"
+    eval_cfg = compose_config(
+        [f"ckpt={checkpoint}", f"paths.data_dir={empty}", f"paths.output_dir={tmp_path / 'eval'}"],
+        config_name="eval",
+    )
+    with pytest.raises(ConfigError) as error:
+        evaluate(eval_cfg)
+    message = str(error.value)
+    assert message.startswith("data.")
+    assert str(empty / "coco") in message and f"paths.data_dir = {empty}" in message
+    assert "set paths.data_dir=" in message
+
+
+def test_stored_config_keeps_path_interpolations_and_resolves_everything_else(
+    compose_config: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    cfg = compose_config(
+        [
+            *tiny_overrides(tmp_path / "data", tmp_path / "run"),
+            "sam.refiner.embedding_cache=${paths.cache_dir}/sam_embeddings",
+            "+model.run_name=${task_name}",
+        ]
+    )
+    stored = run_config(cfg)
+    assert stored["sam"]["refiner"]["embedding_cache"] == "${paths.cache_dir}/sam_embeddings"
+    assert stored["model"]["run_name"] == "demo"  # outside the stored sections: resolved now
+    assert stored["model"]["lmm"]["text_proj_dim"] == "${sam.embed_dim}"  # inside them: kept
+    assert stored["data"]["test_sets"] == "${data.val_sets}"
+
+    here = {"cache_dir": str(tmp_path / "here"), "data_dir": str(tmp_path / "data_here")}
+    config = config_on_this_machine(stored, here, {"data": {"eval_batch_size": 3}})
+    assert config.sam.refiner.embedding_cache == str(tmp_path / "here" / "sam_embeddings")
+    assert config.model.lmm.text_proj_dim == cfg.sam.embed_dim
+    assert config.data.eval_batch_size == 3 and config.data.batch_size == cfg.data.batch_size
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("pretrained", "${oc.env:HOME}/models"), ("pretrained", "${trainer.default_root_dir}"), ("name", "${")],
+)
+def test_checkpoint_config_reading_outside_its_sections_is_refused(
+    tiny_config: DictConfig, key: str, value: str
+) -> None:
+    stored = run_config(tiny_config)
+    stored["model"][key] = value
+    with pytest.raises(ValueError, match=rf"^x\.ckpt: model\.{key} = "):
+        config_on_this_machine(stored, {}, source="x.ckpt")

@@ -1,0 +1,161 @@
+"""The package as a user installs it: a wheel built from the source tree, installed (not editable) into a
+fresh venv, runs the entry points and the console scripts from any working directory, configs included."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from flmm_lightning.reporting import read_metrics_json
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "src" / "flmm_lightning"
+# What a wheel is built from (a copy: building writes build/ and *.egg-info next to the sources).
+SOURCES = ("pyproject.toml", "README.md", "src", "conf")
+SMALL_RUN = (
+    "data.synthetic.num_train=8",
+    "data.synthetic.num_val=4",
+    "data.num_workers=0",
+    "logger=csv",
+    "whole_image_baseline_split=null",
+)
+
+
+def test_pyproject_lists_every_package_and_ships_every_config() -> None:
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {
+        ".".join(("flmm_lightning", *init.parent.relative_to(PACKAGE).parts))
+        for init in PACKAGE.rglob("__init__.py")
+    }
+    assert set(setuptools["packages"]) == found | {"flmm_lightning.conf"}
+    assert setuptools["package-dir"]["flmm_lightning.conf"] == "conf"
+    depths = {len(path.relative_to(REPO / "conf").parts) for path in (REPO / "conf").rglob("*.yaml")}
+    assert depths <= {1, 2}, "package-data globs cover conf/*.yaml and conf/*/*.yaml only"
+
+
+@dataclass
+class Installed:
+    root: Path
+    wheel: Path
+    venv: Path
+    site_packages: Path
+    env: dict[str, str]
+
+    def run(self, *command: str | Path, cwd: Path) -> str:
+        result = subprocess.run(
+            [str(part) for part in command],
+            cwd=cwd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, f"{command}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        return result.stdout
+
+    def bin(self, name: str) -> Path:
+        return self.venv / "bin" / name
+
+
+def dependency_dirs() -> list[str]:
+    """The running interpreter's site-packages folders: the new venv reads its dependencies from there (no
+    5 GB torch install per test). Added through a .pth line, whose own .pth files Python does not process,
+    so a development install of flmm_lightning in there stays invisible."""
+    return [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    root = tmp_path_factory.mktemp("package")
+    source = root / "source"
+    source.mkdir()
+    for name in SOURCES:
+        if (REPO / name).is_dir():
+            shutil.copytree(
+                REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
+        else:
+            shutil.copy2(REPO / name, source / name)
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index"]
+    subprocess.run([*build, "-q", "-w", root / "dist", source], check=True, env=env, timeout=300)
+    (wheel,) = (root / "dist").glob("flmm_lightning-*.whl")
+
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    # Installed into the bare venv first, so that pip sees no other flmm-lightning; then the dependencies.
+    install = [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q"]
+    subprocess.run([*install, wheel], check=True, env=env, timeout=300)
+    site_packages = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
+    (site_packages / "flmm_test_dependencies.pth").write_text("\n".join(dependency_dirs()) + "\n")
+    return Installed(root, wheel, venv, site_packages, env)
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_configs_and_the_console_scripts(installed: Installed) -> None:
+    names = zipfile.ZipFile(installed.wheel).namelist()
+    shipped = {name.removeprefix("flmm_lightning/conf/") for name in names if name.endswith(".yaml")}
+    expected = {str(path.relative_to(REPO / "conf")) for path in (REPO / "conf").rglob("*.yaml")}
+    assert shipped == expected
+    for script in ("flmm-train", "flmm-eval", "flmm-predict"):
+        assert installed.bin(script).is_file(), script
+
+
+@pytest.mark.slow
+def test_installed_wheel_trains_evaluates_and_predicts_from_any_directory(
+    installed: Installed, fixtures_dir: Path
+) -> None:
+    work = installed.root / "elsewhere"
+    work.mkdir()
+    python = installed.bin("python")
+    where = installed.run(python, "-c", "import flmm_lightning; print(flmm_lightning.__file__)", cwd=work)
+    assert Path(where.strip()).is_relative_to(installed.site_packages)
+
+    # python -m, the packaged configs only
+    train = ("+experiment=demo", "trainer.max_steps=3", "test_after_fit=false", *SMALL_RUN)
+    installed.run(python, "-m", "flmm_lightning.train", *train, cwd=work)
+    checkpoint = work / "outputs" / "demo" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+
+    # the console script, with an experiment from the user's own config folder that extends a packaged one
+    user_conf = installed.root / "my_conf"
+    (user_conf / "experiment").mkdir(parents=True)
+    (user_conf / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - demo\n\ntest_after_fit: false\n"
+        "hydra:\n  run:\n    dir: ${paths.root_dir}/outputs/mine\n"
+    )
+    mine = ("--config-dir", user_conf, "+experiment=mine", "trainer.max_steps=3", *SMALL_RUN)
+    installed.run(installed.bin("flmm-train"), *mine, cwd=work)
+    assert (work / "outputs" / "mine" / "checkpoints" / "last.ckpt").is_file()
+
+    installed.run(installed.bin("flmm-eval"), f"ckpt={checkpoint}", "hydra.run.dir=outputs/eval", cwd=work)
+    assert set(read_metrics_json(work / "outputs" / "eval" / "metrics.json")) == {
+        "synthetic_refcoco_val",
+        "synthetic_png_val",
+    }
+    photo = fixtures_dir / "coco_sample" / "images" / "000000142238.jpg"
+    predict = (
+        f"ckpt={checkpoint}",
+        f"image={photo}",
+        "phrases=[a man]",
+        "device=cpu",
+        "hydra.run.dir=outputs/p",
+    )
+    installed.run(installed.bin("flmm-predict"), *predict, cwd=work)
+    assert (work / "outputs" / "p" / f"{photo.stem}_overlay.png").is_file()
