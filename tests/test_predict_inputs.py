@@ -105,7 +105,9 @@ def test_sideways_phone_photo_is_grounded_as_displayed(
         assert np.array_equal(np.asarray(grounding.image), displayed)
     assert torch.equal(from_path.masks, from_pil.masks)
 
-    overlay_path, json_path = predict(predict_config(compose_config, checkpoint, path, tmp_path, "[the man]"))
+    overlay_path, json_path = predict(
+        predict_config(compose_config, checkpoint, path, tmp_path / "run", "[the man]")
+    )
     with Image.open(overlay_path) as overlay:
         assert overlay.size == (width, height)
     (record,) = json.loads(json_path.read_text())["objects"]
@@ -205,7 +207,9 @@ def test_a_plain_string_is_one_phrase(
     image_path = tmp_path / "plain.png"
     image.save(image_path)
     # what the shell passes for phrases='a person'
-    _, json_path = predict(predict_config(compose_config, checkpoint, image_path, tmp_path, "a person"))
+    _, json_path = predict(
+        predict_config(compose_config, checkpoint, image_path, tmp_path / "run", "a person")
+    )
     assert [record["phrase"] for record in json.loads(json_path.read_text())["objects"]] == ["a person"]
 
 
@@ -251,7 +255,7 @@ def test_unreadable_image_ends_predict_with_one_line(
         f"ckpt={checkpoint}",
         f"image={broken_image}",
         "phrases=a man",
-        f"hydra.run.dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
     ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:

@@ -45,7 +45,7 @@ def stored_section_targets() -> set[str]:
     """Every ``_target_`` that conf/ can put into a checkpoint's stored config."""
     found: set[str] = set()
     for group in STORED_GROUPS:
-        for path in (CONF_DIR / group).glob("*.yaml"):
+        for path in (CONF_DIR / group).rglob("*.yaml"):
             found |= targets_in(yaml.safe_load(path.read_text()))
     for path in [CONF_DIR / "train.yaml", *(CONF_DIR / "experiment").glob("*.yaml")]:
         config = yaml.safe_load(path.read_text()) or {}
@@ -102,9 +102,9 @@ ATTACKS = {
         "file",
     ),
     "dataset": (
-        "data.test_sets.x",
+        "data.val_sets.x",
         lambda victim: {"_target_": "shutil.rmtree", "path": str(victim)},
-        ("data.test_sets.x._target_", "shutil.rmtree"),
+        ("data.val_sets.x._target_", "shutil.rmtree"),
         "folder",
     ),
     "args_list": (

@@ -36,6 +36,7 @@ ALLOWED_TARGETS = frozenset(
         "flmm_lightning.lmm.qwen3_vl.Qwen3VLPromptBuilder",
         "flmm_lightning.data.datamodule.GroundingDataModule",
         "flmm_lightning.data.png.PNGDataset",
+        "flmm_lightning.data.reasonseg.ReasonSegDataset",
         "flmm_lightning.data.refcoco.RefCocoDataset",
         "torch.optim.AdamW",
     }
