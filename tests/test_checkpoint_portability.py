@@ -16,7 +16,8 @@ import torch
 from conftest import tiny_overrides
 from omegaconf import DictConfig
 
-from flmm_lightning.assets import TINY_QWEN2_5_VL, TINY_SAM, TINY_SAM_FILE, ensure_tiny_sam
+from flmm_lightning.assets import TINY_QWEN2_5_VL, TINY_SAM, ensure_tiny_sam
+from flmm_lightning.assets.sam import TINY_SAM_FILE
 from flmm_lightning.builders import (
     ConfigError,
     build_module,
