@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
 
 from flmm_lightning.data.sample import NOT_GROUNDED, GroundingSample
@@ -17,17 +16,12 @@ def make_sample(
     utterances: list[tuple[str, int]] | None = None,
 ) -> GroundingSample:
     rng = np.random.default_rng(image_id)
-    n = len(phrases)
-    return GroundingSample(
-        image=Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)),
-        phrases=phrases,
-        masks=torch.zeros(n, height, width, dtype=torch.bool),
-        is_thing=torch.ones(n, dtype=torch.bool),
-        is_plural=torch.zeros(n, dtype=torch.bool),
+    return GroundingSample.for_inference(
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)),
+        phrases,
         image_id=image_id,
         file_name=f"img_{image_id}.jpg",
-        object_ids=[str(k) for k in range(n)],
-        utterances=utterances or [],
+        utterances=utterances,
     )
 
 

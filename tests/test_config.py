@@ -142,10 +142,10 @@ def test_real_data_experiment_instantiates_with_the_tiny_model(
         assert datamodule.split_kind(split) == ("png" if split.startswith("png") else "res")
 
     module = build_module(cfg)
-    text_config = module.lmm.model.config.text_config
+    text_config = module.model.lmm.model.config.text_config
     layers_x_heads = text_config.num_hidden_layers * text_config.num_attention_heads
-    first_conv = next(m for m in module.mask_head.modules() if isinstance(m, nn.Conv2d))
-    assert module.lmm.attention_channels == first_conv.in_channels == layers_x_heads
+    first_conv = next(m for m in module.model.mask_head.modules() if isinstance(m, nn.Conv2d))
+    assert module.model.lmm.attention_channels == first_conv.in_channels == layers_x_heads
     callbacks = build_callbacks(cfg.callbacks)
     assert len(callbacks) == len(cfg.callbacks)
 

@@ -153,7 +153,8 @@ def test_demo_run_writes_metrics_overlays_and_checkpoint(demo_run: DemoRun) -> N
     assert checkpoint["global_step"] == STEPS
     assert checkpoint["flmm_config"]["model"]["name"] == demo_run.cfg.model.name
     assert not any(
-        key.startswith(("lmm.model.", "sam.sam.image_encoder.")) for key in checkpoint["state_dict"]
+        key.startswith(("model.lmm.model.", "model.sam.sam.image_encoder."))
+        for key in checkpoint["state_dict"]
     )
 
 
@@ -292,7 +293,7 @@ def test_resume_continues_step_optimizer_and_schedule(
     assert resumed["lr_schedulers"][0]["last_epoch"] == saved["lr_schedulers"][0]["last_epoch"] + 1
     # The saved run's schedule had decayed to 0 at its last step; the longer run's schedule has not, so the
     # resumed step must train (its lr is recomputed for this run, not taken from the old optimizer state).
-    head = "mask_head.conv_seg.weight"
+    head = "model.mask_head.conv_seg.weight"
     assert not torch.equal(resumed["state_dict"][head], saved["state_dict"][head])
 
 

@@ -70,33 +70,33 @@ def one_thread():
 def test_one_training_step_changes_only_trainable_weights(family, compose_config, tmp_path):
     cfg = compose_config([*tiny_overrides(tmp_path / "data", tmp_path / "run"), f"model={family}"])
     module = build_module(cfg)
-    assert type(module.lmm).__module__.startswith("flmm_lightning.lmm.")
+    assert type(module.model.lmm).__module__.startswith("flmm_lightning.lmm.")
 
     text = AutoConfig.from_pretrained(cfg.model.pretrained).text_config
-    first_conv = next(m for m in module.mask_head.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv = next(m for m in module.model.mask_head.modules() if isinstance(m, torch.nn.Conv2d))
     assert first_conv.in_channels == FAMILIES[family] * text.num_hidden_layers * text.num_attention_heads
 
     datamodule = build_datamodule(cfg.data, build_prompt_builder(cfg), cfg.sam.image_size)
     encoded = datamodule._encoded(datamodule.train_sets["synthetic_refcoco_train"])
     batch = datamodule.collate([encoded[0], encoded[1]])  # two image sizes: a padded LMM batch
 
-    frozen_before = {k: v.clone() for k, v in module.lmm.model.state_dict().items()}
-    trainable = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+    frozen_before = {k: v.clone() for k, v in module.model.lmm.model.state_dict().items()}
+    trainable = {name: p.detach().clone() for name, p in module.model.named_parameters() if p.requires_grad}
     assert trainable and not any(name.startswith("lmm.model.") for name in trainable)
 
     module.train()
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
-    loss = module._losses(batch, module(batch))["loss"]
+    loss = module.model.losses(batch, module.model(batch))["loss"]
     assert torch.isfinite(loss)
     loss.backward()
     optimizer.step()
 
-    frozen_after = module.lmm.model.state_dict()
+    frozen_after = module.model.lmm.model.state_dict()
     assert frozen_after.keys() == frozen_before.keys()
     assert all(torch.equal(frozen_after[k], v) for k, v in frozen_before.items())
     changed = {
         name
-        for name, p in module.named_parameters()
+        for name, p in module.model.named_parameters()
         if p.requires_grad and not torch.equal(p, trainable[name])
     }
     assert {"lmm.text_proj.weight", "lmm.text_layer_weights"} <= changed
@@ -167,4 +167,4 @@ def test_demo_trains_and_evaluates(family, compose_config, tmp_path):
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 3
     assert checkpoint["flmm_config"]["model"]["name"] == family
-    assert not any(key.startswith("lmm.model.") for key in checkpoint["state_dict"])
+    assert not any(key.startswith("model.lmm.model.") for key in checkpoint["state_dict"])

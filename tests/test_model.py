@@ -1,4 +1,5 @@
-"""The LightningModule on the tiny offline assets: what trains, what stays frozen, what a checkpoint holds."""
+"""The model core and its Lightning module on the tiny offline assets: what trains, what stays frozen, what a
+checkpoint holds (in this layout and in the one before the core existed)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from flmm_lightning.builders import (
     build_prompt_builder,
     module_from_checkpoint,
 )
-from flmm_lightning.model import CheckpointMismatchError, FLMMModule, warmup_cosine_factor
+from flmm_lightning.core import CheckpointMismatchError
+from flmm_lightning.model import MODEL_PREFIX, FLMMModule, warmup_cosine_factor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -46,16 +48,16 @@ def fresh_module(parts) -> FLMMModule:
 
 
 def test_one_step_trains_only_the_trainable_part(parts):
-    module = fresh_module(parts)
+    model = fresh_module(parts).model
     batch = parts[1]
-    module.train()
-    frozen_before = {k: v.clone() for k, v in module.lmm.model.state_dict().items()}
-    encoder_before = {k: v.clone() for k, v in module.sam.sam.image_encoder.state_dict().items()}
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    frozen_before = {k: v.clone() for k, v in model.lmm.model.state_dict().items()}
+    encoder_before = {k: v.clone() for k, v in model.sam.sam.image_encoder.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
-    loss = module._losses(batch, module(batch))["loss"]
+    loss = model.losses(batch, model(batch))["loss"]
     loss.backward()
-    for name, parameter in module.named_parameters():
+    for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             assert parameter.grad is None, name
         elif any(part in name for part in UNUSED_BY_DESIGN):
@@ -63,36 +65,36 @@ def test_one_step_trains_only_the_trainable_part(parts):
         else:
             assert parameter.grad is not None, f"{name} received no gradient"
             assert torch.isfinite(parameter.grad).all(), name
-    assert module.lmm.text_layer_weights.grad.abs().sum() > 0
-    assert module.mask_head.conv_seg.weight.grad.abs().sum() > 0
+    assert model.lmm.text_layer_weights.grad.abs().sum() > 0
+    assert model.mask_head.conv_seg.weight.grad.abs().sum() > 0
     optimizer.step()
 
-    assert not module.lmm.model.training and not module.sam.sam.image_encoder.training
-    for key, value in module.lmm.model.state_dict().items():
+    assert not model.lmm.model.training and not model.sam.sam.image_encoder.training
+    for key, value in model.lmm.model.state_dict().items():
         assert torch.equal(value, frozen_before[key]), key
-    for key, value in module.sam.sam.image_encoder.state_dict().items():
+    for key, value in model.sam.sam.image_encoder.state_dict().items():
         assert torch.equal(value, encoder_before[key]), key
 
 
 def test_unet_learns_through_the_sam_mask_prompt(parts):
     """With the coarse losses switched off, the U-Net still gets a gradient: through SAM's mask prompt."""
-    module = fresh_module(parts)
+    model = fresh_module(parts).model
     batch = parts[1]
-    module.loss_weights = {"coarse_bce": 0.0, "coarse_dice": 0.0, "fine_bce": 1.0, "fine_dice": 1.0}
-    module._losses(batch, module(batch))["loss"].backward()
-    gradient = module.mask_head.conv_seg.weight.grad
+    model.loss_weights = {"coarse_bce": 0.0, "coarse_dice": 0.0, "fine_bce": 1.0, "fine_dice": 1.0}
+    model.losses(batch, model(batch))["loss"].backward()
+    gradient = model.mask_head.conv_seg.weight.grad
     assert gradient is not None and gradient.abs().sum() > 0
 
 
 @pytest.mark.slow
 def test_fitting_one_batch_lowers_the_loss(parts):
-    module = fresh_module(parts)
+    model = fresh_module(parts).model
     batch = parts[1]
-    module.train()
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for _ in range(30):
-        loss = module._losses(batch, module(batch))["loss"]
+        loss = model.losses(batch, model(batch))["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -100,18 +102,27 @@ def test_fitting_one_batch_lowers_the_loss(parts):
     assert min(losses[-5:]) < 0.7 * losses[0], losses
 
 
-def test_checkpoint_round_trip_gives_identical_predictions(parts, tmp_path, tiny_config):
+def before_the_core(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict as the module wrote it before the model core existed: the same keys without ``model.``."""
+    assert all(key.startswith(MODEL_PREFIX) for key in state_dict)
+    return {key.removeprefix(MODEL_PREFIX): value for key, value in state_dict.items()}
+
+
+@pytest.mark.parametrize("layout", ["current", "before_the_core"])
+def test_checkpoint_round_trip_gives_identical_predictions(parts, tmp_path, tiny_config, layout):
     from flmm_lightning.builders import run_config
 
     module = fresh_module(parts)
     batch = parts[1]
     with torch.no_grad():
-        module.mask_head.conv_seg.bias.add_(0.25)  # differ from a fresh initialisation
+        module.model.mask_head.conv_seg.bias.add_(0.25)  # differ from a fresh initialisation
     module.run_config = run_config(tiny_config)
     path = tmp_path / "model.ckpt"
-    torch.save({"state_dict": module.state_dict(), "flmm_config": module.run_config}, path)
+    state_dict = module.state_dict() if layout == "current" else before_the_core(module.state_dict())
+    torch.save({"state_dict": state_dict, "flmm_config": module.run_config}, path)
 
-    assert not any(key.startswith(("lmm.model.", "sam.sam.image_encoder.")) for key in module.state_dict())
+    frozen = ("model.lmm.model.", "model.sam.sam.image_encoder.")
+    assert not any(key.startswith(frozen) for key in module.state_dict())
     restored, _ = module_from_checkpoint(path)
     module.eval()
     restored.eval()
@@ -123,21 +134,49 @@ def test_checkpoint_round_trip_gives_identical_predictions(parts, tmp_path, tiny
 
 
 def test_checkpoint_missing_key_is_named(parts):
-    module = fresh_module(parts)
-    state = module.state_dict()
+    model = fresh_module(parts).model
+    state = model.trainable_state_dict()
     del state["lmm.text_proj.weight"]
     with pytest.raises(CheckpointMismatchError, match=r"lmm\.text_proj\.weight"):
-        module.load_state_dict(state)
+        model.load_trainable_state_dict(state)
 
 
 def test_checkpoint_shape_mismatch_is_named(parts):
-    module = fresh_module(parts)
-    state = module.state_dict()
+    model = fresh_module(parts).model
+    state = model.trainable_state_dict()
     key = next(k for k in state if k.startswith("mask_head.") and state[k].dim() == 4)
     state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] * 2, *state[key].shape[2:])
     with pytest.raises(CheckpointMismatchError, match="layers x heads") as error:
-        module.load_state_dict(state)
+        model.load_trainable_state_dict(state)
     assert key in str(error.value)
+
+
+@pytest.mark.parametrize("layout", ["current", "before_the_core"])
+def test_lightning_restores_a_checkpoint_of_either_layout(parts, layout):
+    """What Lightning does on resume: ``on_load_checkpoint``, then a strict ``load_state_dict`` of the
+    (possibly rewritten) checkpoint; the frozen parts, in neither layout, keep their weights."""
+    source = fresh_module(parts)
+    with torch.no_grad():
+        source.model.mask_head.conv_seg.bias.add_(0.25)
+    state_dict = source.state_dict() if layout == "current" else before_the_core(source.state_dict())
+    checkpoint = {"state_dict": {key: value.clone() for key, value in state_dict.items()}}
+    target = fresh_module(parts)
+    frozen_before = {k: v.clone() for k, v in target.model.lmm.model.state_dict().items()}
+
+    target.on_load_checkpoint(checkpoint)
+    target.load_state_dict(checkpoint["state_dict"])
+
+    assert torch.equal(target.model.mask_head.conv_seg.bias, source.model.mask_head.conv_seg.bias)
+    for key, value in target.model.lmm.model.state_dict().items():
+        assert torch.equal(value, frozen_before[key]), key
+
+
+def test_lightning_refuses_a_mismatched_checkpoint_before_loading_anything(parts):
+    module = fresh_module(parts)
+    state = before_the_core(module.state_dict())
+    del state["lmm.text_proj.weight"]
+    with pytest.raises(CheckpointMismatchError, match=r"lmm\.text_proj\.weight"):
+        module.on_load_checkpoint({"state_dict": state})
 
 
 def test_schedule_warms_up_then_decays_to_zero():
@@ -157,22 +196,21 @@ def _logits(predictions) -> list[torch.Tensor]:
 @torch.no_grad()
 def test_heads_evaluate_in_fp32_under_a_bf16_trainer(parts):
     """As in the reference's evaluation: U-Net and SAM in fp32 outside training, whatever the autocast."""
-    module = fresh_module(parts)
+    model = fresh_module(parts).model
     batch = parts[1]
-    module.eval()
+    model.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        evaluated = module(batch)  # the LMM under autocast, as a bf16-mixed trainer runs it
+        evaluated = model(batch)  # the LMM under autocast, as a bf16-mixed trainer runs it
     # the fp32 computation of the heads on the very same LMM outputs, no autocast anywhere
-    coarse, fine = module._heads(batch, [p.features for p in evaluated])
+    expected = _logits(model.decode(batch, [p.features for p in evaluated]))
     assert all(t.dtype == torch.float32 for t in _logits(evaluated))
-    expected = [t for pair in zip(coarse, fine, strict=True) for t in pair]
     for got, want in zip(_logits(evaluated), expected, strict=True):
         assert torch.equal(got, want)
 
-    module.eval_heads_fp32 = False
+    model.eval_heads_fp32 = False
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert all(t.dtype == torch.bfloat16 for t in _logits(module(batch)))
-    module.eval_heads_fp32 = True
-    module.train()  # training keeps the trainer's precision
+        assert all(t.dtype == torch.bfloat16 for t in _logits(model(batch)))
+    model.eval_heads_fp32 = True
+    model.train()  # training keeps the trainer's precision
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert all(t.dtype == torch.bfloat16 for t in _logits(module(batch)))
+        assert all(t.dtype == torch.bfloat16 for t in _logits(model(batch)))

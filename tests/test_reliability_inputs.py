@@ -35,13 +35,14 @@ from flmm_lightning.builders import (
     load_checkpoint,
     module_from_checkpoint,
 )
+from flmm_lightning.callbacks import BadSampleReport
 from flmm_lightning.config import CONF_DIR
+from flmm_lightning.core import CheckpointMismatchError
 from flmm_lightning.data import GroundingSample
 from flmm_lightning.data.batch import EncodedDataset
 from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.eval import evaluate
 from flmm_lightning.lmm.base import ContextOverflowError
-from flmm_lightning.model import CheckpointMismatchError
 from flmm_lightning.predict import Grounder
 from flmm_lightning.train import train
 
@@ -206,14 +207,14 @@ def test_checkpoint_of_another_lmm_is_refused_and_loads_nothing(compose_config, 
 
     cfg = compose_config(run_overrides(tmp_path))
     module = build_module(cfg)
-    before = {key: value.clone() for key, value in module.state_dict().items()}
+    before = {key: value.clone() for key, value in module.model.trainable_state_dict().items()}
     with pytest.raises(CheckpointMismatchError) as error:
-        module.load_state_dict(load_checkpoint(checkpoint)["state_dict"])
+        module.load_checkpoint_weights(load_checkpoint(checkpoint)["state_dict"])
     message = str(error.value)
     assert "lmm.text_layer_weights: shape (2,) in the checkpoint, (4,) in the model" in message
     first_conv = next(k for k, v in before.items() if k.startswith("mask_head.") and v.dim() == 4)
     assert f"{first_conv}: shape" in message and "layers x heads = 16" in message
-    after = module.state_dict()
+    after = module.model.trainable_state_dict()
     assert all(torch.equal(before[key], after[key]) for key in before)  # nothing half-loaded
 
     with pytest.raises(CheckpointMismatchError, match=r"lmm\.text_layer_weights"):
@@ -254,20 +255,10 @@ def test_missing_data_path_names_the_path_and_the_config_key(
 
 # ---- oversized inputs ------------------------------------------------------------------------------------
 def grounding_sample(image: Image.Image, phrases: list[str], image_id: str = "long") -> GroundingSample:
-    count = len(phrases)
-    masks = torch.zeros(count, image.height, image.width, dtype=torch.bool)
-    for k in range(count):
-        masks[k, : image.height // 2, k % image.width] = True
-    return GroundingSample(
-        image=image,
-        phrases=phrases,
-        masks=masks,
-        is_thing=torch.ones(count, dtype=torch.bool),
-        is_plural=torch.zeros(count, dtype=torch.bool),
-        image_id=image_id,
-        file_name=f"{image_id}.jpg",
-        object_ids=[str(k) for k in range(count)],
-    )
+    sample = GroundingSample.for_inference(image, phrases, image_id=image_id, file_name=f"{image_id}.jpg")
+    for k in range(sample.num_objects):
+        sample.masks[k, : image.height // 2, k % image.width] = True
+    return sample
 
 
 def utterance_ids(sample: GroundingSample, builder) -> list[int]:
@@ -317,7 +308,13 @@ def test_phrases_beyond_the_lmm_context_lose_their_trailing_objects(tiny_config,
     datamodule = GroundingDataModule(
         prompt_builder, tiny_config.sam.image_size, train_sets={"long": [sample]}, num_workers=0
     )
-    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = Trainer(
+        max_steps=1,
+        callbacks=[BadSampleReport()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         trainer.fit(module, datamodule=datamodule)

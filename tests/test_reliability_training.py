@@ -17,6 +17,7 @@ from lightning import Callback, LightningModule, Trainer
 from test_reliability_resume import FAST, QUIET, one_thread, run_module  # noqa: F401 - a fixture
 
 from flmm_lightning.builders import build_datamodule, build_module, build_prompt_builder
+from flmm_lightning.callbacks import with_training_guards
 from flmm_lightning.data import SkippedSample
 from flmm_lightning.data.refcoco import RefCocoDataset
 from flmm_lightning.data.safe_pickle import load_refs
@@ -66,10 +67,14 @@ def fit_with_nan(compose_config, tmp_path: Path, nan_steps: set[int] | None, ext
             return output * float("nan")
         return None
 
-    module.mask_head.register_forward_hook(inject_nan)
+    module.model.mask_head.register_forward_hook(inject_nan)
     recorder = StepRecorder()
     trainer: Trainer = instantiate(
-        cfg.trainer, callbacks=[recorder], logger=False, enable_checkpointing=False, enable_progress_bar=False
+        cfg.trainer,
+        callbacks=with_training_guards([recorder]),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
     )
     return trainer, module, datamodule, recorder
 
@@ -233,7 +238,7 @@ class NaNOnRank(Callback):
                 return output * float("nan")
             return None
 
-        pl_module.mask_head.register_forward_hook(inject_nan)
+        pl_module.model.mask_head.register_forward_hook(inject_nan)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int):
         self._before = {k: v.clone() for k, v in pl_module.state_dict().items()}

@@ -12,7 +12,7 @@ from flmm_lightning.heads import (
     SamRefiner,
     binarize_coarse,
     build_sam,
-    masks_to_boxes,
+    mask_boxes_exclusive,
     resize_boxes,
     sam_input_image,
     select_candidate,
@@ -90,19 +90,19 @@ def reference_refine(sam, embedding, coarse, texts, input_size, original_size, m
     return torch.stack(outputs)
 
 
-def test_masks_to_boxes() -> None:
+def test_mask_boxes_exclusive() -> None:
     masks = torch.zeros(3, 7, 9, dtype=torch.bool)
     masks[0, 2:5, 3:4] = True
     masks[2, 6, 8] = True
     masks[2, 0, 1] = True
-    boxes = masks_to_boxes(masks)
+    boxes = mask_boxes_exclusive(masks)
     assert boxes.tolist() == [[3, 2, 4, 5], [0, 0, 9, 7], [1, 0, 9, 7]]
 
 
 def test_empty_coarse_mask_prompts_the_whole_image() -> None:
     coarse = torch.full((2, 48, 64), -6.0)
     coarse[1, 10:20, 30:40] = 6.0
-    boxes = masks_to_boxes(binarize_coarse(coarse, ORIGINAL))
+    boxes = mask_boxes_exclusive(binarize_coarse(coarse, ORIGINAL))
     assert boxes[0].tolist() == [0, 0, ORIGINAL[1], ORIGINAL[0]]
     assert boxes[1].tolist() != [0, 0, ORIGINAL[1], ORIGINAL[0]]
     resized = resize_boxes(boxes, ORIGINAL, 1024)

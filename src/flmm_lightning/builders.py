@@ -15,9 +15,10 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from flmm_lightning.config import check_input_files, config_on_this_machine, portable_container
+from flmm_lightning.core import CheckpointMismatchError
 from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.lmm.base import PromptBuilder
-from flmm_lightning.model import CheckpointMismatchError, FLMMModule
+from flmm_lightning.model import FLMMModule
 from flmm_lightning.reporting import read_metrics_json
 from flmm_lightning.safe_config import check_stored_config
 
@@ -157,7 +158,7 @@ def _stored_config(checkpoint: dict[str, Any], path: str | Path) -> dict[str, An
 def model_identity(config: dict[str, Any]) -> dict[str, Any]:
     """What makes two runs the same model beyond tensor shapes: the LMM adapter (family), the model's name,
     its pretrained weights (the last path component: a hub id and a local copy of it agree) and the SAM
-    variant. (Layers x heads are the U-Net's input channels: ``load_state_dict`` compares those shapes.)"""
+    variant. (Layers x heads are the U-Net's input channels: loading the weights compares those shapes.)"""
     pretrained = str(config["model"].get("pretrained", "")).rstrip("/")
     return {
         "model.lmm._target_": config["model"].get("lmm", {}).get("_target_"),
@@ -199,5 +200,5 @@ def module_from_checkpoint(
     config = config_on_this_machine(stored, paths, overrides, source=str(path))
     check_input_files(config, source=str(path))
     module = build_module(config, stored_config=stored)
-    module.load_state_dict(checkpoint["state_dict"])
+    module.load_checkpoint_weights(checkpoint["state_dict"])
     return module, config

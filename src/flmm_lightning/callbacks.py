@@ -1,5 +1,6 @@
 """Callbacks: mask overlays (files and W&B panels), the per-object table of an evaluation, the run's
-hyper-parameters for every logger, a progress bar that reads right when training by steps."""
+hyper-parameters for every logger, a progress bar that reads right when training by steps, and the report of
+the data a run could not use."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from flmm_lightning.data.bad_samples import BadSampleSummary
 from flmm_lightning.data.sample import GroundingSample
+from flmm_lightning.distributed import all_gather_objects
 from flmm_lightning.metrics.functional import mask_box_iou
 from flmm_lightning.model import EvalStepOutput
+from flmm_lightning.reliability import COUNTERS_KEY, NonFiniteLossGuard
 from flmm_lightning.reporting import write_metrics_json, write_per_object_csv
 from flmm_lightning.visualize import label_map, overlay_masks, pad_to, side_by_side
 
@@ -162,15 +165,6 @@ class StepAwareProgressBar(RichProgressBar):
         return f"{description:{len(self.validation_description)}}"
 
 
-def _all_gather(value: Any) -> list[Any]:
-    """``value`` of every rank, in rank order (just ``[value]`` outside a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [value]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
 class PerObjectRecorder(Callback):
     """Collects one row per evaluated object (image, phrase; mask IoU and box IoU of the fine masks and of the
     coarse ones) to find failures.
@@ -232,7 +226,7 @@ class PerObjectRecorder(Callback):
             )
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        per_rank = _all_gather(self._per_sample)
+        per_rank = all_gather_objects(self._per_sample)
         rows: list[dict[str, object]] = []
         for split in trainer.datamodule.test_names:
             shards = [shard.get(split, []) for shard in per_rank]
@@ -256,3 +250,74 @@ class MetricsJsonWriter(Callback):
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
             write_metrics_json(pl_module.last_results, self.path)
+
+
+class BadSampleReport(Callback):
+    """What the model could not be shown. Samples skipped under ``on_bad_sample: skip`` are counted per
+    dataset and reason and printed as a table (every rank's, gathered; printed by global rank 0) at the end
+    of every training epoch and evaluation loop. The trailing objects cut from training samples that
+    overflowed the LMM's context are logged as a running total, ``train/dropped_objects``."""
+
+    def __init__(self) -> None:
+        self.summary = BadSampleSummary()
+        self.dropped_objects = 0
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int):
+        self.summary.update(batch.skipped)
+        self.dropped_objects += sum(sample.num_dropped_objects for sample in batch.samples)
+        pl_module.log("train/dropped_objects", float(self.dropped_objects), on_step=True, reduce_fx="max")
+
+    def on_validation_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.summary.update(batch.skipped)
+
+    def on_test_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.summary.update(batch.skipped)
+
+    def _report(self, pl_module: LightningModule) -> None:
+        # Every rank gets here at the same epoch end: the gather is collective.
+        summary = BadSampleSummary()
+        for rank_summary in all_gather_objects(self.summary):
+            summary.merge(rank_summary)
+        if summary.total:
+            pl_module.print(f"skipped samples (on_bad_sample=skip):\n{summary}")
+        self.summary.reset()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report(pl_module)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report(pl_module)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report(pl_module)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]):
+        checkpoint.setdefault(COUNTERS_KEY, {})["dropped_objects"] = self.dropped_objects
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]):
+        self.dropped_objects = checkpoint.get(COUNTERS_KEY, {}).get("dropped_objects", 0)
+
+
+def with_training_guards(callbacks: list[Callback]) -> list[Callback]:
+    """``callbacks`` plus a ``NonFiniteLossGuard`` and a ``BadSampleReport`` where they have none: a training
+    run keeps both whatever its callbacks config says (``callbacks=none`` included)."""
+    missing = [
+        kind()
+        for kind in (NonFiniteLossGuard, BadSampleReport)
+        if not any(isinstance(c, kind) for c in callbacks)
+    ]
+    return [*callbacks, *missing]

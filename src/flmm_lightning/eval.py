@@ -21,7 +21,12 @@ from flmm_lightning.builders import (
     output_dir_of,
     test_results,
 )
-from flmm_lightning.callbacks import HyperparameterLogger, MetricsJsonWriter, PerObjectRecorder
+from flmm_lightning.callbacks import (
+    BadSampleReport,
+    HyperparameterLogger,
+    MetricsJsonWriter,
+    PerObjectRecorder,
+)
 from flmm_lightning.config import CONF_DIR, paths_read, register_resolvers
 from flmm_lightning.reporting import print_metrics
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
@@ -67,6 +72,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
         PerObjectRecorder(output_dir / "per_object.csv"),
         MetricsJsonWriter(metrics_path),
         HyperparameterLogger.from_config(cfg, config),
+        BadSampleReport(),
     ]
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.get("logger")) or False

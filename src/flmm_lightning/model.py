@@ -1,39 +1,29 @@
-"""The LightningModule: frozen LMM -> U-Net mask head -> SAM refiner -> losses and metrics."""
+"""The LightningModule: a thin Lightning shell around the model core (``core.FLMM``) that adds the optimiser
+and its schedule, the evaluation metrics, and the checkpoint format. Cross-cutting training policies are
+callbacks (``reliability.NonFiniteLossGuard``, ``callbacks.BadSampleReport``)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning import LightningModule
 from torch import nn
 
-from flmm_lightning.data.bad_samples import BadSampleSummary
+from flmm_lightning.core import FLMM, GroundingPrediction
 from flmm_lightning.data.batch import GroundingBatch
-from flmm_lightning.heads.losses import MaskLosses, mask_losses
 from flmm_lightning.heads.sam_refiner import SamRefiner, binarize_coarse
-from flmm_lightning.heads.unet import UNetMaskHead, crop_to_content
-from flmm_lightning.lmm.base import FrozenLMM, GroundingFeatures
+from flmm_lightning.heads.unet import UNetMaskHead
+from flmm_lightning.lmm.base import FrozenLMM
+from flmm_lightning.masks import mask_iou
 from flmm_lightning.metrics import SplitMetrics
-from flmm_lightning.metrics.functional import mask_iou
-from flmm_lightning.reliability import NonFiniteStreak
 
-# Parameters under these prefixes are frozen and come from their own pretrained files: never checkpointed.
-FROZEN_PREFIXES = ("lmm.model.", "sam.sam.image_encoder.")
-
-
-@dataclass
-class GroundingPrediction:
-    """Mask logits of every object of one sample."""
-
-    coarse_logits: torch.Tensor  # [n, h, w] at the U-Net's output size, processor padding removed
-    fine_logits: torch.Tensor  # [n, H, W] at the image's own size
-    features: GroundingFeatures
+# The core's state-dict keys inside this module's (``self.model``); checkpoints written before the core
+# existed have the core's keys without it.
+MODEL_PREFIX = "model."
 
 
 @dataclass
@@ -47,10 +37,6 @@ class EvalStepOutput:
     coarse_ious: list[torch.Tensor]  # float64 [n] per sample
 
 
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint that does not fit this model (other LMM, missing or misshapen trainable weights)."""
-
-
 def warmup_cosine_factor(
     step: int, total_steps: int, warmup_ratio: float, warmup_start_factor: float
 ) -> float:
@@ -61,6 +47,14 @@ def warmup_cosine_factor(
         return warmup_start_factor + (1.0 - warmup_start_factor) * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def core_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's ``state_dict`` with the core's keys: this module's ``model.`` prefix removed, or, in a
+    checkpoint written before the core existed (no key has the prefix), as it is."""
+    if not any(key.startswith(MODEL_PREFIX) for key in state_dict):
+        return dict(state_dict)
+    return {key.removeprefix(MODEL_PREFIX): value for key, value in state_dict.items()}
 
 
 class FLMMModule(LightningModule):
@@ -79,169 +73,47 @@ class FLMMModule(LightningModule):
         max_consecutive_nonfinite: int = 10,
         eval_heads_fp32: bool = True,
     ) -> None:
-        """``eval_heads_fp32``: outside training (validation, test, prediction) the U-Net and SAM run in
-        fp32 with autocast off, as in the reference's evaluation, whatever the trainer's precision; the LMM
-        (and the text projection that reads it) keeps the trainer's precision. Training is unaffected."""
+        """``mask_head`` is called with the LMM's attention channels; the loss weights and
+        ``eval_heads_fp32`` are the core's (``core.FLMM``); ``max_consecutive_nonfinite`` is read by
+        ``reliability.NonFiniteLossGuard``."""
         super().__init__()
-        self.lmm = lmm
-        self.sam = sam
-        self.mask_head = mask_head(lmm.attention_channels)
+        self.model = FLMM(
+            lmm,
+            sam,
+            mask_head(lmm.attention_channels),
+            loss_weights={
+                "coarse_bce": coarse_bce_weight,
+                "coarse_dice": coarse_dice_weight,
+                "fine_bce": fine_bce_weight,
+                "fine_dice": fine_dice_weight,
+            },
+            eval_heads_fp32=eval_heads_fp32,
+        )
         self.optimizer_factory = optimizer
         self.warmup_ratio = warmup_ratio
         self.warmup_start_factor = warmup_start_factor
-        self.loss_weights = {
-            "coarse_bce": coarse_bce_weight,
-            "coarse_dice": coarse_dice_weight,
-            "fine_bce": fine_bce_weight,
-            "fine_dice": fine_dice_weight,
-        }
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
         # The resolved config (plain containers) rides in every checkpoint so that eval/predict rebuild
         # the same model from ``ckpt=`` alone.
         self.run_config: dict[str, Any] = {}
         self.eval_metrics = nn.ModuleDict()
-        self.bad_samples = BadSampleSummary()
-        self.nonfinite = NonFiniteStreak(max_consecutive_nonfinite)
-        # What the batches since the last optimizer step said (more than one under gradient accumulation).
-        self._window_nonfinite = False
-        self._window_has_samples = False
-        self.dropped_objects = 0  # objects cut from training samples that overflowed the LMM's context
-        self.eval_heads_fp32 = eval_heads_fp32
 
-    # ----------------------------------------------------------------------------------------- forward
     def forward(self, batch: GroundingBatch) -> list[GroundingPrediction]:
-        features = self.lmm(batch.lmm)
-        with self._head_precision():
-            coarse, fine = self._heads(batch, features)
-        return [GroundingPrediction(c, f, feat) for c, f, feat in zip(coarse, fine, features, strict=True)]
-
-    def _heads(
-        self, batch: GroundingBatch, features: list[GroundingFeatures]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Coarse (U-Net) and fine (SAM) logits of every sample."""
-        coarse = self._coarse_logits(features)
-        image_embeddings = self.sam.encode_images(batch.sam_images)
-        fine = self.sam(
-            image_embeddings,
-            coarse,
-            [f.text_embeddings for f in features],
-            input_sizes=[tuple(image.shape[-2:]) for image in batch.sam_images],
-            original_sizes=[(s.image.height, s.image.width) for s in batch.samples],
-        )
-        return coarse, fine
-
-    def _head_precision(self) -> contextlib.AbstractContextManager:
-        """Autocast off around the heads outside training when ``eval_heads_fp32`` (see ``__init__``)."""
-        if self.training or not self.eval_heads_fp32:
-            return contextlib.nullcontext()
-        device_type = next(self.mask_head.parameters()).device.type
-        return torch.autocast(device_type=device_type, enabled=False)
-
-    def _coarse_logits(self, features: list[GroundingFeatures]) -> list[torch.Tensor]:
-        """Runs the U-Net once per distinct grid size (it treats every object independently)."""
-        by_grid: dict[tuple[int, ...], list[int]] = {}
-        for index, feature in enumerate(features):
-            by_grid.setdefault(tuple(feature.attention_maps.shape[-2:]), []).append(index)
-        coarse: list[torch.Tensor | None] = [None] * len(features)
-        for indices in by_grid.values():
-            maps = torch.cat([features[i].attention_maps for i in indices])  # [sum n, C, h, w]
-            logits = self.mask_head(maps.to(self.mask_head_dtype))  # [sum n, h', w']
-            sizes = [len(features[i].attention_maps) for i in indices]
-            for i, chunk in zip(indices, logits.split(sizes), strict=True):
-                coarse[i] = crop_to_content(chunk, features[i].padded_hw, features[i].content_box)
-        return coarse
-
-    @property
-    def mask_head_dtype(self) -> torch.dtype:
-        return next(self.mask_head.parameters()).dtype
+        return self.model(batch)
 
     # ----------------------------------------------------------------------------------------- training
-    def _losses(
-        self, batch: GroundingBatch, predictions: list[GroundingPrediction]
-    ) -> dict[str, torch.Tensor]:
-        """Per-sample losses weighted by the sample's object count, as the reference averages them."""
-        totals: dict[str, torch.Tensor] = {}
-        num_objects = 0
-        for sample, prediction in zip(batch.samples, predictions, strict=True):
-            gt = sample.masks.to(prediction.fine_logits.device)
-            n = sample.num_objects
-            for stage, logits in (("coarse", prediction.coarse_logits), ("fine", prediction.fine_logits)):
-                stage_losses: MaskLosses = mask_losses(logits, gt)
-                for name in ("bce", "dice", "accuracy", "iou"):
-                    key = f"{stage}_{name}"
-                    totals[key] = totals.get(key, 0.0) + getattr(stage_losses, name) * n
-            num_objects += n
-        averaged = {key: value / num_objects for key, value in totals.items()}
-        averaged["loss"] = sum(weight * averaged[key] for key, weight in self.loss_weights.items())
-        return averaged
-
     def training_step(self, batch: GroundingBatch, batch_idx: int) -> torch.Tensor:
-        """The loss to back-propagate; a zero loss (all gradients 0) when the step is to be skipped.
-
-        A NaN/Inf loss must not reach the weights. Returning None would skip backward on this rank only, and
-        under DDP the other ranks would wait forever in their gradient all-reduce; and back-propagating
-        ``loss * 0`` would still give NaN gradients (NaN * 0). So every rank learns, through one all-reduce
-        per step, whether any rank's loss is non-finite; if so, every rank back-propagates a loss that is
-        exactly zero and ``on_before_optimizer_step`` drops the gradients, which makes the optimizer leave
-        the weights, moments and weight decay untouched. Skipped steps still count as steps (the schedule
-        and ``max_steps`` do not move).
-        """
-        self.bad_samples.update(batch.skipped)
-        loss: torch.Tensor | None = None
-        if batch.samples:
-            losses = self._losses(batch, self(batch))
-            loss = losses.pop("loss")
-        local_nonfinite = loss is not None and not bool(torch.isfinite(loss))
-        flags = torch.tensor([float(local_nonfinite), float(loss is not None)], device=self.device)
-        nonfinite_ranks, ranks_with_samples = self.trainer.strategy.reduce(flags, reduce_op="sum").tolist()
-        self._window_nonfinite |= nonfinite_ranks > 0
-        self._window_has_samples |= ranks_with_samples > 0
-
-        self.dropped_objects += sum(sample.num_dropped_objects for sample in batch.samples)
-        self.log("train/dropped_objects", float(self.dropped_objects), on_step=True, reduce_fx="max")
-        if nonfinite_ranks > 0:
-            names = [f"{s.image_id} ({s.file_name})" for s in batch.samples] if local_nonfinite else []
-            self.nonfinite.record(self.global_step, names)
-            if self.nonfinite.exhausted:
-                raise self.nonfinite.error()
-            return self._zero_loss()
-        if ranks_with_samples > 0:
-            self.nonfinite.reset()
-        if loss is None:
-            # Other ranks have samples: this one still joins their gradient all-reduce, with zeros.
-            return self._zero_loss()
-        self.log_dict({f"train/{key}": value for key, value in losses.items()}, batch_size=len(batch))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        """The batch's loss. When all of its samples were skipped, a loss that is exactly zero (with a zero
+        gradient for every trainable parameter): this rank still joins DDP's gradient all-reduce.
+        ``NonFiniteLossGuard`` keeps a non-finite loss from reaching the weights; it is not logged."""
+        if not batch.samples:
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        losses = self.model.losses(batch, self.model(batch))
+        loss = losses.pop("loss")
+        if torch.isfinite(loss):
+            self.log_dict({f"train/{key}": value for key, value in losses.items()}, batch_size=len(batch))
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
-
-    def _zero_loss(self) -> torch.Tensor:
-        """Exactly 0, with a (zero) gradient for every trainable parameter, so DDP's all-reduce completes."""
-        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        skip = self._window_nonfinite or not self._window_has_samples
-        if self._window_nonfinite:
-            self.nonfinite.skipped_steps += 1
-        self._window_nonfinite = self._window_has_samples = False
-        self.log("train/skipped_nonfinite_steps", float(self.nonfinite.skipped_steps), reduce_fx="max")
-        if skip:
-            # Optimizers skip parameters whose gradient is None: no update, no moment or weight-decay change.
-            optimizer.zero_grad(set_to_none=True)
-
-    def on_train_epoch_end(self) -> None:
-        self._report_bad_samples()
-
-    def _report_bad_samples(self) -> None:
-        # Every rank gets here at the same epoch end; rank 0 prints what all of them skipped.
-        summary = self.bad_samples
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[BadSampleSummary | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self.bad_samples)
-            summary = BadSampleSummary()
-            for rank_summary in gathered:
-                summary.merge(rank_summary)
-        if summary.total:
-            self.print(f"skipped samples (on_bad_sample=skip):\n{summary}")
-        self.bad_samples.reset()
 
     # ----------------------------------------------------------------------------------------- evaluation
     def setup(self, stage: str) -> None:
@@ -256,11 +128,10 @@ class FLMMModule(LightningModule):
     def _eval_step(self, batch: GroundingBatch, dataloader_idx: int, stage: str) -> EvalStepOutput:
         split = self._split_names[stage][dataloader_idx]
         metrics: SplitMetrics = self.eval_metrics[split]
-        self.bad_samples.update(batch.skipped)
         output = EvalStepOutput(batch, [], [], [], [])
         if not batch.samples:
             return output
-        for sample, prediction in zip(batch.samples, self(batch), strict=True):
+        for sample, prediction in zip(batch.samples, self.model(batch), strict=True):
             gt = sample.masks.to(prediction.fine_logits.device)
             # Binarised as the reference's evaluation does it: sigmoid, bilinear resize to the image, > 0.5.
             # The fine logits are already at the image's size, where that is "logit > 0"; for the coarse ones
@@ -300,7 +171,6 @@ class FLMMModule(LightningModule):
         self.log_dict(
             {k: v for k, v in flat.items() if not math.isnan(v)}, sync_dist=False, rank_zero_only=True
         )
-        self._report_bad_samples()
 
     def on_validation_epoch_end(self) -> None:
         self._log_split_results("validate")
@@ -331,57 +201,17 @@ class FLMMModule(LightningModule):
                     group["lr"] = base_lr * factor
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    def train(self, mode: bool = True) -> FLMMModule:
-        super().train(mode)
-        # Frozen parts stay in eval mode whatever Lightning asks (dropout/norm statistics untouched).
-        self.lmm.model.eval()
-        self.sam.sam.image_encoder.eval()
-        return self
-
-    def trainable_keys(self) -> Iterator[str]:
-        for key in super().state_dict(keep_vars=True):
-            if not key.startswith(FROZEN_PREFIXES):
-                yield key
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        full = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        return {k: v for k, v in full.items() if not k[len(prefix) :].startswith(FROZEN_PREFIXES)}
-
-    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Loads the trainable part; a missing, unexpected or misshapen trainable key is an error naming it"""
-        trainable = {k: v for k, v in super().state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
-        problems = []
-        missing = sorted(set(trainable) - set(state_dict))
-        if missing:
-            problems.append(f"missing trainable keys: {', '.join(missing[:10])}")
-        unexpected = sorted(set(state_dict) - set(trainable))
-        if unexpected:
-            problems.append(f"keys this model does not have: {', '.join(unexpected[:10])}")
-        for key in sorted(set(trainable) & set(state_dict)):
-            if state_dict[key].shape != trainable[key].shape:
-                problems.append(
-                    f"{key}: shape {tuple(state_dict[key].shape)} in the checkpoint, "
-                    f"{tuple(trainable[key].shape)} in the model"
-                )
-        if problems and strict:
-            raise CheckpointMismatchError(
-                "checkpoint does not fit this model: "
-                + "; ".join(problems)
-                + f". U-Net input channels follow the LMM (layers x heads = {self.lmm.attention_channels} "
-                "here): a checkpoint trained with another LMM does not fit."
-            )
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["flmm_config"] = self.run_config
-        checkpoint["flmm_counters"] = {
-            "skipped_nonfinite_steps": self.nonfinite.skipped_steps,
-            "dropped_objects": self.dropped_objects,
-        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A resumed run keeps counting where it stopped (older checkpoints have no counters).
-        counters = checkpoint.get("flmm_counters", {})
-        self.nonfinite.skipped_steps = counters.get("skipped_nonfinite_steps", 0)
-        self.dropped_objects = counters.get("dropped_objects", 0)
+        """Checks the checkpoint's weights against this model before Lightning loads them (a mismatch raises
+        ``CheckpointMismatchError`` naming the keys, and nothing is loaded); a checkpoint written before the
+        core existed gets this layout's keys."""
+        core = core_state_dict(checkpoint["state_dict"])
+        self.model.check_trainable_state_dict(core)
+        checkpoint["state_dict"] = {MODEL_PREFIX + key: value for key, value in core.items()}
+
+    def load_checkpoint_weights(self, state_dict: Mapping[str, Any]) -> None:
+        """Loads a checkpoint's ``state_dict`` (either layout) into the core, checked first."""
+        self.model.load_trainable_state_dict(core_state_dict(state_dict))

@@ -95,22 +95,12 @@ class Grounder:
         phrases = phrase_list(phrases)
         file_name = str(image) if isinstance(image, str | Path) else getattr(image, "filename", "")
         image = load_photo(image) if isinstance(image, str | Path) else _displayed_pil(image)
-        n = len(phrases)
-        sample = GroundingSample(
-            image=image,
-            phrases=phrases,
-            masks=torch.zeros(n, image.height, image.width, dtype=torch.bool),
-            is_thing=torch.ones(n, dtype=torch.bool),
-            is_plural=torch.zeros(n, dtype=torch.bool),
-            image_id="input",
-            file_name=file_name or "input",
-            object_ids=[str(k) for k in range(n)],
-        )
+        sample = GroundingSample.for_inference(image, phrases, file_name=file_name or "input")
         encoded = self.encode.encode(sample)
         batch = move_data_to_device(self.collate([encoded]), self.device)
-        prediction = self.module(batch)[0]
+        prediction = self.module.model(batch)[0]
         masks = (prediction.fine_logits > 0).cpu()
-        boxes = torch.full((n, 4), -1.0)
+        boxes = torch.full((len(phrases), 4), -1.0)
         nonempty = masks.flatten(1).any(1)
         if nonempty.any():
             boxes[nonempty] = masks_to_boxes(masks[nonempty])

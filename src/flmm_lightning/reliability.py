@@ -1,5 +1,5 @@
 """Surviving crashes and bad numbers: atomic checkpoint files, a checkpoint on Ctrl-C / SIGTERM, dataloader
-workers that die with the trainer, and the non-finite-loss guard of training."""
+workers that die with the trainer, and the non-finite-loss guard of training (a callback)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from fsspec.implementations.local import LocalFileSystem
 from lightning import Callback, LightningModule, Trainer
 from lightning.fabric.utilities.cloud_io import get_filesystem
@@ -23,6 +22,9 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from flmm_lightning.distributed import all_gather_objects
+from flmm_lightning.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +50,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options for local paths")
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.tmp")
-        try:
-            with partial.open("wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(partial, target)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        # The rename itself lives in the directory: without this fsync a crash can forget it.
-        directory = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        with atomic_write(target, durable=True, temp_name=f".{target.name}.tmp") as file:
+            torch.save(checkpoint, file)
 
 
 # prctl(2) option: the signal a process gets when the thread that forked it exits.
@@ -131,13 +118,9 @@ class NonFiniteStreak:
     def error(self) -> NonFiniteLossError:
         """The error naming every rank's samples of the streak (a collective: call it on every rank)."""
         local = [(step, names) for step, names in self.batches if names]
-        gathered: list[list[tuple[int, list[str]]]] = [local]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(gathered, local)
         lines = [
             f"  step {step} (rank {rank}): {', '.join(names)}"
-            for rank, batches in enumerate(gathered)
+            for rank, batches in enumerate(all_gather_objects(local))
             for step, names in batches
         ]
         return NonFiniteLossError(
@@ -145,6 +128,80 @@ class NonFiniteStreak:
             f"(module.max_consecutive_nonfinite={self.limit}); their optimizer steps were skipped. "
             "Samples of those batches:\n" + "\n".join(lines)
         )
+
+
+# Where the running totals of training callbacks ride in a checkpoint, so that a resumed run goes on counting.
+COUNTERS_KEY = "flmm_counters"
+
+
+class NonFiniteLossGuard(Callback):
+    """A NaN/Inf training loss never reaches the weights.
+
+    Before every backward one all-reduce tells each rank whether any rank's loss is non-finite and whether
+    any rank has samples (a rank whose samples were all skipped back-propagates the module's zero loss, so
+    that DDP's gradient all-reduce completes). At the optimizer step of a window (several batches under
+    gradient accumulation) that saw a non-finite loss, or no sample on any rank, every rank drops the
+    gradients (set to None, the non-finite ones included): the optimizer leaves the weights, moments and
+    weight decay untouched, and the step still counts (the schedule and ``max_steps`` do not move).
+    ``train/skipped_nonfinite_steps`` counts the skipped steps. ``max_consecutive`` non-finite batches in a
+    row stop the run with ``NonFiniteLossError`` naming every rank's samples; every rank takes the same
+    decisions, so all of them raise at the same batch and none is left waiting in a collective.
+
+    ``max_consecutive``: None takes the module's ``max_consecutive_nonfinite`` (the module config).
+    """
+
+    def __init__(self, max_consecutive: int | None = None) -> None:
+        self.max_consecutive = max_consecutive
+        self.streak: NonFiniteStreak | None = None
+        self._restored_skipped_steps = 0
+        self._sample_names: list[str] = []
+        self._window_nonfinite = False
+        self._window_has_samples = False
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.streak is None:
+            limit = self.max_consecutive
+            if limit is None:
+                limit = pl_module.max_consecutive_nonfinite
+            self.streak = NonFiniteStreak(limit, skipped_steps=self._restored_skipped_steps)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int):
+        self._sample_names = [f"{s.image_id} ({s.file_name})" for s in batch.samples]
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        has_samples = bool(self._sample_names)
+        local_nonfinite = has_samples and not bool(torch.isfinite(loss))
+        flags = torch.tensor([float(local_nonfinite), float(has_samples)], device=pl_module.device)
+        nonfinite_ranks, ranks_with_samples = trainer.strategy.reduce(flags, reduce_op="sum").tolist()
+        self._window_has_samples |= ranks_with_samples > 0
+        if nonfinite_ranks > 0:
+            self._window_nonfinite = True
+            self.streak.record(trainer.global_step, self._sample_names if local_nonfinite else [])
+            if self.streak.exhausted:
+                raise self.streak.error()
+        elif ranks_with_samples > 0:
+            self.streak.reset()
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        skip = self._window_nonfinite or not self._window_has_samples
+        if self._window_nonfinite:
+            self.streak.skipped_steps += 1
+        self._window_nonfinite = self._window_has_samples = False
+        pl_module.log("train/skipped_nonfinite_steps", float(self.streak.skipped_steps), reduce_fx="max")
+        if skip:
+            # Optimizers skip parameters whose gradient is None: no update, no moment or weight-decay change.
+            optimizer.zero_grad(set_to_none=True)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]):
+        checkpoint.setdefault(COUNTERS_KEY, {})["skipped_nonfinite_steps"] = self.streak.skipped_steps
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]):
+        skipped = checkpoint.get(COUNTERS_KEY, {}).get("skipped_nonfinite_steps", 0)
+        self._restored_skipped_steps = skipped
+        if self.streak is not None:
+            self.streak.skipped_steps = skipped
 
 
 class CheckpointOnInterrupt(Callback):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from flmm_lightning.files import atomic_write
 
 
 def metrics_table(results: dict[str, dict[str, float]], title: str = "Metrics (%)") -> Table:
@@ -51,14 +54,15 @@ def _columns(values: dict[str, float], secondary: bool) -> dict[str, float]:
 
 
 def write_metrics_json(results: dict[str, dict[str, float]], path: str | Path) -> Path:
-    """NaN (an empty subset) is written as null so that the file is strict JSON."""
+    """NaN (an empty subset) is written as null so that the file is strict JSON. Written atomically: a reader
+    (the parent process under ``ddp_spawn``) sees the whole file or none."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     clean = {
         split: {name: None if math.isnan(value) else value for name, value in values.items()}
         for split, values in results.items()
     }
-    path.write_text(json.dumps(clean, indent=2) + "\n")
+    with atomic_write(path) as handle:
+        handle.write((json.dumps(clean, indent=2) + "\n").encode())
     return path
 
 
@@ -86,11 +90,12 @@ PER_OBJECT_FIELDS = (
 
 def write_per_object_csv(rows: list[dict[str, object]], path: str | Path) -> Path:
     """One row per evaluated object: split, image, phrase, mask IoU and box IoU of the fine and of the coarse
-    masks (to find failures)."""
+    masks (to find failures). Written atomically, as ``write_metrics_json``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=PER_OBJECT_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=PER_OBJECT_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(path) as handle:
+        handle.write(text.getvalue().encode())
     return path

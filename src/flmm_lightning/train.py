@@ -24,7 +24,7 @@ from flmm_lightning.builders import (
     run_config,
     test_results,
 )
-from flmm_lightning.callbacks import HyperparameterLogger, MetricsJsonWriter
+from flmm_lightning.callbacks import HyperparameterLogger, MetricsJsonWriter, with_training_guards
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.data.datamodule import split_name
 from flmm_lightning.metrics import ReferringSegmentationMetric
@@ -60,7 +60,9 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     datamodule = build_datamodule(cfg.data, prompt_builder, cfg.sam.image_size)
     module = build_module(cfg, stored_config=stored)
     run_test = bool(cfg.get("test_after_fit") and datamodule.test_names)
-    callbacks = [*build_callbacks(cfg.get("callbacks")), HyperparameterLogger.from_config(cfg)]
+    callbacks = with_training_guards(
+        [*build_callbacks(cfg.get("callbacks")), HyperparameterLogger.from_config(cfg)]
+    )
     if run_test:
         callbacks.append(MetricsJsonWriter(metrics_path))
     trainer = hydra.utils.instantiate(

@@ -6,14 +6,14 @@ import torch
 
 from flmm_lightning.bench.inputs import BenchBatch
 from flmm_lightning.bench.steps import precision
-from flmm_lightning.model import FLMMModule
+from flmm_lightning.core import FLMM
 
 
 @torch.no_grad()
-def attention_agreement(module: FLMMModule, batch: BenchBatch, device: torch.device) -> dict[str, float]:
+def attention_agreement(model: FLMM, batch: BenchBatch, device: torch.device) -> dict[str, float]:
     """Max abs difference between the per-sample eager and the batched fused attention maps and text
     embeddings of the same batch; the LMM is frozen, so training does not matter."""
-    lmm = module.lmm
+    lmm = model.lmm
     with precision(device):
         lmm.set_capture("eager")
         try:

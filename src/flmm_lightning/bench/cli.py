@@ -118,6 +118,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     cfg = compose_bench_config(size, args.overrides)
     module, prompt_builder = build_bench_module(cfg, size, device)
+    model = module.model
     num_batches = min(args.steps, 2)  # two alternating batches: no step sees exactly the previous inputs
     batches = training_batches(cfg, module, prompt_builder, num_batches, args.image_size, device)
     batch_size = len(batches[0].singles)
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "steps": args.steps,
         "warmup": args.warmup,
         "image_size": list(args.image_size) if args.image_size else None,
-        "lmm_dtype": str(module.lmm.model.dtype).removeprefix("torch."),
+        "lmm_dtype": str(model.lmm.model.dtype).removeprefix("torch."),
         "autocast": "bf16" if device.type == "cuda" else None,
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         ),
         "image_tokens": [h * w for b in batches for h, w in b.batched.lmm.grid_hw],
     }
-    report.update(attention_agreement(module, batches[0], device))
+    report.update(attention_agreement(model, batches[0], device))
 
     processor_ms = {
         "per_sample_eager": 1e3 * float(np.mean([b.processor_singles_s for b in batches])),
@@ -156,9 +157,9 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="flmm_bench_sam_cache_"))
     try:
         cache = SamEmbeddingCache(cache_dir)
-        module.sam.embedding_cache = cache
+        model.sam.embedding_cache = cache
         for batch in batches:  # warm: every image's embedding on disk before the cached path's first step
-            module.sam.encode_images(batch.batched.sam_images)
+            model.image_embeddings(batch.batched)
         paths = bench_paths(cache)
         results = run_paths(module, paths, batches, args.warmup, args.steps, clip_norm, device)
         if args.profile:
@@ -167,14 +168,14 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             profile_out.write_text(profile_paths(module, paths, batches[0], clip_norm, device) + "\n")
             report["profile"] = str(profile_out)
     finally:
-        module.sam.embedding_cache = None
-        module.lmm.set_capture("fused")
+        model.sam.embedding_cache = None
+        model.lmm.set_capture("fused")
         if args.cache_dir is None:
             shutil.rmtree(cache_dir, ignore_errors=True)
     for name, result in results.items():
         result.stages_ms = {"processor": processor_ms[name], **result.stages_ms}
 
-    step_flops = useful_lmm_flops(module.lmm, batches)
+    step_flops = useful_lmm_flops(model.lmm, batches)
     for result in results.values():
         lmm_s = result.stages_ms["lmm"] / 1e3
         result.lmm_tflops = step_flops / lmm_s / 1e12 if lmm_s > 0 else math.nan

@@ -49,7 +49,7 @@ def training_batches(
 
     ``image_size``: every sample resized to it first (None keeps the data's own sizes).
     """
-    datamodule = build_datamodule(cfg.data, prompt_builder, module.sam.img_size)
+    datamodule = build_datamodule(cfg.data, prompt_builder, module.model.sam.img_size)
     loader = datamodule.train_dataloader()
     encoded_dataset, collate = loader.dataset, loader.collate_fn
     _ = prompt_builder.processor  # loaded now, so that its one-off cost is not timed

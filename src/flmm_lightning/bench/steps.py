@@ -11,9 +11,10 @@ import torch
 
 from flmm_lightning.bench.inputs import BenchBatch
 from flmm_lightning.bench.timing import MemoryMeter, NoTimer, StageTimer
+from flmm_lightning.core import FLMM
 from flmm_lightning.data.batch import GroundingBatch
 from flmm_lightning.heads.sam_cache import SamEmbeddingCache
-from flmm_lightning.model import FLMMModule, GroundingPrediction
+from flmm_lightning.model import FLMMModule
 
 PATHS = ("per_sample_eager", "fast", "fast_cached")
 STAGES = (
@@ -37,20 +38,21 @@ def precision(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def training_loss(
-    module: FLMMModule, batch: GroundingBatch, predictions: list[GroundingPrediction]
-) -> torch.Tensor:
-    """The loss ``training_step`` back-propagates, without its Lightning bookkeeping (logging, the non-finite
-    guard). The one place the bench calls a private method of the module; a public ``losses`` in the model
-    core would replace it."""
-    return module._losses(batch, predictions)["loss"]
+def training_loss(model: FLMM, batch: GroundingBatch, timer: StageTimer) -> torch.Tensor:
+    """The loss ``training_step`` back-propagates (the core's forward and losses), the SAM encoder and the
+    losses timed as their stages."""
+    with timer.span("sam_encoder"):
+        image_embeddings = model.image_embeddings(batch)
+    predictions = model(batch, image_embeddings=image_embeddings)
+    with timer.span("losses"):
+        return model.losses(batch, predictions)["loss"]
 
 
 def optimizer_step(
-    module: FLMMModule, optimizer: torch.optim.Optimizer, clip_norm: float, timer: StageTimer
+    model: FLMM, optimizer: torch.optim.Optimizer, clip_norm: float, timer: StageTimer
 ) -> None:
     with timer.span("optimizer"):
-        parameters = [p for p in module.parameters() if p.requires_grad]
+        parameters = [p for p in model.parameters() if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -62,34 +64,28 @@ class StepContext:
     clip_norm: float
 
 
-def fast_step(module: FLMMModule, batch: BenchBatch, step: StepContext, timer: StageTimer) -> None:
+def fast_step(model: FLMM, batch: BenchBatch, step: StepContext, timer: StageTimer) -> None:
     with precision(timer.device):
-        predictions = module(batch.batched)
-        with timer.span("losses"):
-            loss = training_loss(module, batch.batched, predictions)
+        loss = training_loss(model, batch.batched, timer)
     with timer.span("backward"):
         loss.backward()
-    optimizer_step(module, step.optimizer, step.clip_norm, timer)
+    optimizer_step(model, step.optimizer, step.clip_norm, timer)
 
 
-def per_sample_eager_step(
-    module: FLMMModule, batch: BenchBatch, step: StepContext, timer: StageTimer
-) -> None:
+def per_sample_eager_step(model: FLMM, batch: BenchBatch, step: StepContext, timer: StageTimer) -> None:
     """One sample per forward and one backward per sample, each loss weighted by its share of the batch's
     objects (so that the gradient is the batched path's), then one optimizer step."""
     total_objects = sum(single.samples[0].num_objects for single in batch.singles)
     for single in batch.singles:
         with precision(timer.device):
-            predictions = module(single)
-            with timer.span("losses"):
-                share = single.samples[0].num_objects / total_objects
-                loss = training_loss(module, single, predictions) * share
+            share = single.samples[0].num_objects / total_objects
+            loss = training_loss(model, single, timer) * share
         with timer.span("backward"):
             loss.backward()
-    optimizer_step(module, step.optimizer, step.clip_norm, timer)
+    optimizer_step(model, step.optimizer, step.clip_norm, timer)
 
 
-StepFn = Callable[[FLMMModule, BenchBatch, StepContext, StageTimer], None]
+StepFn = Callable[[FLMM, BenchBatch, StepContext, StageTimer], None]
 
 
 @dataclass
@@ -103,10 +99,10 @@ class BenchPath:
     sam_attention: str
     cache: SamEmbeddingCache | None = None
 
-    def configure(self, module: FLMMModule) -> None:
-        module.lmm.set_capture(self.capture)
-        module.sam.set_encoder_attention(self.sam_attention)
-        module.sam.embedding_cache = self.cache
+    def configure(self, model: FLMM) -> None:
+        model.lmm.set_capture(self.capture)
+        model.sam.set_encoder_attention(self.sam_attention)
+        model.sam.embedding_cache = self.cache
 
 
 def bench_paths(cache: SamEmbeddingCache) -> list[BenchPath]:
@@ -155,12 +151,12 @@ def run_paths(
     untimed = NoTimer(device)
     memory: dict[str, tuple[float, float, str]] = {}
     for path in paths:
-        path.configure(module)
+        path.configure(module.model)
         for i in range(warmup):
-            path.step(module, batches[i % len(batches)], context, untimed)
+            path.step(module.model, batches[i % len(batches)], context, untimed)
         meter = MemoryMeter(device)
         meter.start()
-        path.step(module, batches[0], context, untimed)
+        path.step(module.model, batches[0], context, untimed)
         peak = meter.peak_mib()
         memory[path.name] = (peak, peak - meter.base_mib, meter.kind)
         if path.cache is not None:
@@ -170,20 +166,20 @@ def run_paths(
     clock = StageTimer(device)
     for i in range(steps):
         for path in paths:
-            path.configure(module)
+            path.configure(module.model)
             began = clock.now()
-            path.step(module, batches[i % len(batches)], context, untimed)
+            path.step(module.model, batches[i % len(batches)], context, untimed)
             elapsed[path.name] += clock.now() - began
 
     timers = {path.name: StageTimer(device) for path in paths}
     staged: dict[str, float] = defaultdict(float)
     for i in range(steps):
         for path in paths:
-            path.configure(module)
+            path.configure(module.model)
             timer = timers[path.name]
-            with timer.instrumented(module):
+            with timer.instrumented(module.model):
                 began = timer.now()
-                path.step(module, batches[i % len(batches)], context, timer)
+                path.step(module.model, batches[i % len(batches)], context, timer)
                 staged[path.name] += timer.now() - began
 
     return {
@@ -233,9 +229,9 @@ def profile_paths(
     context = new_step_context(module, clip_norm)
     sections = []
     for path in paths:
-        path.configure(module)
+        path.configure(module.model)
         with torch.profiler.profile(activities=activities) as profiler:
-            path.step(module, batch, context, NoTimer(device))
+            path.step(module.model, batch, context, NoTimer(device))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         table = profiler.key_averages().table(sort_by=sort_by, row_limit=row_limit)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from flmm_lightning.model import FLMMModule
+from flmm_lightning.core import FLMM
 
 MIB = 2**20
 
@@ -45,48 +45,27 @@ class StageTimer:
             self.stop(name)
 
     @contextlib.contextmanager
-    def instrumented(self, module: FLMMModule) -> Iterator[None]:
-        """Times the module's parts through forward hooks while the block runs.
+    def instrumented(self, model: FLMM) -> Iterator[None]:
+        """Times the core's stages through forward hooks while the block runs (the steps time the SAM encoder,
+        ``FLMM.image_embeddings``, themselves).
 
         ``lmm_total`` is the adapter (model forward + reading the maps out), ``lmm`` the frozen model alone.
         """
         handles = []
         timed = {
-            "lmm_total": module.lmm,
-            "lmm": module.lmm.model,
-            "unet": module.mask_head,
-            "sam_decoder": module.sam,
+            "lmm_total": model.lmm,
+            "lmm": model.lmm.model,
+            "unet": model.mask_head,
+            "sam_decoder": model.sam,
         }
         for name, part in timed.items():
             handles.append(part.register_forward_pre_hook(lambda _m, _a, name=name: self.start(name)))
             handles.append(part.register_forward_hook(lambda _m, _a, _o, name=name: self.stop(name)))
         try:
-            with sam_encoder_timed(module, self):
-                yield
+            yield
         finally:
             for handle in handles:
                 handle.remove()
-
-
-@contextlib.contextmanager
-def sam_encoder_timed(module: FLMMModule, timer: StageTimer) -> Iterator[None]:
-    """Times ``module.sam.encode_images`` (encoder or embedding cache) as the "sam_encoder" stage.
-
-    It is a method, not a module call, so no hook sees it: it is shadowed on the instance for the duration.
-    The one place the bench reaches into the module's internals for timing; a public stage hook in the model
-    core would replace it.
-    """
-    encode_images = module.sam.encode_images
-
-    def timed_encode_images(images: list[torch.Tensor]) -> torch.Tensor:
-        with timer.span("sam_encoder"):
-            return encode_images(images)
-
-    module.sam.encode_images = timed_encode_images
-    try:
-        yield
-    finally:
-        del module.sam.encode_images
 
 
 class NoTimer(StageTimer):

@@ -10,8 +10,6 @@ from lightning import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
-from flmm_lightning.data.png import PNGDataset
-from flmm_lightning.data.reasonseg import ReasonSegDataset
 from flmm_lightning.data.sampler import ResumableDataLoader, TrainingSampler, UnpaddedDistributedSampler
 from flmm_lightning.lmm.base import PromptBuilder
 from flmm_lightning.reliability import dataloader_worker_init
@@ -75,12 +73,15 @@ class GroundingDataModule(LightningDataModule):
         return list(self.test_sets)
 
     def split_kind(self, name: str) -> str:
-        """``"png"`` for narrative splits (recall metrics), ``"reasonseg"`` for reasoning segmentation
-        (gIoU / cIoU per query), ``"res"`` for referring splits."""
+        """How split ``name`` is scored: the ``eval_kind`` its dataset declares (``"res"`` referring,
+        ``"png"`` narratives, ``"reasonseg"`` reasoning segmentation)."""
         dataset = self.val_sets.get(name) or self.test_sets.get(name)
-        if isinstance(dataset, PNGDataset):
-            return "png"
-        return "reasonseg" if isinstance(dataset, ReasonSegDataset) else "res"
+        kind = getattr(dataset, "eval_kind", None)
+        if kind is None:
+            raise TypeError(
+                f"evaluation split {name}: {type(dataset).__name__} declares no eval_kind (how to score it)"
+            )
+        return kind
 
     def _encoded(self, dataset: Dataset, fit_to_context: bool = False) -> EncodedDataset:
         return EncodedDataset(dataset, self.prompt_builder, self.sam_image_size, fit_to_context)

@@ -65,6 +65,9 @@ class PNGDataset(Dataset):
     index is built, counted in ``num_ungrounded_dropped`` and logged once; never replaced by another item.
     """
 
+    # How an evaluation split of this dataset is scored (panoptic narrative grounding: average recall).
+    eval_kind = "png"
+
     def __init__(
         self,
         narratives_json: str | Path,

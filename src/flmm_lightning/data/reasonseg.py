@@ -181,6 +181,9 @@ class ReasonSegDataset(Dataset):
     ``on_bad_sample="skip"``.
     """
 
+    # How an evaluation split of this dataset is scored (reasoning segmentation: gIoU / cIoU per query).
+    eval_kind = "reasonseg"
+
     def __init__(
         self,
         split_dir: str | Path,

@@ -99,6 +99,9 @@ class RefCocoDataset(Dataset):
     gives one sample per ref. ``object_ids`` are the ref ids (repeated per sentence under ``all``).
     """
 
+    # How an evaluation split of this dataset is scored (referring expression segmentation: cIoU, mIoU, Pr@t).
+    eval_kind = "res"
+
     def __init__(
         self,
         data_root: str | Path,

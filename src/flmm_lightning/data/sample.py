@@ -42,6 +42,31 @@ class GroundingSample:
                 piece for k, p in enumerate(self.phrases) for piece in ((p, k), (".", NOT_GROUNDED))
             ]
 
+    @classmethod
+    def for_inference(
+        cls,
+        image: Image.Image,
+        phrases: list[str],
+        image_id: int | str = "input",
+        file_name: str = "input",
+        utterances: list[tuple[str, int]] | None = None,
+    ) -> GroundingSample:
+        """An image and the phrases to ground in it, without ground truth (prediction, chat, benchmarks):
+        empty masks at the image's size, every object a singular thing, object ids ``"0"``, ``"1"``, ...;
+        ``utterances`` as for any sample (by default each phrase followed by ".")."""
+        n = len(phrases)
+        return cls(
+            image=image,
+            phrases=list(phrases),
+            masks=torch.zeros(n, image.height, image.width, dtype=torch.bool),
+            is_thing=torch.ones(n, dtype=torch.bool),
+            is_plural=torch.zeros(n, dtype=torch.bool),
+            image_id=image_id,
+            file_name=file_name,
+            object_ids=[str(k) for k in range(n)],
+            utterances=list(utterances or []),
+        )
+
     @property
     def num_objects(self) -> int:
         return len(self.phrases)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flmm_lightning.masks import mask_iou
+
 
 @dataclass
 class MaskLosses:
@@ -41,11 +43,9 @@ def mask_losses(logits: torch.Tensor, gt: torch.Tensor) -> MaskLosses:
     """
     gt = F.interpolate(gt[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0]  # [n, h, w]
     with torch.no_grad():
-        pred = (logits.float().sigmoid() > 0.5).float()  # [n, h, w]
-        accuracy = (pred == gt).float().mean()
-        intersection = (pred * gt).flatten(1).sum(-1)  # [n]
-        union = (pred + gt - pred * gt).flatten(1).sum(-1)  # [n]
-        iou = (intersection / (union + 1e-12)).mean()
+        pred = logits.float().sigmoid() > 0.5  # [n, h, w]
+        accuracy = (pred == gt.bool()).float().mean()
+        iou = mask_iou(pred, gt.bool(), empty=0.0).mean().float()
     return MaskLosses(bce=bce_loss(logits, gt), dice=dice_loss(logits, gt), accuracy=accuracy, iou=iou)
 
 

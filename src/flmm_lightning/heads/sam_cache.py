@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from flmm_lightning.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -138,20 +139,12 @@ class SamEmbeddingCache:
             "crc32": zlib.crc32(payload),
         }
         header_bytes = json.dumps(header, sort_keys=True).encode()
-        target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(MAGIC)
-                handle.write(_HEADER_LENGTH.pack(len(header_bytes)))
-                handle.write(header_bytes)
-                handle.write(payload)
-            os.chmod(tmp_name, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        # mode 0644: a shared cache stays readable to other users whatever their umask
+        with atomic_write(self.path(key), mode=0o644) as handle:
+            handle.write(MAGIC)
+            handle.write(_HEADER_LENGTH.pack(len(header_bytes)))
+            handle.write(header_bytes)
+            handle.write(payload)
         self.stats.writes += 1
 
     @staticmethod

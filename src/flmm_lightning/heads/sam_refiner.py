@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +19,10 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
+from flmm_lightning.frozen import FrozenParts
 from flmm_lightning.heads.sam_attention import set_encoder_attention
 from flmm_lightning.heads.sam_cache import SamEmbeddingCache, encoder_identity, image_key
+from flmm_lightning.masks import mask_iou
 
 SAM_NAMES = ("vit_b", "vit_l", "vit_h", "tiny")
 
@@ -95,8 +96,9 @@ def binarize_coarse(coarse_logits: torch.Tensor, original_size: tuple[int, int])
     return F.interpolate(probs, size=original_size, mode="bilinear")[:, 0] > 0.5  # [n, H, W]
 
 
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """long ``[n, 4]``: ``[x0, y0, x1 + 1, y1 + 1]`` of each bool mask ``[n, H, W]``.
+def mask_boxes_exclusive(masks: torch.Tensor) -> torch.Tensor:
+    """long ``[n, 4]``: ``[x0, y0, x1 + 1, y1 + 1]`` of each bool mask ``[n, H, W]`` (exclusive right/bottom
+    edges, SAM's box prompt), unlike ``torchvision.ops.masks_to_boxes`` (inclusive ``[x0, y0, x1, y1]``).
 
     An empty mask gives the whole image, ``[0, 0, W, H]``.
     """
@@ -143,20 +145,19 @@ def prompt_masks(
 
 def select_candidate(fine: torch.Tensor, coarse_binary: torch.Tensor) -> torch.Tensor:
     """``[g, H, W]``: per object the candidate of ``fine`` ``[g, k, H, W]`` whose ``> 0`` mask has the highest
-    IoU with the binarised coarse mask ``[g, H, W]`` (the first one on ties)."""
+    IoU with the binarised coarse mask ``[g, H, W]`` (the first one on ties; an empty candidate of an empty
+    coarse mask scores 0, as in the reference)."""
     g = fine.shape[0]
-    candidates = (fine.detach() > 0).flatten(2).float()  # [g, k, H*W]
-    target = coarse_binary.flatten(1)[:, None].float()  # [g, 1, H*W]
-    intersection = (candidates * target).sum(-1)  # [g, k]
-    union = (candidates + target - candidates * target).sum(-1)  # [g, k]
-    best = (intersection / (union + 1e-12)).argmax(dim=1)  # [g]
+    candidates = fine.detach() > 0  # [g, k, H, W]
+    target = coarse_binary[:, None].expand_as(candidates)  # [g, k, H, W]
+    best = mask_iou(candidates, target, empty=0.0).argmax(dim=1)  # [g]
     return fine[torch.arange(g, device=fine.device), best]
 
 
-class SamRefiner(nn.Module):
+class SamRefiner(FrozenParts):
     """Frozen SAM image encoder + trainable prompt encoder and mask decoder.
 
-    The image encoder never trains (``requires_grad`` False, eval mode through ``train()``) and is left out
+    The image encoder is a frozen part (``FrozenParts``): it never trains, stays in eval mode and is left out
     of ``state_dict()``; loading a state dict without its keys keeps the encoder's current weights.
 
     ``embedding_cache``: a directory for ``SamEmbeddingCache`` (off when None). With it, ``encode_images``
@@ -168,6 +169,8 @@ class SamRefiner(nn.Module):
     images per encoder call; it bounds the encoder's transient memory (``reference`` attention writes
     ``[heads, 4096, 4096]`` logits per 1024-px image in its global blocks, ``sdpa`` nothing of that size).
     """
+
+    frozen_parts = ("sam.image_encoder",)
 
     def __init__(
         self,
@@ -191,11 +194,8 @@ class SamRefiner(nn.Module):
         self.embedding_cache = SamEmbeddingCache(embedding_cache) if embedding_cache is not None else None
         self._encoder_id: str | None = None
         self.encoder_batch_size = encoder_batch_size
-        self.sam.image_encoder.requires_grad_(False)
-        self.sam.image_encoder.eval()
+        self.freeze_parts()
         self.set_encoder_attention(encoder_attention)
-        self.register_state_dict_post_hook(_drop_image_encoder)
-        self.register_load_state_dict_pre_hook(_keep_image_encoder)
 
     def set_encoder_attention(self, name: str) -> None:
         """``"sdpa"`` | ``"reference"``: how the frozen image encoder computes attention (same weights)."""
@@ -209,11 +209,6 @@ class SamRefiner(nn.Module):
     def embed_dim(self) -> int:
         """Width of SAM's prompt tokens: the text projection must output this."""
         return self.sam.prompt_encoder.embed_dim
-
-    def train(self, mode: bool = True) -> SamRefiner:
-        super().train(mode)
-        self.sam.image_encoder.eval()
-        return self
 
     @property
     def embedding_shape(self) -> tuple[int, int, int]:
@@ -297,7 +292,7 @@ class SamRefiner(nn.Module):
         coarse_binary = binarize_coarse(coarse_logits, original_size)  # [n, H, W]
         boxes = None
         if self.use_box:
-            boxes = resize_boxes(masks_to_boxes(coarse_binary), original_size, self.img_size)  # [n, 4]
+            boxes = resize_boxes(mask_boxes_exclusive(coarse_binary), original_size, self.img_size)  # [n, 4]
         masks = None
         if self.use_mask:
             mask_input_size = self.sam.prompt_encoder.mask_input_size
@@ -355,27 +350,3 @@ class SamRefiner(nn.Module):
         )  # [g, k, 4He, 4We], k = 3 if multimask else 1
         fine = self.sam.postprocess_masks(low_res, input_size, original_size)  # [g, k, H, W]
         return select_candidate(fine, coarse_binary) if self.multimask_output else fine[:, 0]  # [g, H, W]
-
-
-def _drop_image_encoder(
-    module: SamRefiner, state_dict: dict[str, Any], prefix: str, local_metadata: Any
-) -> None:
-    encoder_prefix = prefix + "sam.image_encoder."
-    for key in [k for k in state_dict if k.startswith(encoder_prefix)]:
-        del state_dict[key]
-
-
-def _keep_image_encoder(
-    module: SamRefiner,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: Any,
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    # Filling absent encoder keys with the encoder's own tensors makes strict loading of our checkpoints
-    # work; copying a tensor onto itself is a no-op in torch.
-    for key, value in module.sam.image_encoder.state_dict(prefix=prefix + "sam.image_encoder.").items():
-        state_dict.setdefault(key, value)

@@ -6,9 +6,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from flmm_lightning.data.sample import GroundingSample
+from flmm_lightning.frozen import FrozenParts
 
 
 @dataclass
@@ -65,8 +65,9 @@ class GroundingFeatures:
     content_box: tuple[int, int, int, int]
 
 
-class FrozenLMM(nn.Module, ABC):
-    """A frozen LMM plus the small trainable parts that read it (layer weights, text projection)."""
+class FrozenLMM(FrozenParts, ABC):
+    """A frozen LMM plus the small trainable parts that read it (layer weights, text projection); the LMM is
+    one of its ``frozen_parts``."""
 
     @property
     @abstractmethod

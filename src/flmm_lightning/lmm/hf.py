@@ -325,6 +325,7 @@ class HFGroundingAdapter(FrozenLMM):
     # Vision attention classes the ``fused`` path swaps for ones that attend over all packed images in one
     # call (``packed_attention``); same weights and maths, transformers' own classes again under ``eager``.
     packed_vision_attention: dict[type[nn.Module], type[nn.Module]] = {}
+    frozen_parts = ("model",)
 
     def __init__(
         self,
@@ -356,8 +357,7 @@ class HFGroundingAdapter(FrozenLMM):
                 f"{pretrained}: expected a checkpoint of model type {' or '.join(self.model_types)}, "
                 f"found {self.model.config.model_type}"
             )
-        self.model.requires_grad_(False)
-        self.model.eval()
+        self.freeze_parts()
         self._select_vision_attention()
 
         text_config = self.model.config.text_config
@@ -386,12 +386,6 @@ class HFGroundingAdapter(FrozenLMM):
             replacement = swaps.get(type(module))
             if replacement is not None:
                 module.__class__ = replacement
-
-    def train(self, mode: bool = True) -> HFGroundingAdapter:
-        super().train(mode)
-        # Frozen means frozen: no dropout or other train-time behaviour in the LMM, whatever the trainer asks.
-        self.model.eval()
-        return self
 
     def _pixel_inputs(
         self, batch: LMMBatch, image_tokens: torch.Tensor, device: torch.device

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import masks_to_boxes
 
+from flmm_lightning.masks import intersection_union, iou_of_counts
+
 PR_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
 BOX_ACC_THRESHOLD = 0.5
 PNG_ACC_THRESHOLD = 0.5
@@ -52,27 +54,14 @@ def _ratio(numerator: Tensor, denominator: Tensor) -> float:
     return float(numerator) / denominator_ if denominator_ else math.nan
 
 
-def _intersection_union(pred_masks: Tensor, gt_masks: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-object pixel counts (int64 [n]) of the intersection and of the union."""
-    intersection = (pred_masks & gt_masks).flatten(1).sum(1)
-    union = (pred_masks | gt_masks).flatten(1).sum(1)
-    return intersection, union
-
-
-def _mask_iou(intersection: Tensor, union: Tensor) -> Tensor:
-    """Per-object IoU in float64; an empty prediction of an empty object is perfect, not undefined."""
-    iou = intersection.double() / union.clamp(min=1).double()
-    return torch.where(union > 0, iou, torch.ones_like(iou))
-
-
 def _referring_segmentation_update(
     pred_masks: Tensor, gt_masks: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Return the summed intersection, union and IoU, the number of objects at or above each of
     ``PR_THRESHOLDS``, and the number of objects."""
     _check_masks(pred_masks, gt_masks)
-    intersection, union = _intersection_union(pred_masks, gt_masks)
-    iou = _mask_iou(intersection, union)
+    intersection, union = intersection_union(pred_masks, gt_masks)
+    iou = iou_of_counts(intersection, union)
     thresholds = torch.tensor(PR_THRESHOLDS, dtype=torch.float64, device=iou.device)
     hits = (iou[:, None] >= thresholds).sum(0)
     num_objects = torch.tensor(iou.numel(), dtype=torch.int64, device=iou.device)
@@ -85,12 +74,6 @@ def _referring_segmentation_compute(
     result = {"cIoU": _ratio(intersection, union), "mIoU": _ratio(iou_sum, num_objects)}
     result.update({f"Pr@{t:g}": _ratio(h, num_objects) for t, h in zip(PR_THRESHOLDS, hits, strict=True)})
     return result
-
-
-def mask_iou(pred_masks: Tensor, gt_masks: Tensor) -> Tensor:
-    """Per-object mask IoU (float64 [n]) of two boolean ``[n, H, W]`` mask stacks; 1 when both are empty."""
-    _check_masks(pred_masks, gt_masks)
-    return _mask_iou(*_intersection_union(pred_masks, gt_masks))
 
 
 def mask_box_iou(pred_masks: Tensor, gt_masks: Tensor) -> Tensor:
@@ -153,8 +136,8 @@ def _panoptic_narrative_update(
     _check_masks(pred_masks, gt_masks)
     _check_flags("is_thing", is_thing, pred_masks.shape[0])
     _check_flags("is_plural", is_plural, pred_masks.shape[0])
-    intersection, union = _intersection_union(pred_masks, gt_masks)
-    iou = _mask_iou(intersection, union)
+    intersection, union = intersection_union(pred_masks, gt_masks)
+    iou = iou_of_counts(intersection, union)
     counts = _recall_threshold_counts(iou)
     everything = torch.ones_like(is_thing)
     subsets = torch.stack([everything, is_thing, ~is_thing, ~is_plural, is_plural])
@@ -189,8 +172,8 @@ def _reasonseg_update(
     if ignore_masks is not None:
         _check_masks(ignore_masks, gt_masks)
         pred_masks, gt_masks = pred_masks & ~ignore_masks, gt_masks & ~ignore_masks
-    intersection, union = _intersection_union(pred_masks, gt_masks)
-    iou = _mask_iou(intersection, union)
+    intersection, union = intersection_union(pred_masks, gt_masks)
+    iou = iou_of_counts(intersection, union)
     subsets = torch.stack([torch.ones_like(is_sentence), ~is_sentence, is_sentence])  # bool [3, n]
     return (subsets * intersection).sum(1), (subsets * union).sum(1), (subsets * iou).sum(1), subsets.sum(1)
 

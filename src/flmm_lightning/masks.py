@@ -1,0 +1,27 @@
+"""Intersection over union of boolean masks: the one implementation behind the metrics, the per-object
+tables, the training statistics and SAM's candidate choice."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def intersection_union(pred_masks: Tensor, gt_masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Pixel counts (int64 ``[...]``) of the intersection and the union of boolean ``[..., H, W]`` masks."""
+    intersection = (pred_masks & gt_masks).flatten(-2).sum(-1)
+    union = (pred_masks | gt_masks).flatten(-2).sum(-1)
+    return intersection, union
+
+
+def iou_of_counts(intersection: Tensor, union: Tensor, empty: float = 1.0) -> Tensor:
+    """IoU in float64 from pixel counts; ``empty`` where the union is empty (no predicted and no true pixel):
+    1 for the benchmarks (an empty prediction of an empty object is perfect), 0 in the reference's training
+    statistics and candidate choice."""
+    iou = intersection.double() / union.clamp(min=1).double()
+    return torch.where(union > 0, iou, torch.full_like(iou, empty))
+
+
+def mask_iou(pred_masks: Tensor, gt_masks: Tensor, empty: float = 1.0) -> Tensor:
+    """Per-mask IoU (float64 ``[...]``) of boolean ``[..., H, W]`` masks; ``empty`` when both are empty."""
+    return iou_of_counts(*intersection_union(pred_masks, gt_masks), empty=empty)
