@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flmm_lightning.data.sample import NOT_GROUNDED, GroundingSample
+from flmm_lightning.boundaries import NOT_GROUNDED, GroundingSample
 
 
 def make_sample(

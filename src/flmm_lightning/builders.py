@@ -14,9 +14,9 @@ from lightning import Callback, Trainer
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from flmm_lightning.boundaries import PromptBuilder
 from flmm_lightning.config import check_input_files, config_on_this_machine, portable_container
 from flmm_lightning.data.datamodule import GroundingDataModule
-from flmm_lightning.lmm.base import PromptBuilder
 from flmm_lightning.model import CheckpointMismatchError, FLMMModule
 from flmm_lightning.reporting import read_metrics_json
 from flmm_lightning.safe_config import check_stored_config
@@ -151,6 +151,21 @@ def _stored_config(checkpoint: dict[str, Any], path: str | Path) -> dict[str, An
     if not stored or any(key not in stored for key in MODEL_KEYS):
         raise ValueError(f"{path} was not written by flmm-lightning (no model config inside)")
     check_stored_config(stored, path)
+    return _upgraded(stored)
+
+
+# Checkpoints written before the tiny SAM left ``heads/`` build it with ``build_sam(name="tiny")``.
+_LEGACY_SAM_TARGET = "flmm_lightning.heads.sam_refiner.build_sam"
+_TINY_SAM_TARGET = "flmm_lightning.assets.sam.build_tiny_sam"
+
+
+def _upgraded(stored: dict[str, Any]) -> dict[str, Any]:
+    """The stored config in today's form: an old tiny-SAM node names ``assets.sam.build_tiny_sam``."""
+    node = stored["sam"].get("refiner", {}).get("sam", {})
+    if node.get("_target_") == _LEGACY_SAM_TARGET and node.get("name") == "tiny":
+        node = {key: value for key, value in node.items() if key != "name"}
+        node["_target_"] = _TINY_SAM_TARGET
+        stored = {**stored, "sam": {**stored["sam"], "refiner": {**stored["sam"]["refiner"], "sam": node}}}
     return stored
 
 

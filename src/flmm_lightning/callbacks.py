@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from flmm_lightning.data.sample import GroundingSample
+from flmm_lightning.boundaries import GroundingSample
 from flmm_lightning.metrics.functional import mask_box_iou
 from flmm_lightning.model import EvalStepOutput
 from flmm_lightning.reporting import write_metrics_json, write_per_object_csv

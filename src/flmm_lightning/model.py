@@ -13,12 +13,13 @@ import torch.distributed as dist
 from lightning import LightningModule
 from torch import nn
 
+from flmm_lightning.boundaries import GroundingFeatures
 from flmm_lightning.data.bad_samples import BadSampleSummary
 from flmm_lightning.data.batch import GroundingBatch
 from flmm_lightning.heads.losses import MaskLosses, mask_losses
 from flmm_lightning.heads.sam_refiner import SamRefiner, binarize_coarse
 from flmm_lightning.heads.unet import UNetMaskHead, crop_to_content
-from flmm_lightning.lmm.base import FrozenLMM, GroundingFeatures
+from flmm_lightning.lmm.base import FrozenLMM
 from flmm_lightning.metrics import SplitMetrics
 from flmm_lightning.metrics.functional import mask_iou
 from flmm_lightning.reliability import NonFiniteStreak

@@ -9,7 +9,6 @@ from flmm_lightning.heads.sam_refiner import (
     masks_to_boxes,
     prompt_masks,
     resize_boxes,
-    sam_input_image,
     select_candidate,
 )
 from flmm_lightning.heads.unet import UNetMaskHead, crop_to_content
@@ -29,6 +28,5 @@ __all__ = [
     "masks_to_boxes",
     "prompt_masks",
     "resize_boxes",
-    "sam_input_image",
     "select_candidate",
 ]
