@@ -29,6 +29,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) -m flmm_lightning.bench --size tiny --out outputs/bench/tiny.json

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from flmm_lightning.data.sample import NOT_GROUNDED, GroundingSample
+from flmm_lightning.boundaries import NOT_GROUNDED, GroundingSample
 
 
 def make_sample(

@@ -7,6 +7,7 @@ import csv
 import math
 import pickle
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import tiny_overrides
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from flmm_lightning.assets import TINY_QWEN2_5_VL, TINY_SAM, ensure_tiny_sam
 from flmm_lightning.assets.sam import TINY_SAM_FILE
@@ -28,6 +29,7 @@ from flmm_lightning.builders import (
 from flmm_lightning.config import config_on_this_machine
 from flmm_lightning.data.synthetic import REFCOCO_DATASET, REFCOCO_SPLIT_BY, write_synthetic_dataset
 from flmm_lightning.eval import evaluate
+from flmm_lightning.eval import main as eval_main
 from flmm_lightning.train import train
 
 STEPS = 3
@@ -216,3 +218,44 @@ def test_checkpoint_config_reading_outside_its_sections_is_refused(
     stored["model"][key] = value
     with pytest.raises(ValueError, match=rf"^x\.ckpt: model\.{key} = "):
         config_on_this_machine(stored, {}, source="x.ckpt")
+
+
+def test_a_tiny_sam_checkpoint_from_before_the_move_to_assets_loads_and_builds_its_assets(
+    compose_config: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    """Checkpoints written while ``heads/`` built the tiny SAM store ``build_sam`` with ``name: tiny``."""
+    cfg = compose_config(tiny_overrides(tmp_path / "data", tmp_path / "run"))
+    checkpoint = save_untrained(cfg, tmp_path / "model.ckpt")
+    saved = load_checkpoint(checkpoint)
+    written = saved["flmm_config"]["sam"]["refiner"]["sam"]
+    assert written["_target_"] == "flmm_lightning.assets.sam.build_tiny_sam"
+    saved["flmm_config"]["sam"]["refiner"]["sam"] = {
+        "_target_": "flmm_lightning.heads.sam_refiner.build_sam",
+        "name": "tiny",
+        "checkpoint": written["checkpoint"],
+    }
+    torch.save(saved, checkpoint)
+
+    empty_cache = tmp_path / "empty_cache"
+    module, config = module_from_checkpoint(checkpoint, paths={**cfg.paths, "cache_dir": str(empty_cache)})
+    assert OmegaConf.to_container(config.sam.refiner.sam, resolve=False) == written
+    assert module.run_config["sam"]["refiner"]["sam"] == written  # what a checkpoint of it will store
+    assert (empty_cache / TINY_SAM / TINY_SAM_FILE).is_file() and (empty_cache / TINY_QWEN2_5_VL).is_dir()
+    for key, value in saved["state_dict"].items():
+        assert torch.equal(module.state_dict()[key], value), key
+
+
+def test_eval_command_line_names_a_misspelled_key_of_its_stored_data_config_patch(
+    compose_config: Callable[..., DictConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """``python -m flmm_lightning.eval ckpt=... ++data.<key>=...`` (Hydra's main, in process, struct mode on):
+    a key the data schema does not declare stops the run, named, before any data is read."""
+    cfg = compose_config(tiny_overrides(tmp_path / "data", tmp_path / "run"))
+    checkpoint = save_untrained(cfg, tmp_path / "model.ckpt")
+    monkeypatch.chdir(tmp_path)
+    here = [f"hydra.run.dir={tmp_path / 'eval'}", f"paths.data_dir={tmp_path / 'data'}"]
+    monkeypatch.setattr(sys, "argv", ["eval", f"ckpt={checkpoint}", *here, "++data.eval_batch_sise=2"])
+    with pytest.raises(SystemExit):
+        eval_main()
+    assert "data.eval_batch_sise is not a key of a data config" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()

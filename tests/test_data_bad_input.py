@@ -12,14 +12,13 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from flmm_lightning.boundaries import GroundingSample, SkippedSample
 from flmm_lightning.data import (
     BadSampleError,
     BadSampleReason,
     BadSampleSummary,
-    GroundingSample,
     PNGDataset,
     RefCocoDataset,
-    SkippedSample,
     UnsafePickleError,
     load_refs,
     load_rgb_image,

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flmm_lightning.data import NOT_GROUNDED, GroundingSample, PNGDataset
+from flmm_lightning.boundaries import NOT_GROUNDED, GroundingSample
+from flmm_lightning.data import PNGDataset
 
 
 def png_dataset(root: Path, **kwargs) -> PNGDataset:

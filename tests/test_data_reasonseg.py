@@ -14,14 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+from flmm_lightning.boundaries import GroundingSample, SkippedSample
 from flmm_lightning.builders import build_datamodule, build_prompt_builder
 from flmm_lightning.data import (
     BadSampleError,
     BadSampleReason,
-    GroundingSample,
     ReasonSegDataset,
     RefCocoDataset,
-    SkippedSample,
     SyntheticPaths,
     reasoning_prompt,
     write_synthetic_dataset,

@@ -14,7 +14,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from flmm_lightning.data import NOT_GROUNDED, GroundingSample, RefCocoDataset, load_refs
+from flmm_lightning.boundaries import NOT_GROUNDED, GroundingSample
+from flmm_lightning.data import RefCocoDataset, load_refs
 
 
 def trusted_refs(path: Path) -> list[dict]:

@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from flmm_lightning.data import (
-    GroundingSample,
-    PNGDataset,
-    RefCocoDataset,
-    SyntheticPaths,
-    write_synthetic_dataset,
-)
+from flmm_lightning.boundaries import GroundingSample
+from flmm_lightning.data import PNGDataset, RefCocoDataset, SyntheticPaths, write_synthetic_dataset
 from flmm_lightning.data.synthetic import COLOURS, SHAPE_KINDS
 
 

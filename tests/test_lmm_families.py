@@ -15,9 +15,9 @@ from hydra.utils import get_class, instantiate
 from samples import make_sample, png_like
 from transformers import AutoConfig
 
+from flmm_lightning.boundaries import ContextOverflowError
 from flmm_lightning.builders import build_datamodule, build_module, build_prompt_builder, load_checkpoint
 from flmm_lightning.config import CONF_DIR
-from flmm_lightning.lmm.base import ContextOverflowError
 from flmm_lightning.lmm.hf import ChatPromptBuilder, HFGroundingAdapter
 from flmm_lightning.train import train
 

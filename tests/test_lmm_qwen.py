@@ -9,7 +9,7 @@ import torch
 from samples import make_sample, png_like
 
 from flmm_lightning.assets import ensure_tiny_qwen2_5_vl
-from flmm_lightning.lmm import GroundingFeatures, LMMBatch, PromptInputs
+from flmm_lightning.boundaries import GroundingFeatures, LMMBatch, PromptInputs
 from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter, Qwen2VLPromptBuilder
 
 IMAGE_PAD, VISION_START, VISION_END = 151655, 151652, 151653

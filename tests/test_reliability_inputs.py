@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from flmm_lightning.assets import build_tiny_qwen2_5_vl_processor, tiny_qwen2_5_vl_config
+from flmm_lightning.boundaries import ContextOverflowError, GroundingSample
 from flmm_lightning.builders import (
     ConfigError,
     build_datamodule,
@@ -38,11 +39,9 @@ from flmm_lightning.builders import (
 from flmm_lightning.callbacks import BadSampleReport
 from flmm_lightning.config import CONF_DIR
 from flmm_lightning.core import CheckpointMismatchError
-from flmm_lightning.data import GroundingSample
 from flmm_lightning.data.batch import EncodedDataset
 from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.eval import evaluate
-from flmm_lightning.lmm.base import ContextOverflowError
 from flmm_lightning.predict import Grounder
 from flmm_lightning.train import train
 

@@ -16,9 +16,9 @@ from hydra.utils import instantiate
 from lightning import Callback, LightningModule, Trainer
 from test_reliability_resume import FAST, QUIET, one_thread, run_module  # noqa: F401 - a fixture
 
+from flmm_lightning.boundaries import SkippedSample
 from flmm_lightning.builders import build_datamodule, build_module, build_prompt_builder
 from flmm_lightning.callbacks import with_training_guards
-from flmm_lightning.data import SkippedSample
 from flmm_lightning.data.refcoco import RefCocoDataset
 from flmm_lightning.data.safe_pickle import load_refs
 from flmm_lightning.data.sampler import TrainingSampler

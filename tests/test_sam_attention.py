@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 from segment_anything.modeling.image_encoder import Attention
 
-from flmm_lightning.heads import SamRefiner, build_sam, sam_input_image
+from flmm_lightning.assets.sam import build_tiny_sam
+from flmm_lightning.data.images import sam_input_image
+from flmm_lightning.heads import SamRefiner
 from flmm_lightning.heads.sam_attention import SdpaRelPosAttention
 
 
@@ -40,7 +42,7 @@ def test_sdpa_block_equals_segment_anything(size: tuple[int, int], use_rel_pos: 
 
 def test_encoder_chunks_and_attention_switch(images: list[torch.Tensor]) -> None:
     torch.manual_seed(0)
-    sam = build_sam("tiny", None)
+    sam = build_tiny_sam()
     with torch.no_grad():
         for module in sam.image_encoder.modules():
             if isinstance(module, Attention):
@@ -59,11 +61,11 @@ def test_encoder_chunks_and_attention_switch(images: list[torch.Tensor]) -> None
 
     assert embeddings.shape == expected.shape == (len(images), *refiner.embedding_shape)
     torch.testing.assert_close(embeddings, expected, atol=1e-5, rtol=1e-5)
-    assert SamRefiner(build_sam("tiny", None)).encoder_batch_size == 4  # the default
+    assert SamRefiner(build_tiny_sam()).encoder_batch_size == 4  # the default
 
 
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="encoder_batch_size"):
-        SamRefiner(build_sam("tiny", None), encoder_batch_size=0)
+        SamRefiner(build_tiny_sam(), encoder_batch_size=0)
     with pytest.raises(ValueError, match="must be one of"):
-        SamRefiner(build_sam("tiny", None), encoder_attention="flash")
+        SamRefiner(build_tiny_sam(), encoder_attention="flash")

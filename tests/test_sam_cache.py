@@ -8,15 +8,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from flmm_lightning.assets.sam import build_tiny_sam
 from flmm_lightning.config import CONF_DIR
 from flmm_lightning.heads.sam_cache import SamEmbeddingCache, image_key
-from flmm_lightning.heads.sam_refiner import SamRefiner, build_sam
+from flmm_lightning.heads.sam_refiner import SamRefiner
 
 
 def tiny_sam(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_sam("tiny", None)
+        return build_tiny_sam()
 
 
 def images() -> list[torch.Tensor]:
@@ -55,8 +56,9 @@ def encoder_batch_sizes(refiner: SamRefiner) -> list[int]:
 
 def test_cache_is_off_by_default(sam):
     assert SamRefiner(sam).embedding_cache is None
-    for config in sorted((CONF_DIR / "sam").glob("*.yaml")):
-        assert OmegaConf.load(config).refiner.embedding_cache is None, config.name
+    assert OmegaConf.load(CONF_DIR / "sam" / "base" / "sam.yaml").refiner.embedding_cache is None
+    for config in sorted((CONF_DIR / "sam").glob("*.yaml")):  # each composes the base
+        assert OmegaConf.select(OmegaConf.load(config), "refiner.embedding_cache") is None, config.name
 
 
 def test_a_hit_equals_recompute_and_round(sam, expected, tmp_path: Path):

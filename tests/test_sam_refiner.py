@@ -8,13 +8,14 @@ from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
+from flmm_lightning.assets.sam import build_tiny_sam
+from flmm_lightning.data.images import sam_input_image
 from flmm_lightning.heads import (
     SamRefiner,
     binarize_coarse,
     build_sam,
     mask_boxes_exclusive,
     resize_boxes,
-    sam_input_image,
     select_candidate,
 )
 
@@ -24,7 +25,7 @@ ORIGINAL = (150, 200)  # (H, W), deliberately not square
 @pytest.fixture(scope="module")
 def tiny_sam():
     torch.manual_seed(0)
-    return build_sam("tiny", None)
+    return build_tiny_sam()
 
 
 def make_refiner(sam, **kwargs) -> SamRefiner:
@@ -209,7 +210,7 @@ def test_image_encoder_frozen_and_not_saved(tiny_sam) -> None:
     assert "refiner.sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix" in state
 
     torch.manual_seed(123)
-    fresh = nn.ModuleDict({"refiner": SamRefiner(build_sam("tiny", None)), "other": nn.Linear(2, 2)})
+    fresh = nn.ModuleDict({"refiner": SamRefiner(build_tiny_sam()), "other": nn.Linear(2, 2)})
     encoder_before = {k: v.clone() for k, v in fresh["refiner"].sam.image_encoder.state_dict().items()}
     fresh.load_state_dict(state)  # strict
     for key, value in fresh["refiner"].sam.image_encoder.state_dict().items():
@@ -219,10 +220,10 @@ def test_image_encoder_frozen_and_not_saved(tiny_sam) -> None:
     )
 
 
-def test_build_sam_loads_and_reports_mismatch(tiny_sam, tmp_path) -> None:
+def test_sam_weights_load_and_a_mismatch_is_reported(tiny_sam, tmp_path) -> None:
     path = tmp_path / "tiny.pth"
     torch.save(tiny_sam.state_dict(), path)
-    loaded = build_sam("tiny", str(path))
+    loaded = build_tiny_sam(str(path))
     for key, value in tiny_sam.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
 
@@ -231,10 +232,12 @@ def test_build_sam_loads_and_reports_mismatch(tiny_sam, tmp_path) -> None:
     broken_path = tmp_path / "broken.pth"
     torch.save(broken, broken_path)
     with pytest.raises(ValueError, match="mask_decoder.iou_token.weight") as error:
-        build_sam("tiny", str(broken_path))
+        build_tiny_sam(str(broken_path))
     assert str(broken_path) in str(error.value)
-    with pytest.raises(ValueError, match="unknown SAM"):
-        build_sam("vit_x", None)
+    # segment-anything's names only: the tiny architecture is a test asset (assets.sam), not a product choice
+    for name in ("vit_x", "tiny"):
+        with pytest.raises(ValueError, match="unknown SAM"):
+            build_sam(name, None)
 
 
 def test_build_vit_b() -> None:

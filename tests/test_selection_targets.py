@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from flmm_lightning.assets import ensure_tiny_qwen2_5_vl
-from flmm_lightning.data import NOT_GROUNDED, PNGDataset
+from flmm_lightning.boundaries import NOT_GROUNDED
+from flmm_lightning.data import PNGDataset
 from flmm_lightning.lmm.qwen2_vl import Qwen2VLPromptBuilder
 from flmm_lightning.selection import (
     every_word_baseline,

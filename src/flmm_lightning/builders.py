@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +13,18 @@ from hydra.utils import instantiate
 from lightning import Callback, Trainer
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from flmm_lightning.config import check_input_files, config_on_this_machine, portable_container
+from flmm_lightning.boundaries import PromptBuilder
+from flmm_lightning.config import (
+    check_input_files,
+    config_on_this_machine,
+    portable_container,
+    prepare_inputs,
+)
 from flmm_lightning.core import CheckpointMismatchError
 from flmm_lightning.data.datamodule import GroundingDataModule
-from flmm_lightning.lmm.base import PromptBuilder
+from flmm_lightning.data.schema import DATASET_GROUPS, INTERPOLATION_HELPERS, DataConfig
 from flmm_lightning.model import FLMMModule
 from flmm_lightning.reporting import read_metrics_json
 from flmm_lightning.safe_config import check_stored_config
@@ -48,6 +55,7 @@ def build_module(
     config: dict[str, Any] | DictConfig, stored_config: dict[str, Any] | None = None
 ) -> FLMMModule:
     config = OmegaConf.create(config) if not OmegaConf.is_config(config) else config
+    prepare_inputs(config.model, config.sam)
     lmm = instantiate(config.model.lmm)
     sam = instantiate(config.sam.refiner)
     module = instantiate(config.module, lmm=lmm, sam=sam)
@@ -58,6 +66,7 @@ def build_module(
 
 def build_prompt_builder(config: dict[str, Any] | DictConfig) -> PromptBuilder:
     config = OmegaConf.create(config) if not OmegaConf.is_config(config) else config
+    prepare_inputs(config.model)
     return instantiate(config.model.prompt)
 
 
@@ -74,15 +83,33 @@ def _instantiate_sets(data_cfg: DictConfig, group: str) -> dict[str, Any]:
     return sets
 
 
+def check_data_config(data_cfg: DictConfig) -> None:
+    """Raises ``ConfigError`` naming a key of ``data_cfg`` that ``data.schema.DataConfig`` does not declare
+    (a misspelling) or a value of the wrong type."""
+    schema = OmegaConf.structured(DataConfig)
+    try:
+        # Resolving builds nothing (``prepare_inputs`` does); the dataset nodes' own keys are theirs to check.
+        OmegaConf.merge(schema, OmegaConf.to_container(data_cfg, resolve=True))
+    except OmegaConfBaseException as error:
+        key = f"data.{error.full_key}" if error.full_key else "data"
+        if isinstance(error, ConfigKeyError) and is_dataclass(error.object_type):
+            known = ", ".join(field.name for field in fields(error.object_type))
+            raise ConfigError(
+                f"{key} is not a key of a data config (known there: {known}; see flmm_lightning.data.schema)"
+            ) from None
+        raise ConfigError(f"{key}: {str(error).splitlines()[0]}") from None
+
+
 def build_datamodule(
     data_cfg: dict[str, Any] | DictConfig, prompt_builder: PromptBuilder, sam_image_size: int
 ) -> GroundingDataModule:
-    """Instantiates each dataset on its own so that an error names the config key that set it."""
+    """Checks ``data_cfg`` against ``data.schema``, builds what it names (``prepare_inputs``), then
+    instantiates each dataset on its own so that an error names the config key that set it."""
     data_cfg = OmegaConf.create(data_cfg) if not OmegaConf.is_config(data_cfg) else data_cfg
-    # Other keys of a data config are interpolation helpers (e.g. the synthetic generator's settings).
-    accepted = set(inspect.signature(GroundingDataModule).parameters)
-    accepted -= {"train_sets", "val_sets", "test_sets"}
-    settings = {k: v for k, v in data_cfg.items() if k in accepted}
+    check_data_config(data_cfg)
+    prepare_inputs(data_cfg)
+    skipped = {"_target_", *DATASET_GROUPS, *INTERPOLATION_HELPERS}
+    settings = {key: value for key, value in data_cfg.items() if key not in skipped}
     return GroundingDataModule(
         prompt_builder=prompt_builder,
         sam_image_size=sam_image_size,
@@ -152,6 +179,21 @@ def _stored_config(checkpoint: dict[str, Any], path: str | Path) -> dict[str, An
     if not stored or any(key not in stored for key in MODEL_KEYS):
         raise ValueError(f"{path} was not written by flmm-lightning (no model config inside)")
     check_stored_config(stored, path)
+    return _upgraded(stored)
+
+
+# Checkpoints written before the tiny SAM left ``heads/`` build it with ``build_sam(name="tiny")``.
+_LEGACY_SAM_TARGET = "flmm_lightning.heads.sam_refiner.build_sam"
+_TINY_SAM_TARGET = "flmm_lightning.assets.sam.build_tiny_sam"
+
+
+def _upgraded(stored: dict[str, Any]) -> dict[str, Any]:
+    """The stored config in today's form: an old tiny-SAM node names ``assets.sam.build_tiny_sam``."""
+    node = stored["sam"].get("refiner", {}).get("sam", {})
+    if node.get("_target_") == _LEGACY_SAM_TARGET and node.get("name") == "tiny":
+        node = {key: value for key, value in node.items() if key != "name"}
+        node["_target_"] = _TINY_SAM_TARGET
+        stored = {**stored, "sam": {**stored["sam"], "refiner": {**stored["sam"]["refiner"], "sam": node}}}
     return stored
 
 
@@ -198,6 +240,8 @@ def module_from_checkpoint(
     checkpoint = load_checkpoint(path)
     stored = _stored_config(checkpoint, path)
     config = config_on_this_machine(stored, paths, overrides, source=str(path))
+    # A tiny asset the stored config names is built here, as on the machine that trained it.
+    prepare_inputs(*(config[key] for key in MODEL_KEYS))
     check_input_files(config, source=str(path))
     module = build_module(config, stored_config=stored)
     module.load_checkpoint_weights(checkpoint["state_dict"])

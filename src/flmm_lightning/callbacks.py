@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from flmm_lightning.boundaries import GroundingSample
 from flmm_lightning.data.bad_samples import BadSampleSummary
-from flmm_lightning.data.sample import GroundingSample
 from flmm_lightning.distributed import all_gather_objects
 from flmm_lightning.metrics.functional import mask_box_iou
 from flmm_lightning.model import EvalStepOutput

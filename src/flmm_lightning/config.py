@@ -1,5 +1,6 @@
-"""Hydra/OmegaConf glue: where the configs live, the resolvers that build offline assets on demand, and the
-config a checkpoint stores (portable: this machine's paths stay out of it)."""
+"""Hydra/OmegaConf glue: where the configs live, the resolvers that name offline assets and the step that
+builds them (``prepare_inputs``), and the config a checkpoint stores (portable: this machine's paths stay out
+of it)."""
 
 from __future__ import annotations
 
@@ -27,16 +28,25 @@ CONF_DIR = _conf_dir()
 
 
 def _asset(name: str, cache_dir: str) -> str:
-    from flmm_lightning import assets
+    from flmm_lightning.assets.catalog import asset_path
 
-    return str(assets.ensure_asset(name, cache_dir=cache_dir))
+    return str(asset_path(name, cache_dir=cache_dir))
 
 
 def _synthetic(root: str, num_train: int = 240, num_val: int = 60) -> str:
+    return str(Path(root).resolve())
+
+
+def _build_asset(name: str, cache_dir: str) -> Path:
+    from flmm_lightning.assets.catalog import ensure_asset
+
+    return ensure_asset(name, cache_dir=cache_dir)
+
+
+def _write_synthetic(root: str, num_train: int = 240, num_val: int = 60) -> Path:
     from flmm_lightning.data.synthetic import write_synthetic_dataset
 
-    write_synthetic_dataset(root, num_train=int(num_train), num_val=int(num_val))
-    return str(Path(root).resolve())
+    return write_synthetic_dataset(root, num_train=int(num_train), num_val=int(num_val)).root
 
 
 def _run_dir(ckpt_path: str | None, fresh: str) -> str:
@@ -46,16 +56,63 @@ def _run_dir(ckpt_path: str | None, fresh: str) -> str:
 
 
 def register_resolvers() -> None:
-    """``${flmm_asset:<name>,<cache_dir>}`` builds a tiny offline model when missing and returns its path;
-    ``${flmm_synthetic:<root>[,num_train,num_val]}`` writes the synthetic dataset when missing and returns
-    its root; ``${flmm_cwd:}`` is the working directory (``hydra:runtime.cwd`` is the same with
+    """``${flmm_asset:<name>,<cache_dir>}`` is the path of a tiny offline model; ``${flmm_synthetic:<root>[,
+    num_train,num_val]}`` is the root of the synthetic dataset (both pure: ``prepare_inputs`` builds them);
+    ``${flmm_cwd:}`` is the working directory (``hydra:runtime.cwd`` is the same with
     ``hydra.job.chdir=false``, but a multirun launcher resolves ``hydra.sweep.dir`` before Hydra's own
     resolver works); ``${flmm_run_dir:<ckpt_path>,<fresh>}`` is the run folder of a resumed checkpoint,
     else ``fresh``."""
     OmegaConf.register_new_resolver("flmm_cwd", os.getcwd, replace=True)
-    OmegaConf.register_new_resolver("flmm_asset", _asset, replace=True, use_cache=True)
-    OmegaConf.register_new_resolver("flmm_synthetic", _synthetic, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("flmm_asset", _asset, replace=True)
+    OmegaConf.register_new_resolver("flmm_synthetic", _synthetic, replace=True)
     OmegaConf.register_new_resolver("flmm_run_dir", _run_dir, replace=True)
+
+
+# What each resolver that names a generated input builds, called with the resolver's own arguments.
+_PREPARE = {"flmm_asset": _build_asset, "flmm_synthetic": _write_synthetic}
+
+
+def _resolver_calls(value: str) -> list[tuple[str, list[str]]]:
+    """The resolver calls of an OmegaConf string: (name, the source text of each argument)."""
+    calls: list[tuple[str, list[str]]] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext):
+            sequence = node.sequence()
+            arguments = [element.getText() for element in sequence.element()] if sequence else []
+            calls.append((node.resolverName().getText(), arguments))
+        if not isinstance(node, TerminalNode):
+            for child in node.getChildren():
+                visit(child)
+
+    visit(parse(value, parser_rule="configValue"))
+    return calls
+
+
+def _generated_inputs(node: DictConfig | ListConfig) -> Iterable[tuple[str, list[Any]]]:
+    """The ``_PREPARE`` resolver calls under ``node``, their arguments resolved where they are written."""
+    raw = OmegaConf.to_container(node, resolve=False)
+    items = enumerate(raw) if isinstance(raw, list) else raw.items()
+    for key, value in items:
+        if isinstance(value, str) and "${" in value:
+            for name, arguments in _resolver_calls(value):
+                if name in _PREPARE:
+                    # A node under ``node`` resolves the argument as the config would (absolute keys).
+                    yield name, [OmegaConf.create({"_": text}, parent=node)["_"] for text in arguments]
+        elif isinstance(value, dict | list):
+            yield from _generated_inputs(node[key])
+
+
+def prepare_inputs(*sections: DictConfig | ListConfig | None) -> list[Path]:
+    """Builds the tiny assets and synthetic datasets that ``sections`` name through ``${flmm_asset:...}`` and
+    ``${flmm_synthetic:...}`` and that are missing, and returns their paths. Resolving a config builds
+    nothing; this is the step that does, called by the builders before they instantiate a section."""
+    built: list[Path] = []
+    for section in sections:
+        if OmegaConf.is_config(section):
+            for name, arguments in _generated_inputs(section):
+                built.append(_PREPARE[name](*arguments))
+    return built
 
 
 # Resolvers whose result the machine that loads a checkpoint recomputes from its own paths.

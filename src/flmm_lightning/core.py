@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from flmm_lightning.boundaries import GroundingFeatures
 from flmm_lightning.data.batch import GroundingBatch
 from flmm_lightning.heads.losses import mask_losses
 from flmm_lightning.heads.sam_refiner import SamRefiner
 from flmm_lightning.heads.unet import UNetMaskHead, crop_to_content
-from flmm_lightning.lmm.base import FrozenLMM, GroundingFeatures
+from flmm_lightning.lmm.base import FrozenLMM
 
 # The weighted terms of the total loss (``FLMM.loss_weights``).
 LOSS_TERMS = ("coarse_bce", "coarse_dice", "fine_bce", "fine_dice")

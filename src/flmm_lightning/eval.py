@@ -89,7 +89,6 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def hydra_main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    OmegaConf.set_struct(cfg, False)
     evaluate(cfg)
 
 

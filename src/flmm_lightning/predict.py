@@ -25,12 +25,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.ops import masks_to_boxes
 
+from flmm_lightning.boundaries import GroundingSample, PromptBuilder
 from flmm_lightning.builders import ConfigError, build_prompt_builder, module_from_checkpoint, output_dir_of
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.data.images import UnreadableImageError, as_displayed, load_photo
-from flmm_lightning.data.sample import GroundingSample
-from flmm_lightning.lmm.base import PromptBuilder
 from flmm_lightning.model import FLMMModule
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
 from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups

@@ -24,6 +24,7 @@ ALLOWED_TARGETS = frozenset(
         "flmm_lightning.heads.unet.UNetMaskHead",
         "flmm_lightning.heads.sam_refiner.SamRefiner",
         "flmm_lightning.heads.sam_refiner.build_sam",
+        "flmm_lightning.assets.sam.build_tiny_sam",
         "flmm_lightning.lmm.deepseek_vl.DeepseekVLAdapter",
         "flmm_lightning.lmm.deepseek_vl.DeepseekVLPromptBuilder",
         "flmm_lightning.lmm.llava.LlavaAdapter",

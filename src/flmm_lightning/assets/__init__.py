@@ -6,7 +6,7 @@ that everything downstream loads them through the same ``from_pretrained(local_d
 checkpoint takes. Nothing here touches the network.
 
 ``store``: the cache folder and atomic builds; ``text_tokenizers``; one module per family (``qwen``,
-``llava``, ``deepseek``, ``sam``); ``catalog``: the assets by name (``ensure_asset``).
+``llava``, ``deepseek``, ``sam``); ``catalog``: the assets by name (``asset_path``, ``ensure_asset``).
 ``python -m flmm_lightning.assets`` builds them all.
 """
 
@@ -20,6 +20,7 @@ from flmm_lightning.assets.catalog import (
     TINY_QWEN2_5_VL,
     TINY_QWEN3_VL,
     TinyLMMRecipe,
+    asset_path,
     ensure_asset,
     ensure_tiny_deepseek_vl,
     ensure_tiny_deepseek_vl_hybrid,
@@ -58,7 +59,7 @@ from flmm_lightning.assets.qwen import (
     tiny_qwen2_5_vl_config,
     tiny_qwen3_vl_config,
 )
-from flmm_lightning.assets.sam import TINY_SAM, ensure_tiny_sam
+from flmm_lightning.assets.sam import TINY_SAM, TINY_SAM_FILE, build_tiny_sam, ensure_tiny_sam
 from flmm_lightning.assets.store import CACHE_ENV, DEFAULT_INITIALIZER_RANGE, DEFAULT_SEED, cache_root
 from flmm_lightning.assets.text_tokenizers import (
     build_llama_tokenizer,
@@ -90,10 +91,12 @@ __all__ = [
     "TINY_QWEN2_5_VL",
     "TINY_QWEN3_VL",
     "TINY_SAM",
+    "TINY_SAM_FILE",
     "TinyLMMRecipe",
     "build_llama_tokenizer",
     "build_qwen2_5_vl_tokenizer",
     "build_qwen3_vl_tokenizer",
+    "build_tiny_sam",
     "build_tiny_deepseek_vl",
     "build_tiny_deepseek_vl_processor",
     "build_tiny_llava",
@@ -102,6 +105,7 @@ __all__ = [
     "build_tiny_qwen2_5_vl_processor",
     "build_tiny_qwen3_vl",
     "build_tiny_qwen3_vl_processor",
+    "asset_path",
     "cache_root",
     "ensure_asset",
     "ensure_tiny_deepseek_vl",

@@ -11,7 +11,7 @@ from pathlib import Path
 from flmm_lightning.assets.deepseek import build_tiny_deepseek_vl
 from flmm_lightning.assets.llava import build_tiny_llava
 from flmm_lightning.assets.qwen import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl
-from flmm_lightning.assets.sam import TINY_SAM, ensure_tiny_sam
+from flmm_lightning.assets.sam import TINY_SAM, ensure_tiny_sam, tiny_sam_path
 from flmm_lightning.assets.store import DEFAULT_INITIALIZER_RANGE, DEFAULT_SEED, cache_root, ensure_built
 
 TINY_QWEN2_5_VL = "tiny_qwen2_5_vl"
@@ -42,7 +42,7 @@ def ensure_tiny_lmm(
     recipe = TINY_LMMS[name]
     spec = {"name": name, "version": recipe.version, "initializer_range": initializer_range, "seed": seed}
     return ensure_built(
-        cache_root(cache_dir) / name, spec, lambda out: recipe.build(out, initializer_range, seed)
+        asset_path(name, cache_dir), spec, lambda out: recipe.build(out, initializer_range, seed)
     )
 
 
@@ -68,8 +68,18 @@ ASSETS: dict[str, Callable[..., Path]] = {
 }
 
 
-def ensure_asset(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Path of the named tiny asset, built on first use."""
+def _check_name(name: str) -> None:
     if name not in ASSETS:
         raise KeyError(f"unknown asset {name!r}; known: {sorted(ASSETS)}")
+
+
+def asset_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the named tiny asset is once built (``${flmm_asset:<name>,<cache_dir>}``); builds nothing."""
+    _check_name(name)
+    return tiny_sam_path(cache_dir) if name == TINY_SAM else cache_root(cache_dir) / name
+
+
+def ensure_asset(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the named tiny asset, built on first use."""
+    _check_name(name)
     return ASSETS[name](cache_dir=cache_dir)

@@ -11,9 +11,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from flmm_lightning.boundaries import PromptBuilder
 from flmm_lightning.builders import build_module, build_prompt_builder
 from flmm_lightning.config import CONF_DIR, register_resolvers
-from flmm_lightning.lmm.base import PromptBuilder
 from flmm_lightning.model import FLMMModule
 
 

@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from flmm_lightning.bench.inputs import BenchBatch
-from flmm_lightning.lmm.base import LMMBatch
+from flmm_lightning.boundaries import LMMBatch
 from flmm_lightning.lmm.hf import HFGroundingAdapter
 
 

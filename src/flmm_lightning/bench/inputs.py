@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image
 
+from flmm_lightning.boundaries import GroundingSample, PromptBuilder
 from flmm_lightning.builders import build_datamodule
 from flmm_lightning.data.batch import GroundingBatch
-from flmm_lightning.data.sample import GroundingSample
-from flmm_lightning.lmm.base import PromptBuilder
 from flmm_lightning.model import FLMMModule
 
 

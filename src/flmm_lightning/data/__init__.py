@@ -1,7 +1,8 @@
-"""Datasets (RefCOCO family, Panoptic Narrative Grounding, ReasonSeg, synthetic shapes) and the sample type.
+"""Datasets (RefCOCO family, Panoptic Narrative Grounding, ReasonSeg, synthetic shapes).
 
-The sample types and the bad-sample handling import eagerly; the datasets (which need pycocotools) load on
-first access, so that code which only batches samples (the model, the benchmark) does not import them.
+Their items are ``flmm_lightning.boundaries.GroundingSample``s. The bad-sample handling imports eagerly;
+the datasets (which need pycocotools) load on first access, so that code which only batches samples (the
+model, the benchmark) does not import them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import importlib
 from typing import Any
 
 from flmm_lightning.data.bad_samples import BadSampleError, BadSampleReason, BadSampleSummary
-from flmm_lightning.data.sample import NOT_GROUNDED, GroundingSample, SkippedSample
 
 _LAZY = {
     "load_rgb_image": "flmm_lightning.data.images",
@@ -25,12 +25,9 @@ _LAZY = {
 }
 
 __all__ = [
-    "NOT_GROUNDED",
     "BadSampleError",
     "BadSampleReason",
     "BadSampleSummary",
-    "GroundingSample",
-    "SkippedSample",
     *_LAZY,
 ]
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Literal
 
-from flmm_lightning.data.sample import SkippedSample
+from flmm_lightning.boundaries import SkippedSample
 
 logger = logging.getLogger(__name__)
 

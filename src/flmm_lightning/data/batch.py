@@ -9,10 +9,9 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from flmm_lightning.data.sample import GroundingSample, SkippedSample
+from flmm_lightning.boundaries import GroundingSample, LMMBatch, PromptBuilder, PromptInputs, SkippedSample
+from flmm_lightning.data.images import sam_input_image
 from flmm_lightning.data.sampler import EpochIndex
-from flmm_lightning.heads.sam_refiner import sam_input_image
-from flmm_lightning.lmm.base import LMMBatch, PromptBuilder, PromptInputs
 
 
 @dataclass

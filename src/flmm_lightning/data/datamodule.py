@@ -9,9 +9,9 @@ import torch.distributed as dist
 from lightning import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from flmm_lightning.boundaries import PromptBuilder
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.data.sampler import ResumableDataLoader, TrainingSampler, UnpaddedDistributedSampler
-from flmm_lightning.lmm.base import PromptBuilder
 from flmm_lightning.reliability import dataloader_worker_init
 
 # Hydra's override grammar allows no "+" in a key: the RefCOCO+ splits are configured as ``refcocop_*`` (so

@@ -14,7 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from segment_anything.utils.transforms import ResizeLongestSide
 
 from flmm_lightning.data.bad_samples import BadSampleError, BadSampleReason
 
@@ -132,3 +134,9 @@ def load_panoptic_ids(
     """Reads a COCO panoptic PNG as an int64 ``[H, W]`` map of segment ids."""
     image = load_rgb_image(path, dataset=dataset, sample_id=sample_id, expected_wh=expected_wh)
     return rgb_to_panoptic_id(np.asarray(image))
+
+
+def sam_input_image(image: Image.Image, img_size: int) -> torch.Tensor:
+    """uint8 ``[3, h, w]``: the RGB image resized so that its longer side is ``img_size`` (SAM's resize)."""
+    resized = ResizeLongestSide(img_size).apply_image(np.asarray(image.convert("RGB")))  # [h, w, 3]
+    return torch.from_numpy(resized).permute(2, 0, 1).contiguous()

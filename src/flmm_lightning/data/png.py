@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from flmm_lightning.boundaries import NOT_GROUNDED, GroundingSample, SkippedSample
 from flmm_lightning.data.bad_samples import (
     BadSampleError,
     BadSampleReason,
@@ -20,7 +21,6 @@ from flmm_lightning.data.bad_samples import (
     check_on_bad_sample,
 )
 from flmm_lightning.data.images import load_panoptic_ids, load_rgb_image
-from flmm_lightning.data.sample import NOT_GROUNDED, GroundingSample, SkippedSample
 
 logger = logging.getLogger(__name__)
 

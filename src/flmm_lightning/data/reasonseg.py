@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from flmm_lightning.boundaries import GroundingSample, SkippedSample
 from flmm_lightning.data.bad_samples import (
     BadSampleError,
     BadSampleReason,
@@ -33,7 +34,6 @@ from flmm_lightning.data.bad_samples import (
     check_on_bad_sample,
 )
 from flmm_lightning.data.images import load_rgb_image
-from flmm_lightning.data.sample import GroundingSample, SkippedSample
 
 # The reference protocol (F-LMM's ReasonSeg evaluation with a frozen LMM): a short query is asked about,
 # a sentence query is asked as it is; the answer is forced to start with ANSWER_PREFIX.

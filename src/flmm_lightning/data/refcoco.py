@@ -12,6 +12,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from flmm_lightning.boundaries import GroundingSample, SkippedSample
 from flmm_lightning.data.bad_samples import (
     BadSampleError,
     BadSampleReason,
@@ -21,7 +22,6 @@ from flmm_lightning.data.bad_samples import (
 )
 from flmm_lightning.data.images import load_rgb_image
 from flmm_lightning.data.safe_pickle import load_refs
-from flmm_lightning.data.sample import GroundingSample, SkippedSample
 
 TextMode = Literal["random_once", "random_per_epoch", "first", "all"]
 # The values ``text_mode`` accepts (see RefCocoDataset).

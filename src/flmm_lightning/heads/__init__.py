@@ -9,7 +9,6 @@ from flmm_lightning.heads.sam_refiner import (
     mask_boxes_exclusive,
     prompt_masks,
     resize_boxes,
-    sam_input_image,
     select_candidate,
 )
 from flmm_lightning.heads.unet import UNetMaskHead, crop_to_content
@@ -29,6 +28,5 @@ __all__ = [
     "mask_boxes_exclusive",
     "prompt_masks",
     "resize_boxes",
-    "sam_input_image",
     "select_candidate",
 ]

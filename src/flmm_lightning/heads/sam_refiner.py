@@ -8,68 +8,33 @@ sparse tokens (reference: ``flmm/models/mask_head/mask_refiner.py``).
 from __future__ import annotations
 
 import os
-from functools import partial
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from segment_anything import sam_model_registry
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
-from torch import nn
 
 from flmm_lightning.frozen import FrozenParts
 from flmm_lightning.heads.sam_attention import set_encoder_attention
 from flmm_lightning.heads.sam_cache import SamEmbeddingCache, encoder_identity, image_key
 from flmm_lightning.masks import mask_iou
 
-SAM_NAMES = ("vit_b", "vit_l", "vit_h", "tiny")
-
-
-def _build_tiny_sam() -> Sam:
-    """A SAM with the real architecture at toy size (256 px input, 16x16 embedding, 64 channels)."""
-    img_size, patch_size, embed_dim = 256, 16, 64
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=img_size,
-            patch_size=patch_size,
-            embed_dim=64,
-            depth=2,
-            num_heads=2,
-            mlp_ratio=4.0,
-            out_chans=embed_dim,
-            qkv_bias=True,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            use_rel_pos=True,
-            window_size=8,
-            global_attn_indexes=(1,),
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=embed_dim,
-            image_embedding_size=(img_size // patch_size, img_size // patch_size),
-            input_image_size=(img_size, img_size),
-            mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=embed_dim, mlp_dim=128, num_heads=2),
-            transformer_dim=embed_dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=embed_dim,
-        ),
-    )
+# segment-anything's architectures; the tiny one of the demo and the tests is ``assets.sam.build_tiny_sam``.
+SAM_NAMES = ("vit_b", "vit_l", "vit_h")
 
 
 def build_sam(name: str, checkpoint: str | None) -> Sam:
-    """``vit_b`` / ``vit_l`` / ``vit_h`` (segment_anything registry) or ``tiny``; optionally load weights."""
-    if name == "tiny":
-        sam = _build_tiny_sam()
-    elif name in sam_model_registry and name != "default":
-        # Weights are loaded below rather than by the registry: map to CPU, weights_only, clear errors.
-        sam = sam_model_registry[name](checkpoint=None)
-    else:
+    """``vit_b`` / ``vit_l`` / ``vit_h`` (segment_anything registry); optionally load weights."""
+    if name not in SAM_NAMES:
         raise ValueError(f"unknown SAM model {name!r}; expected one of {SAM_NAMES}")
+    # Weights are loaded below rather than by the registry: map to CPU, weights_only, clear errors.
+    return load_sam_weights(sam_model_registry[name](checkpoint=None), checkpoint, name)
+
+
+def load_sam_weights(sam: Sam, checkpoint: str | None, name: str) -> Sam:
+    """``sam`` in eval mode with the state dict of the file ``checkpoint`` (none: as built); an error names
+    the file and the keys that do not match the ``name`` architecture."""
     if checkpoint is not None:
         state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
         missing, unexpected = sam.load_state_dict(state_dict, strict=False)
@@ -79,12 +44,6 @@ def build_sam(name: str, checkpoint: str | None) -> Sam:
                 f"missing keys {missing}, unexpected keys {unexpected}"
             )
     return sam.eval()
-
-
-def sam_input_image(image: Image.Image, img_size: int) -> torch.Tensor:
-    """uint8 ``[3, h, w]``: the RGB image resized so that its longer side is ``img_size`` (SAM's resize)."""
-    resized = ResizeLongestSide(img_size).apply_image(np.asarray(image.convert("RGB")))  # [h, w, 3]
-    return torch.from_numpy(resized).permute(2, 0, 1).contiguous()
 
 
 def binarize_coarse(coarse_logits: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
@@ -227,9 +186,9 @@ class SamRefiner(FrozenParts):
     def encode_images(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Image embeddings ``[B, C, He, We]`` of resized uint8 images ``[3, h_b, w_b]``.
 
-        The images come from ``sam_input_image`` (longer side = ``img_size``). With the embedding cache on,
-        only the images without a valid entry go through the encoder, as one batch; images still on the CPU
-        are hashed there, without waiting for the device.
+        The images come from ``data.images.sam_input_image`` (longer side = ``img_size``). With the embedding
+        cache on, only the images without a valid entry go through the encoder, as one batch; images still on
+        the CPU are hashed there, without waiting for the device.
         """
         if self.embedding_cache is None:
             return self._run_encoder(images)

@@ -1,6 +1,7 @@
 """Frozen LMM adapters (one module per family) and attention capture.
 
-The boundary types import eagerly; the adapters (which import transformers) load on first access.
+Their boundary types are in ``flmm_lightning.boundaries``; the adapters (which import transformers) load on
+first access.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from flmm_lightning.lmm.base import FrozenLMM, GroundingFeatures, LMMBatch, PromptBuilder, PromptInputs
+from flmm_lightning.lmm.base import FrozenLMM
 
 _LAZY = {
     "ChatPromptBuilder": "flmm_lightning.lmm.hf",
@@ -27,7 +28,7 @@ _LAZY = {
     "build_capture": "flmm_lightning.lmm.capture",
 }
 
-__all__ = ["FrozenLMM", "GroundingFeatures", "LMMBatch", "PromptBuilder", "PromptInputs", *_LAZY]
+__all__ = ["FrozenLMM", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

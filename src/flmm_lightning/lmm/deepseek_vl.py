@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from flmm_lightning.data.sample import GroundingSample
+from flmm_lightning.boundaries import GroundingSample
 from flmm_lightning.lmm.hf import ChatPromptBuilder, EncodedImage, HFGroundingAdapter
 
 HIGH_RES_PIXELS = "high_res_pixel_values"

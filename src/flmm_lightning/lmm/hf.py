@@ -25,15 +25,16 @@ from transformers import (
     PretrainedConfig,
 )
 
-from flmm_lightning.data.sample import NOT_GROUNDED, GroundingSample
-from flmm_lightning.lmm.base import (
+from flmm_lightning.boundaries import (
+    NOT_GROUNDED,
     ContextOverflowError,
-    FrozenLMM,
     GroundingFeatures,
+    GroundingSample,
     LMMBatch,
     PromptBuilder,
     PromptInputs,
 )
+from flmm_lightning.lmm.base import FrozenLMM
 from flmm_lightning.lmm.capture import build_capture
 from flmm_lightning.lmm.compat import num_image_tokens
 

@@ -11,7 +11,7 @@ row-major cells of the ``crop_size / patch_size`` grid (24x24 for LLaVA-1.5), CL
 
 from __future__ import annotations
 
-from flmm_lightning.data.sample import GroundingSample
+from flmm_lightning.boundaries import GroundingSample
 from flmm_lightning.lmm.hf import ChatPromptBuilder, EncodedImage, HFGroundingAdapter
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flmm_lightning.data.sample import GroundingSample
+from flmm_lightning.boundaries import GroundingSample
 from flmm_lightning.lmm.compat import select_best_resolution, unpadded_features
 from flmm_lightning.lmm.hf import ChatPromptBuilder, EncodedImage, HFGroundingAdapter
 

@@ -9,9 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from flmm_lightning.data.sample import GroundingSample
+from flmm_lightning.boundaries import GroundingSample, LMMBatch
 from flmm_lightning.lmm import compat
-from flmm_lightning.lmm.base import LMMBatch
 from flmm_lightning.lmm.hf import DEFAULT_INSTRUCTION, ChatPromptBuilder, EncodedImage, HFGroundingAdapter
 from flmm_lightning.lmm.packed_attention import PackedVisionAttention
 

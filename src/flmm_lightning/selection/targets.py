@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from flmm_lightning.data.sample import NOT_GROUNDED
+from flmm_lightning.boundaries import NOT_GROUNDED
 from flmm_lightning.metrics.keywords import KeywordSelectionMetric
 from flmm_lightning.selection.phrases import Span, strip_span, word_spans
 

@@ -1,7 +1,14 @@
-"""The sample type that leaves ``data/``: one image, its phrases and their ground-truth masks."""
+"""The typed objects that cross between rooms, in one leaf module that imports nothing else of the project.
+
+``data/`` produces ``GroundingSample`` (or ``SkippedSample``) and encodes it with a ``PromptBuilder`` into
+``PromptInputs``, collated into an ``LMMBatch``; ``lmm/`` implements ``PromptBuilder`` and turns an
+``LMMBatch`` into ``GroundingFeatures`` for ``heads/``. Keeping them here lets ``data/`` and ``lmm/`` use
+each other's types without importing each other (the import-linter contracts in pyproject.toml).
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -80,3 +87,59 @@ class SkippedSample:
     sample_id: str
     path: str
     reason: str
+
+
+@dataclass
+class PromptInputs:
+    """One sample encoded for the LMM (built in dataloader workers by a ``PromptBuilder``)."""
+
+    input_ids: torch.Tensor  # long [S]: chat prompt with image tokens, then the utterance tokens
+    mask_ids: torch.Tensor  # long [S]: object index per token, -1 elsewhere
+    pixel_inputs: dict[str, torch.Tensor]  # processor outputs for this image (pixel_values, image_grid_thw)
+    grid_hw: tuple[int, int]  # attention-map grid (h, w) of this image
+    padded_hw: tuple[int, int]  # size (pixels) of the processed image the grid covers, padding included
+    content_box: tuple[int, int, int, int]  # (top, left, height, width) of the real image inside padded_hw
+
+
+@dataclass
+class LMMBatch:
+    """A padded batch for one batched LMM forward."""
+
+    input_ids: torch.Tensor  # long [B, S], right-padded
+    attention_mask: torch.Tensor  # long [B, S], 0 on padding
+    mask_ids: torch.Tensor  # long [B, S], -1 on padding
+    pixel_inputs: dict[str, torch.Tensor]  # per-family concatenation of the samples' pixel inputs
+    grid_hw: list[tuple[int, int]]
+    padded_hw: list[tuple[int, int]]
+    content_box: list[tuple[int, int, int, int]]
+
+
+@dataclass
+class GroundingFeatures:
+    """What the frozen LMM says about the objects of one sample."""
+
+    attention_maps: torch.Tensor  # float [n, C, h, w]: merged over each object's tokens; C = L*H (2*L*H NeXT)
+    text_embeddings: list[torch.Tensor]  # per object: text_proj(mixed hidden states of its tokens) [t_k, D]
+    padded_hw: tuple[int, int]
+    content_box: tuple[int, int, int, int]
+
+
+class ContextOverflowError(ValueError):
+    """A sample whose prompt, image tokens and phrases do not fit the LMM's context (names the sample)."""
+
+
+class PromptBuilder(ABC):
+    """Turns a ``GroundingSample`` into ``PromptInputs``; picklable, runs in dataloader workers.
+
+    Each LMM family implements it in ``lmm/``; ``data/`` calls it without knowing the family."""
+
+    @abstractmethod
+    def __call__(self, sample: GroundingSample) -> PromptInputs:
+        """Raises ``ContextOverflowError`` when the sample does not fit the LMM's context."""
+
+    @abstractmethod
+    def fit_to_context(self, sample: GroundingSample) -> GroundingSample:
+        """The sample, or a copy without the trailing objects that do not fit the context (with a warning)."""
+
+    @abstractmethod
+    def collate(self, prompts: list[PromptInputs]) -> LMMBatch: ...
