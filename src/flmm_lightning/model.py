@@ -50,10 +50,8 @@ def warmup_cosine_factor(
 
 
 def core_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """A checkpoint's ``state_dict`` with the core's keys: this module's ``model.`` prefix removed, or, in a
-    checkpoint written before the core existed (no key has the prefix), as it is."""
-    if not any(key.startswith(MODEL_PREFIX) for key in state_dict):
-        return dict(state_dict)
+    """A checkpoint's ``state_dict`` with the core's keys: this module's ``model.`` prefix removed (one
+    written before the core existed has the core's keys already)."""
     return {key.removeprefix(MODEL_PREFIX): value for key, value in state_dict.items()}
 
 
