@@ -202,6 +202,8 @@ def model_identity(config: dict[str, Any]) -> dict[str, Any]:
     its pretrained weights (the last path component: a hub id and a local copy of it agree) and the SAM
     variant. (Layers x heads are the U-Net's input channels: loading the weights compares those shapes.)"""
     pretrained = str(config["model"].get("pretrained", "")).rstrip("/")
+    if pretrained.startswith("${flmm_asset:"):  # a tiny asset, stored portably: its name
+        pretrained = pretrained.removeprefix("${flmm_asset:").split(",", 1)[0]
     return {
         "model.lmm._target_": config["model"].get("lmm", {}).get("_target_"),
         "model.name": config["model"].get("name"),

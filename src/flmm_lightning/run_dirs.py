@@ -75,6 +75,7 @@ def mark_latest(output_dir: Path) -> Path:
     link = output_dir.parent / LATEST
     if rank_zero_only.rank != 0:
         return link
+    output_dir.mkdir(parents=True, exist_ok=True)  # a run that has written nothing yet
     staged = link.with_name(f".{LATEST}.{os.getpid()}.tmp")
     staged.unlink(missing_ok=True)
     try:
