@@ -22,6 +22,7 @@ from flmm_lightning.lmm.base import FrozenLMM, GroundingFeatures
 from flmm_lightning.metrics import SplitMetrics
 from flmm_lightning.metrics.functional import mask_iou
 from flmm_lightning.reliability import NonFiniteStreak
+from flmm_lightning.selection.targets import narrative_selection_spans, narrative_selector_loss
 
 # Parameters under these prefixes are frozen and come from their own pretrained files: never checkpointed.
 FROZEN_PREFIXES = ("lmm.model.", "sam.sam.image_encoder.")
@@ -78,10 +79,13 @@ class FLMMModule(LightningModule):
         fine_dice_weight: float = 1.0,
         max_consecutive_nonfinite: int = 10,
         eval_heads_fp32: bool = True,
+        keyword_selector_weight: float = 1.0,
     ) -> None:
         """``eval_heads_fp32``: outside training (validation, test, prediction) the U-Net and SAM run in
         fp32 with autocast off, as in the reference's evaluation, whatever the trainer's precision; the LMM
-        (and the text projection that reads it) keeps the trainer's precision. Training is unaffected."""
+        (and the text projection that reads it) keeps the trainer's precision. Training is unaffected.
+        ``keyword_selector_weight``: weight of the keyword selector's token loss (narrative samples only),
+        when the LMM adapter has a selector."""
         super().__init__()
         self.lmm = lmm
         self.sam = sam
@@ -95,6 +99,10 @@ class FLMMModule(LightningModule):
             "fine_bce": fine_bce_weight,
             "fine_dice": fine_dice_weight,
         }
+        self.has_keyword_selector = getattr(lmm, "keyword_selector", None) is not None
+        if self.has_keyword_selector:
+            self.loss_weights["keyword_selector"] = keyword_selector_weight
+        self._narrative_tokenizer: Any = None  # the LMM's tokenizer, to score the selector on narratives
         # The resolved config (plain containers) rides in every checkpoint so that eval/predict rebuild
         # the same model from ``ckpt=`` alone.
         self.run_config: dict[str, Any] = {}
@@ -109,7 +117,10 @@ class FLMMModule(LightningModule):
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, batch: GroundingBatch) -> list[GroundingPrediction]:
-        features = self.lmm(batch.lmm)
+        return self.decode(batch, self.lmm(batch.lmm))
+
+    def decode(self, batch: GroundingBatch, features: list[GroundingFeatures]) -> list[GroundingPrediction]:
+        """The masks of the objects that ``features`` (the LMM's readout of ``batch``) describe."""
         with self._head_precision():
             coarse, fine = self._heads(batch, features)
         return [GroundingPrediction(c, f, feat) for c, f, feat in zip(coarse, fine, features, strict=True)]
@@ -171,6 +182,9 @@ class FLMMModule(LightningModule):
                     totals[key] = totals.get(key, 0.0) + getattr(stage_losses, name) * n
             num_objects += n
         averaged = {key: value / num_objects for key, value in totals.items()}
+        if self.has_keyword_selector:
+            logits = [prediction.features.selector_logits for prediction in predictions]
+            averaged["keyword_selector"] = narrative_selector_loss(batch.lmm, batch.samples, logits)
         averaged["loss"] = sum(weight * averaged[key] for key, weight in self.loss_weights.items())
         return averaged
 
@@ -250,7 +264,11 @@ class FLMMModule(LightningModule):
             return
         for name in dict.fromkeys(datamodule.val_names + datamodule.test_names):
             if name not in self.eval_metrics:
-                self.eval_metrics[name] = SplitMetrics(datamodule.split_kind(name))
+                kind = datamodule.split_kind(name)
+                selection = self.has_keyword_selector and kind == "png"
+                self.eval_metrics[name] = SplitMetrics(kind, keyword_selection=selection)
+        if self.has_keyword_selector:
+            self._narrative_tokenizer = datamodule.prompt_builder.processor.tokenizer
         self._split_names = {"validate": datamodule.val_names, "test": datamodule.test_names}
 
     def _eval_step(self, batch: GroundingBatch, dataloader_idx: int, stage: str) -> EvalStepOutput:
@@ -268,6 +286,10 @@ class FLMMModule(LightningModule):
             fine = prediction.fine_logits > 0
             coarse = binarize_coarse(prediction.coarse_logits, tuple(gt.shape[-2:]))
             metrics.update(fine, coarse, gt, sample.is_thing.to(gt.device), sample.is_plural.to(gt.device))
+            if metrics.selection is not None:
+                logits = prediction.features.selector_logits
+                spans = narrative_selection_spans(self._narrative_tokenizer, sample.utterances, logits)
+                metrics.selection.update(*spans)
             output.pred_masks.append(fine)
             output.ious.append(mask_iou(fine, gt))
             output.coarse_masks.append(coarse)

@@ -35,6 +35,9 @@ class GroundingSample:
     ignore_masks: torch.Tensor | None = None
     # ReasonSeg: per object, whether its text is a long query (a sentence) rather than a phrase (bool [n]).
     is_sentence: torch.Tensor | None = None
+    # The utterances are a narrative (PNG): its ungrounded utterances name nothing, so its tokens label the
+    # keyword selector (grounded: positive, the rest: negative). RefCOCO's "phrase . phrase ." is not one.
+    narrative: bool = False
 
     def __post_init__(self) -> None:
         if not self.utterances:
