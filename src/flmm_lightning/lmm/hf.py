@@ -40,6 +40,8 @@ from flmm_lightning.lmm.capture import build_capture
 from flmm_lightning.lmm.compat import num_image_tokens
 
 DEFAULT_INSTRUCTION = "Please give me a description of the image."
+# The longest answer ``HFGroundingAdapter.generate`` writes unless told otherwise.
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass
@@ -473,6 +475,31 @@ class HFGroundingAdapter(FrozenLMM):
         if h * w != maps.shape[-1]:
             raise ValueError(f"{maps.shape[-1]} image tokens for a {h}x{w} grid")
         return maps.reshape(maps.shape[0], -1, h, w)  # [n, L*H, h, w], layer-major
+
+    @torch.no_grad()
+    def generate(self, batch: LMMBatch, **generation: Any) -> list[int]:
+        """The frozen LMM's answer to the one prompt in ``batch`` (``conversation_inputs`` without answer):
+        transformers' ``generate``, greedy with at most ``DEFAULT_MAX_NEW_TOKENS`` new tokens unless
+        ``generation`` says otherwise (sampling, ``max_new_tokens``, repetition controls pass through).
+        Returns the generated token ids up to the first end-of-sequence token, which is left out."""
+        if batch.input_ids.shape[0] != 1:
+            raise ValueError(
+                f"generate answers one prompt at a time, got a batch of {batch.input_ids.shape[0]}"
+            )
+        device = self.text_layer_weights.device
+        image_tokens = (batch.input_ids == self.image_token_id).to(device)  # [1, S]
+        settings = {"do_sample": False, "max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **generation}
+        sequences = self.model.generate(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            **self._pixel_inputs(batch, image_tokens, device),
+            **settings,
+        )  # [1, S + new]
+        new_ids = sequences[0, batch.input_ids.shape[1] :].tolist()
+        stop = self.model.generation_config.eos_token_id
+        stop = set(stop if isinstance(stop, list) else [] if stop is None else [stop])
+        ends = [i for i, token in enumerate(new_ids) if token in stop]
+        return new_ids[: ends[0]] if ends else new_ids
 
     def forward(self, batch: LMMBatch) -> list[GroundingFeatures]:
         return self.features(batch, self.read(batch))
