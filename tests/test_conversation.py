@@ -186,7 +186,7 @@ def test_selector_choices_are_checked(grounder: Grounder, first: GroundedAnswer)
         grounder.chat(IMAGE, QUESTION, selector="given")
     with pytest.raises(ChatInputError, match="history"):
         grounder.chat(IMAGE, QUESTION, history=["not a turn"])
-    with pytest.raises(ValueError, match="does not occur in the answer"):
+    with pytest.raises(ChatInputError, match="does not occur in the answer"):
         grounder.chat(IMAGE, QUESTION, phrases=["certainly not in there"], **SHORT)
 
 

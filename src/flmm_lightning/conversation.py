@@ -231,7 +231,10 @@ def answer_and_ground(
         answered = (question, answer)
         chosen = _lmm_phrases(grounder, sample, turns[dropped:], answered, answer, offsets, max_new_tokens)
     else:
-        chosen = locate_given_phrases(list(phrases), answer, offsets)
+        try:
+            chosen = locate_given_phrases(list(phrases), answer, offsets)
+        except ValueError as error:
+            raise ChatInputError(f"phrases: {error}") from error
     if not chosen:
         return result
 
