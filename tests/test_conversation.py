@@ -84,23 +84,26 @@ def test_a_multibyte_phrase_is_grounded_where_it_stands(grounder: Grounder, firs
     assert words[0] in tokenizer.decode(answer.token_ids[slice(*phrase.token_span)])
 
 
-def test_answer_attention_equals_the_eager_reference(grounder: Grounder, first: GroundedAnswer):
-    """Each phrase's map is the mean, over its answer tokens, of the eager model's attention probabilities
-    (``output_attentions``) on a teacher-forced forward over the prompt and the answer as generated."""
+def eager_answer_maps(
+    grounder: Grounder, question: str, answer_ids: list[int], prefix: str = ""
+) -> torch.Tensor:
+    """``[T, L*H, h, w]``: each answer token's attention over the image tokens, from the eager model's
+    own ``output_attentions`` on a teacher-forced forward over the chat prompt (plus ``prefix``) and the
+    answer."""
     builder = grounder.encode.prompt_builder
     processor = builder.processor
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefix
     inputs = processor(images=[IMAGE], text=[prompt], return_tensors="pt", size=builder._size)
-    answer_ids = torch.tensor([first.token_ids])
+    answer = torch.tensor([answer_ids])
     start = inputs["input_ids"].shape[1]
     model_inputs = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
     model_inputs.update(
-        input_ids=torch.cat([inputs["input_ids"], answer_ids], dim=1),
-        attention_mask=torch.ones(1, start + answer_ids.shape[1], dtype=torch.long),
+        input_ids=torch.cat([inputs["input_ids"], answer], dim=1),
+        attention_mask=torch.ones(1, start + answer.shape[1], dtype=torch.long),
     )
     if "mm_token_type_ids" in model_inputs:
-        pad = torch.zeros_like(answer_ids)
+        pad = torch.zeros_like(answer)
         model_inputs["mm_token_type_ids"] = torch.cat([model_inputs["mm_token_type_ids"], pad], dim=1)
     lmm = grounder.module.lmm
     lmm.set_capture("eager")
@@ -111,11 +114,31 @@ def test_answer_attention_equals_the_eager_reference(grounder: Grounder, first: 
         lmm.set_capture("fused")
     image_columns = (model_inputs["input_ids"][0] == lmm.image_token_id).nonzero()[:, 0]
     _, grid_h, grid_w = (int(v) // m for v, m in zip(inputs["image_grid_thw"][0], (1, 2, 2), strict=True))
+    rows = torch.arange(start, start + answer.shape[1])
+    per_layer = [layer[0][:, rows][:, :, image_columns] for layer in attentions]  # L x [H, T, N]
+    return torch.stack(per_layer).permute(2, 0, 1, 3).reshape(len(rows), -1, grid_h, grid_w)
+
+
+def test_answer_attention_equals_the_eager_reference(grounder: Grounder, first: GroundedAnswer):
+    """Each phrase's map is the mean, over its answer tokens, of the eager model's attention probabilities
+    on a teacher-forced forward over the prompt and the answer as generated (fp32)."""
+    per_token = eager_answer_maps(grounder, QUESTION, first.token_ids)
     for phrase in first.phrases:
-        rows = torch.arange(start + phrase.token_span[0], start + phrase.token_span[1])
-        per_layer = [layer[0][:, rows][:, :, image_columns].mean(dim=1) for layer in attentions]  # H x [N]
-        expected = torch.stack(per_layer).reshape(-1, grid_h, grid_w)  # [L*H, h, w]
+        expected = per_token[phrase.token_span[0] : phrase.token_span[1]].mean(dim=0)
         torch.testing.assert_close(phrase.attention_map, expected, rtol=0, atol=1e-5)
+
+
+def test_reasoning_segmentation_merges_the_generated_answer(grounder: Grounder):
+    result = grounder.segment(IMAGE, "the red circle", max_new_tokens=8)
+    assert result.question == "What is the red circle in this image?" and result.answer.startswith("It is")
+    assert 0 < len(result.token_ids) <= 8 and result.token_span == (0, len(result.token_ids))
+    assert result.mask.shape == result.coarse_mask.shape == (IMAGE.height, IMAGE.width)
+    expected = eager_answer_maps(grounder, result.question, result.token_ids, prefix="It is").mean(dim=0)
+    torch.testing.assert_close(result.attention_map, expected, rtol=0, atol=1e-5)
+    sentence = grounder.segment(IMAGE, "Which shape would roll down a slope?", max_new_tokens=8)
+    assert sentence.question == "Which shape would roll down a slope?"
+    with pytest.raises(ChatInputError, match="the query is empty"):
+        grounder.segment(IMAGE, " ")
 
 
 def test_an_answer_that_grounds_nothing_is_an_answer(grounder: Grounder, first: GroundedAnswer):

@@ -20,10 +20,11 @@ from PIL import Image
 from torchvision.ops import masks_to_boxes
 
 from flmm_lightning.data.batch import EncodedSample, GroundingBatch
+from flmm_lightning.data.reasonseg import ANSWER_PREFIX, reasoning_prompt
 from flmm_lightning.data.sample import GroundingSample
 from flmm_lightning.heads.sam_refiner import binarize_coarse, sam_input_image
 from flmm_lightning.lmm.base import ContextOverflowError
-from flmm_lightning.lmm.hf import DEFAULT_MAX_NEW_TOKENS
+from flmm_lightning.lmm.hf import DEFAULT_MAX_NEW_TOKENS, TokenReadout
 from flmm_lightning.selection import (
     KEYWORD_THRESHOLD,
     LMM_SELECTOR_PROMPT,
@@ -47,6 +48,10 @@ Turn = tuple[str, str]
 
 class ChatInputError(ValueError):
     """A question, history or selector choice that a turn cannot take (the message says which and why)."""
+
+
+class EmptyAnswerError(ValueError):
+    """The LMM generated no token after the answer prefix: a reasoning segmentation has nothing to merge."""
 
 
 @dataclass
@@ -185,6 +190,49 @@ def _lmm_phrases(
     return parse_lmm_phrases(reply, answer, offsets)
 
 
+def _image_sample(image: Image.Image) -> GroundingSample:
+    """The image as a sample without objects: what the prompt builder and SAM's resize take."""
+    return GroundingSample(
+        image=image,
+        phrases=[],
+        masks=torch.zeros(0, image.height, image.width, dtype=torch.bool),
+        is_thing=torch.zeros(0, dtype=torch.bool),
+        is_plural=torch.zeros(0, dtype=torch.bool),
+        image_id="chat",
+        file_name=getattr(image, "filename", "") or "chat",
+        object_ids=[],
+    )
+
+
+@dataclass
+class _Decoded:
+    fine: torch.Tensor  # bool [n, H, W]
+    coarse: torch.Tensor  # bool [n, H, W]
+    maps: torch.Tensor  # [n, C, h, w]
+
+    def box(self, k: int) -> tuple[float, float, float, float] | None:
+        mask = self.fine[k : k + 1]
+        return tuple(float(v) for v in masks_to_boxes(mask)[0]) if mask.any() else None
+
+
+def _decode_spans(
+    grounder: Grounder, batch: GroundingBatch, readout: TokenReadout, spans: list[Span]
+) -> _Decoded:
+    """Masks of the objects whose answer tokens are ``spans`` (token spans of the utterance): each span's
+    tokens marked as one object, merged and decoded by the U-Net and SAM as in training."""
+    start = int(batch.lmm.utterance_start[0])
+    for k, (first, last) in enumerate(spans):
+        batch.lmm.mask_ids[0, start + first : start + last] = k
+    features = grounder.module.lmm.features(batch.lmm, readout)
+    prediction = grounder.module.decode(batch, features)[0]
+    size = (batch.samples[0].image.height, batch.samples[0].image.width)
+    return _Decoded(
+        fine=(prediction.fine_logits > 0).cpu(),
+        coarse=binarize_coarse(prediction.coarse_logits, size).cpu(),
+        maps=prediction.features.attention_maps.cpu(),
+    )
+
+
 @torch.no_grad()
 def answer_and_ground(
     grounder: Grounder,
@@ -203,16 +251,7 @@ def answer_and_ground(
     lmm = grounder.module.lmm
     selector = _choose_selector(selector, phrases, getattr(lmm, "keyword_selector", None) is not None)
     turns = _turn_texts(history)
-    sample = GroundingSample(
-        image=image,
-        phrases=[],
-        masks=torch.zeros(0, image.height, image.width, dtype=torch.bool),
-        is_thing=torch.zeros(0, dtype=torch.bool),
-        is_plural=torch.zeros(0, dtype=torch.bool),
-        image_id="chat",
-        file_name=getattr(image, "filename", "") or "chat",
-        object_ids=[],
-    )
+    sample = _image_sample(image)
     max_new_tokens = int(generation.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
     prompt, dropped = _fitting_prompt(grounder, sample, turns, question, max_new_tokens)
     answer_ids = lmm.generate(_encoded(grounder, sample, prompt, []).lmm, **generation)
@@ -238,26 +277,94 @@ def answer_and_ground(
     if not chosen:
         return result
 
-    start = int(batch.lmm.utterance_start[0])
+    decoded = _decode_spans(grounder, batch, readout, [phrase.token_span for phrase in chosen])
     for k, phrase in enumerate(chosen):
-        batch.lmm.mask_ids[0, start + phrase.token_span[0] : start + phrase.token_span[1]] = k
-    features = lmm.features(batch.lmm, readout)
-    prediction = grounder.module.decode(batch, features)[0]
-    fine = (prediction.fine_logits > 0).cpu()  # [n, H, W]
-    coarse = binarize_coarse(prediction.coarse_logits, (image.height, image.width)).cpu()  # [n, H, W]
-    maps = prediction.features.attention_maps.cpu()  # [n, C, h, w]
-    for k, phrase in enumerate(chosen):
-        box = tuple(float(v) for v in masks_to_boxes(fine[k : k + 1])[0]) if fine[k].any() else None
         result.phrases.append(
             GroundedPhrase(
                 text=phrase.text,
                 char_span=phrase.char_span,
                 token_span=phrase.token_span,
                 score=phrase.score,
-                mask=fine[k],
-                coarse_mask=coarse[k],
-                box=box,
-                attention_map=maps[k],
+                mask=decoded.fine[k],
+                coarse_mask=decoded.coarse[k],
+                box=decoded.box(k),
+                attention_map=decoded.maps[k],
             )
         )
     return result
+
+
+# Which answer tokens a reasoning segmentation merges into its one object: every generated token (F-LMM's
+# ReasonSeg protocol), or the keyword selector's best phrase of the answer (all tokens when it marks none).
+SEGMENT_TOKENS = ("all", "keywords")
+
+
+@dataclass
+class ReasonedSegmentation:
+    """``Grounder.segment``: the LMM's short answer to a query and the mask of what it names."""
+
+    query: str
+    question: str  # the user turn the query became (``reasoning_prompt``)
+    answer: str  # the answer prefix ("It is") and the generated text after it
+    token_ids: list[int]  # the generated tokens (after the prefix)
+    token_span: Span  # the generated tokens merged into the object
+    mask: torch.Tensor  # bool [H, W], fine (SAM)
+    coarse_mask: torch.Tensor  # bool [H, W]
+    box: tuple[float, float, float, float] | None  # inclusive [x0, y0, x1, y1]; None when the mask is empty
+    attention_map: torch.Tensor  # [C, h, w]
+    image: Image.Image
+
+
+@torch.no_grad()
+def reason_and_segment(
+    grounder: Grounder,
+    image: Image.Image,
+    query: str,
+    is_sentence: bool | None = None,
+    tokens: str = "all",
+    answer_prefix: str = ANSWER_PREFIX,
+    max_new_tokens: int = 32,
+    **generation: Any,
+) -> ReasonedSegmentation:
+    """F-LMM's reasoning segmentation (``Grounder.segment`` documents the arguments)."""
+    if not isinstance(query, str) or not query.strip():
+        raise ChatInputError(f"the query is empty: say what to segment, got {query!r}")
+    if tokens not in SEGMENT_TOKENS:
+        raise ChatInputError(f"tokens must be one of {SEGMENT_TOKENS}, got {tokens!r}")
+    lmm = grounder.module.lmm
+    if tokens == "keywords" and getattr(lmm, "keyword_selector", None) is None:
+        raise ChatInputError("tokens='keywords': this checkpoint has no keyword selector; use tokens='all'")
+    if is_sentence is None:
+        is_sentence = query.strip()[-1] in ".?!"
+    question = reasoning_prompt(query, is_sentence)
+    sample = _image_sample(image)
+    prompt, _ = _fitting_prompt(grounder, sample, [], question, max_new_tokens + 8)
+    prompt += answer_prefix
+    answer_ids = lmm.generate(
+        _encoded(grounder, sample, prompt, []).lmm, max_new_tokens=max_new_tokens, **generation
+    )
+    tokenizer = grounder.encode.prompt_builder.processor.tokenizer
+    text, offsets = token_char_offsets(tokenizer, answer_ids)
+    if not answer_ids:
+        raise EmptyAnswerError(f"the LMM ended its answer right after {answer_prefix!r}: nothing to segment")
+    batch = _encoded(grounder, sample, prompt, answer_ids)
+    readout = lmm.read(batch.lmm, every_utterance_token=True)
+    span = (0, len(answer_ids))
+    if tokens == "keywords":
+        scores = lmm.selector_logits(readout)[0].float().sigmoid()  # [T_answer]
+        chosen = phrases_from_scores(text, offsets, scores)
+        if chosen:
+            span = max(chosen, key=lambda phrase: phrase.score).token_span
+    decoded = _decode_spans(grounder, batch, readout, [span])
+    return ReasonedSegmentation(
+        query=query,
+        question=question,
+        answer=answer_prefix + text,
+        token_ids=answer_ids,
+        token_span=span,
+        mask=decoded.fine[0],
+        coarse_mask=decoded.coarse[0],
+        box=decoded.box(0),
+        attention_map=decoded.maps[0],
+        image=image,
+    )

@@ -27,9 +27,15 @@ from torchvision.ops import masks_to_boxes
 
 from flmm_lightning.builders import ConfigError, build_prompt_builder, module_from_checkpoint, output_dir_of
 from flmm_lightning.config import CONF_DIR, register_resolvers
-from flmm_lightning.conversation import GroundedAnswer, answer_and_ground
+from flmm_lightning.conversation import (
+    GroundedAnswer,
+    ReasonedSegmentation,
+    answer_and_ground,
+    reason_and_segment,
+)
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.data.images import UnreadableImageError, as_displayed, load_photo
+from flmm_lightning.data.reasonseg import ANSWER_PREFIX
 from flmm_lightning.data.sample import GroundingSample
 from flmm_lightning.lmm.base import PromptBuilder
 from flmm_lightning.model import FLMMModule
@@ -114,6 +120,26 @@ class Grounder:
         """
         image = load_photo(image) if isinstance(image, str | Path) else _displayed_pil(image)
         return answer_and_ground(self, image, question, history, selector, threshold, phrases, **generation)
+
+    def segment(
+        self,
+        image: Image.Image | str | Path,
+        query: str,
+        is_sentence: bool | None = None,
+        tokens: str = "all",
+        answer_prefix: str = ANSWER_PREFIX,
+        max_new_tokens: int = 32,
+        **generation: Any,
+    ) -> ReasonedSegmentation:
+        """Reasoning segmentation (F-LMM's ReasonSeg protocol): the LMM answers ``query`` about ``image``
+        briefly after ``answer_prefix`` ("What is {query} in this image?" for a phrase, the query itself for
+        a sentence; ``is_sentence=None``: a query ending in ".", "?" or "!" is a sentence), and the
+        generated tokens (``tokens="all"``, the protocol) or the keyword selector's best phrase of them
+        (``tokens="keywords"``) are merged into one object and decoded as in training."""
+        image = load_photo(image) if isinstance(image, str | Path) else _displayed_pil(image)
+        return reason_and_segment(
+            self, image, query, is_sentence, tokens, answer_prefix, max_new_tokens, **generation
+        )
 
     @torch.no_grad()
     def ground(self, image: Image.Image | str | Path, phrases: str | Sequence[str]) -> Grounding:
