@@ -140,6 +140,17 @@ def test_demo_run_writes_metrics_overlays_and_checkpoint(demo_run: DemoRun) -> N
     assert 0.0 <= val["cIoU"] <= 1.0 and 0.0 <= val["mIoU"] <= 1.0
     expected_baseline = whole_image_ciou(Path(demo_run.cfg.data.synthetic.root), "val")
     assert metrics["baseline_whole_image"]["cIoU"] == pytest.approx(expected_baseline, rel=1e-9)
+    # The keyword selector is scored on the narrative split; marking every word finds no synthetic phrase,
+    # each of which has several words.
+    assert 0.0 <= metrics["synthetic_png_val"]["selector_phrase_F1"] <= 1.0
+    narratives = json.loads(Path(demo_run.cfg.data.val_sets.synthetic_png_val.narratives_json).read_text())
+    grounded = [s["utterance"] for n in narratives for s in n["segments"] if s["segment_ids"]]
+    assert grounded and all(len(utterance.split()) > 1 for utterance in grounded)
+    assert metrics["baseline_every_word"]["selector_phrase_F1"] == 0.0
+    # The demo ends with one chat turn about a validation image.
+    turn = json.loads((demo_run.run_dir / "chat" / "turn_01.json").read_text())
+    assert turn["question"] == demo_run.cfg.chat_after_fit.question and turn["answer"]
+    assert (demo_run.run_dir / "chat" / "turn_01_overlay.png").is_file()
 
     num_images = demo_run.cfg.callbacks.mask_overlays.num_images
     for split in demo_run.cfg.data.test_sets:
@@ -192,7 +203,7 @@ def test_wandb_offline_run_holds_metrics_and_overlay_panels(demo_run: DemoRun) -
 
     assert len(history["train/loss"]) == STEPS and "lr-AdamW" in history
     for split, values in demo_run.results.items():
-        if split != "baseline_whole_image":
+        if not split.startswith("baseline_"):
             for name, value in values.items():
                 if not math.isnan(value):  # the test loop's values are the last logged
                     assert float(history[f"{split}/{name}"][-1]) == pytest.approx(value, rel=1e-6)
@@ -236,7 +247,9 @@ def test_eval_from_checkpoint_alone_reproduces_the_training_metrics(
     ]
     results = evaluate(compose_config(overrides, config_name="eval"))
 
-    trained = {split: values for split, values in demo_run.results.items() if split != "baseline_whole_image"}
+    trained = {
+        split: values for split, values in demo_run.results.items() if not split.startswith("baseline_")
+    }
     assert_same_results(results, trained)
     assert_same_results(read_metrics_json(tmp_path / "metrics.json"), trained)
 

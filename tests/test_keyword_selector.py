@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flmm_lightning.heads import KeywordSelector, keyword_selector_loss
+from flmm_lightning.heads import keyword_selector_loss
+from flmm_lightning.lmm.keyword_selector import KeywordSelector
 
 
 def test_one_logit_per_token_each_on_its_own_state():

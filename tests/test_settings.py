@@ -11,6 +11,7 @@ import pytest
 from omegaconf import DictConfig
 from test_entrypoints import run_overrides
 
+from flmm_lightning import chat as chat_entry
 from flmm_lightning import eval as eval_entry
 from flmm_lightning import predict as predict_entry
 from flmm_lightning.builders import ConfigError
@@ -59,7 +60,7 @@ def test_unknown_eval_stage_is_refused(compose_config: Callable[..., DictConfig]
 
 
 @pytest.mark.parametrize("override", ["model=tiny_llava", "+model=tiny_llava", "sam=tiny", "+module.lr=1"])
-@pytest.mark.parametrize("entry", [eval_entry, predict_entry], ids=["eval", "predict"])
+@pytest.mark.parametrize("entry", [eval_entry, predict_entry, chat_entry], ids=["eval", "predict", "chat"])
 def test_the_cli_refuses_model_overrides(
     entry, override: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

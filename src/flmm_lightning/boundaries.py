@@ -42,6 +42,9 @@ class GroundingSample:
     ignore_masks: torch.Tensor | None = None
     # ReasonSeg: per object, whether its text is a long query (a sentence) rather than a phrase (bool [n]).
     is_sentence: torch.Tensor | None = None
+    # The utterances are a narrative (PNG): its ungrounded utterances name nothing, so its tokens label the
+    # keyword selector (grounded: positive, the rest: negative). RefCOCO's "phrase . phrase ." is not one.
+    narrative: bool = False
 
     def __post_init__(self) -> None:
         if not self.utterances:
@@ -95,6 +98,7 @@ class PromptInputs:
 
     input_ids: torch.Tensor  # long [S]: chat prompt with image tokens, then the utterance tokens
     mask_ids: torch.Tensor  # long [S]: object index per token, -1 elsewhere
+    utterance_start: int  # where the utterances begin: the length of the prompt (image tokens included)
     pixel_inputs: dict[str, torch.Tensor]  # processor outputs for this image (pixel_values, image_grid_thw)
     grid_hw: tuple[int, int]  # attention-map grid (h, w) of this image
     padded_hw: tuple[int, int]  # size (pixels) of the processed image the grid covers, padding included
@@ -108,6 +112,7 @@ class LMMBatch:
     input_ids: torch.Tensor  # long [B, S], right-padded
     attention_mask: torch.Tensor  # long [B, S], 0 on padding
     mask_ids: torch.Tensor  # long [B, S], -1 on padding
+    utterance_start: torch.Tensor  # long [B]: where each sample's utterances begin (its prompt length)
     pixel_inputs: dict[str, torch.Tensor]  # per-family concatenation of the samples' pixel inputs
     grid_hw: list[tuple[int, int]]
     padded_hw: list[tuple[int, int]]
@@ -122,6 +127,8 @@ class GroundingFeatures:
     text_embeddings: list[torch.Tensor]  # per object: text_proj(mixed hidden states of its tokens) [t_k, D]
     padded_hw: tuple[int, int]
     content_box: tuple[int, int, int, int]
+    # The keyword selector's logit of every utterance token, in order [u]; None without a selector.
+    selector_logits: torch.Tensor | None = None
 
 
 class ContextOverflowError(ValueError):

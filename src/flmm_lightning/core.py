@@ -20,9 +20,12 @@ from flmm_lightning.heads.losses import mask_losses
 from flmm_lightning.heads.sam_refiner import SamRefiner
 from flmm_lightning.heads.unet import UNetMaskHead, crop_to_content
 from flmm_lightning.lmm.base import FrozenLMM
+from flmm_lightning.selection.targets import narrative_selector_loss
 
 # The weighted terms of the total loss (``FLMM.loss_weights``).
 LOSS_TERMS = ("coarse_bce", "coarse_dice", "fine_bce", "fine_dice")
+# The keyword selector's token loss: a term only when the LMM adapter has a selector.
+SELECTOR_TERM = "keyword_selector"
 
 
 @dataclass
@@ -42,7 +45,8 @@ class FLMM(nn.Module):
     """Grounds the phrases of a batch: the frozen LMM's attention and hidden states (``lmm``), coarse mask
     logits from the U-Net (``mask_head``), fine ones from the SAM refiner (``sam``).
 
-    ``loss_weights``: weight of each of ``LOSS_TERMS`` in the total loss (1 each by default).
+    ``loss_weights``: weight of each of ``LOSS_TERMS`` in the total loss (1 each by default), and of
+    ``SELECTOR_TERM`` (the keyword selector's token loss on narrative samples) when ``lmm`` has a selector.
     ``eval_heads_fp32``: outside training (``.eval()``: validation, test, prediction) the U-Net and SAM run in
     fp32 with autocast off, as in the reference's evaluation, whatever the caller's autocast; the LMM (and the
     text projection that reads it) keeps the caller's precision. Training is unaffected.
@@ -65,11 +69,18 @@ class FLMM(nn.Module):
         self.sam = sam
         self.mask_head = mask_head
         weights = dict.fromkeys(LOSS_TERMS, 1.0) | dict(loss_weights or {})
-        unknown = sorted(set(weights) - set(LOSS_TERMS))
+        unknown = sorted(set(weights) - {*LOSS_TERMS, SELECTOR_TERM})
         if unknown:
-            raise ValueError(f"unknown loss terms {unknown}; the terms are {LOSS_TERMS}")
+            raise ValueError(f"unknown loss terms {unknown}; the terms are {(*LOSS_TERMS, SELECTOR_TERM)}")
+        if not self.has_keyword_selector:
+            weights.pop(SELECTOR_TERM, None)
         self.loss_weights = weights
         self.eval_heads_fp32 = eval_heads_fp32
+
+    @property
+    def has_keyword_selector(self) -> bool:
+        """Whether the LMM adapter scores answer tokens for grounding (``model.lmm.keyword_selector``)."""
+        return getattr(self.lmm, "keyword_selector", None) is not None
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(
@@ -147,6 +158,9 @@ class FLMM(nn.Module):
                     totals[key] = totals.get(key, 0.0) + getattr(stage_losses, name) * n
             num_objects += n
         averaged = {key: value / num_objects for key, value in totals.items()}
+        if SELECTOR_TERM in self.loss_weights:
+            logits = [prediction.features.selector_logits for prediction in predictions]
+            averaged[SELECTOR_TERM] = narrative_selector_loss(batch.lmm, batch.samples, logits)
         averaged["loss"] = sum(weight * averaged[key] for key, weight in self.loss_weights.items())
         return averaged
 

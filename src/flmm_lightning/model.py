@@ -13,13 +13,14 @@ import torch
 from lightning import LightningModule
 from torch import nn
 
-from flmm_lightning.core import FLMM, GroundingPrediction
+from flmm_lightning.core import FLMM, SELECTOR_TERM, GroundingPrediction
 from flmm_lightning.data.batch import GroundingBatch
 from flmm_lightning.heads.sam_refiner import SamRefiner, binarize_coarse
 from flmm_lightning.heads.unet import UNetMaskHead
 from flmm_lightning.lmm.base import FrozenLMM
 from flmm_lightning.masks import mask_iou
 from flmm_lightning.metrics import SplitMetrics
+from flmm_lightning.selection.targets import narrative_selection_spans
 
 # The core's state-dict keys inside this module's (``self.model``); checkpoints written before the core
 # existed have the core's keys without it.
@@ -70,10 +71,12 @@ class FLMMModule(LightningModule):
         fine_dice_weight: float = 1.0,
         max_consecutive_nonfinite: int = 10,
         eval_heads_fp32: bool = True,
+        keyword_selector_weight: float = 1.0,
     ) -> None:
         """``mask_head`` is called with the LMM's attention channels; the loss weights and
-        ``eval_heads_fp32`` are the core's (``core.FLMM``); ``max_consecutive_nonfinite`` is read by
-        ``reliability.NonFiniteLossGuard``."""
+        ``eval_heads_fp32`` are the core's (``core.FLMM``; ``keyword_selector_weight`` weighs the keyword
+        selector's token loss on narrative samples when the LMM adapter has a selector);
+        ``max_consecutive_nonfinite`` is read by ``reliability.NonFiniteLossGuard``."""
         super().__init__()
         self.model = FLMM(
             lmm,
@@ -84,6 +87,7 @@ class FLMMModule(LightningModule):
                 "coarse_dice": coarse_dice_weight,
                 "fine_bce": fine_bce_weight,
                 "fine_dice": fine_dice_weight,
+                SELECTOR_TERM: keyword_selector_weight,
             },
             eval_heads_fp32=eval_heads_fp32,
         )
@@ -95,6 +99,7 @@ class FLMMModule(LightningModule):
         # the same model from ``ckpt=`` alone.
         self.run_config: dict[str, Any] = {}
         self.eval_metrics = nn.ModuleDict()
+        self._narrative_tokenizer: Any = None  # the LMM's tokenizer, to score the selector on narratives
 
     def forward(self, batch: GroundingBatch) -> list[GroundingPrediction]:
         return self.model(batch)
@@ -120,7 +125,11 @@ class FLMMModule(LightningModule):
             return
         for name in dict.fromkeys(datamodule.val_names + datamodule.test_names):
             if name not in self.eval_metrics:
-                self.eval_metrics[name] = SplitMetrics(datamodule.split_kind(name))
+                kind = datamodule.split_kind(name)
+                selection = self.model.has_keyword_selector and kind == "png"
+                self.eval_metrics[name] = SplitMetrics(kind, keyword_selection=selection)
+        if self.model.has_keyword_selector:
+            self._narrative_tokenizer = datamodule.prompt_builder.processor.tokenizer
         self._split_names = {"validate": datamodule.val_names, "test": datamodule.test_names}
 
     def _eval_step(self, batch: GroundingBatch, dataloader_idx: int, stage: str) -> EvalStepOutput:
@@ -137,6 +146,10 @@ class FLMMModule(LightningModule):
             fine = prediction.fine_logits > 0
             coarse = binarize_coarse(prediction.coarse_logits, tuple(gt.shape[-2:]))
             metrics.update(fine, coarse, gt, sample.is_thing.to(gt.device), sample.is_plural.to(gt.device))
+            if metrics.selection is not None:
+                logits = prediction.features.selector_logits
+                spans = narrative_selection_spans(self._narrative_tokenizer, sample.utterances, logits)
+                metrics.selection.update(*spans)
             output.pred_masks.append(fine)
             output.ious.append(mask_iou(fine, gt))
             output.coarse_masks.append(coarse)

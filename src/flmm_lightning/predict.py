@@ -28,10 +28,18 @@ from torchvision.ops import masks_to_boxes
 from flmm_lightning.boundaries import GroundingSample, PromptBuilder
 from flmm_lightning.builders import ConfigError, build_prompt_builder, module_from_checkpoint, output_dir_of
 from flmm_lightning.config import CONF_DIR, register_resolvers
+from flmm_lightning.conversation import (
+    GroundedAnswer,
+    ReasonedSegmentation,
+    answer_and_ground,
+    reason_and_segment,
+)
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.data.images import UnreadableImageError, as_displayed, load_photo
+from flmm_lightning.data.reasonseg import ANSWER_PREFIX
 from flmm_lightning.model import FLMMModule
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
+from flmm_lightning.selection import KEYWORD_THRESHOLD
 from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups
 from flmm_lightning.visualize import overlay_masks
 
@@ -86,6 +94,51 @@ class Grounder:
         ``overrides``: patches of stored settings by section (``{"model": {"pretrained": <dir>}}``)."""
         module, config = module_from_checkpoint(path, paths=paths, overrides=overrides)
         return cls(module, build_prompt_builder(config), config.sam.image_size, device=device)
+
+    def chat(
+        self,
+        image: Image.Image | str | Path,
+        question: str,
+        history: Sequence[GroundedAnswer | tuple[str, str]] | None = None,
+        selector: str | None = None,
+        threshold: float = KEYWORD_THRESHOLD,
+        phrases: Sequence[str] | None = None,
+        **generation: Any,
+    ) -> GroundedAnswer:
+        """The frozen LMM's answer to ``question`` about ``image`` (a file or a PIL image, as viewers show
+        it), with the phrases of the answer that name things in it segmented.
+
+        ``history``: the earlier turns of the conversation about this image (``GroundedAnswer``s or
+        ``(question, answer)`` pairs), oldest first; when they do not fit the LMM's context beside the
+        question and the answer, the oldest are left out with a warning. ``selector``: how phrases are
+        chosen: ``"keywords"`` (the checkpoint's keyword selector: maximal runs of answer tokens scoring
+        at least ``threshold``, snapped to words; the default when the checkpoint has one), ``"lmm"`` (the
+        LMM lists them when asked; the default otherwise) or ``"given"`` (``phrases``, each found in the
+        answer). ``generation``: passed to transformers' ``generate`` (greedy and ``max_new_tokens=256``
+        unless given). ``conversation.Conversation`` keeps the turns of a multi-turn chat.
+        """
+        image = load_photo(image) if isinstance(image, str | Path) else _displayed_pil(image)
+        return answer_and_ground(self, image, question, history, selector, threshold, phrases, **generation)
+
+    def segment(
+        self,
+        image: Image.Image | str | Path,
+        query: str,
+        is_sentence: bool | None = None,
+        tokens: str = "all",
+        answer_prefix: str = ANSWER_PREFIX,
+        max_new_tokens: int = 32,
+        **generation: Any,
+    ) -> ReasonedSegmentation:
+        """Reasoning segmentation (F-LMM's ReasonSeg protocol): the LMM answers ``query`` about ``image``
+        briefly after ``answer_prefix`` ("What is {query} in this image?" for a phrase, the query itself for
+        a sentence; ``is_sentence=None``: a query ending in ".", "?" or "!" is a sentence), and the
+        generated tokens (``tokens="all"``, the protocol) or the keyword selector's best phrase of them
+        (``tokens="keywords"``) are merged into one object and decoded as in training."""
+        image = load_photo(image) if isinstance(image, str | Path) else _displayed_pil(image)
+        return reason_and_segment(
+            self, image, query, is_sentence, tokens, answer_prefix, max_new_tokens, **generation
+        )
 
     @torch.no_grad()
     def ground(self, image: Image.Image | str | Path, phrases: str | Sequence[str]) -> Grounding:

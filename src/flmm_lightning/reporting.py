@@ -30,8 +30,9 @@ def metrics_table(results: dict[str, dict[str, float]], title: str = "Metrics (%
     return table
 
 
-# Columns of the second table of each kind of split: the box figures and the coarse (U-Net) stage's.
-SECONDARY_PREFIXES = ("box_", "coarse_")
+# Columns of the second table of each kind of split: the box figures, the coarse (U-Net) stage's and the
+# keyword selector's.
+SECONDARY_PREFIXES = ("box_", "coarse_", "selector_")
 
 
 def print_metrics(results: dict[str, dict[str, float]], title: str = "Metrics (%)") -> None:
@@ -46,7 +47,7 @@ def print_metrics(results: dict[str, dict[str, float]], title: str = "Metrics (%
         console.print(metrics_table(main, title))
         secondary = {split: _columns(values, secondary=True) for split, values in group.items()}
         if any(secondary.values()):
-            console.print(metrics_table(secondary, f"{title}: boxes, coarse (U-Net) masks"))
+            console.print(metrics_table(secondary, f"{title}: boxes, coarse (U-Net) masks, keyword selector"))
 
 
 def _columns(values: dict[str, float], secondary: bool) -> dict[str, float]:

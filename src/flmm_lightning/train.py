@@ -6,12 +6,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import Dataset
 
+from flmm_lightning.boundaries import PromptBuilder
 from flmm_lightning.builders import (
     build_callbacks,
     build_datamodule,
@@ -25,11 +28,15 @@ from flmm_lightning.builders import (
     test_results,
 )
 from flmm_lightning.callbacks import HyperparameterLogger, MetricsJsonWriter, with_training_guards
+from flmm_lightning.chat import write_turn
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.data.datamodule import split_name
 from flmm_lightning.metrics import ReferringSegmentationMetric
+from flmm_lightning.model import FLMMModule
+from flmm_lightning.predict import Grounder
 from flmm_lightning.reporting import print_metrics, write_metrics_json
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
+from flmm_lightning.selection import every_word_baseline
 from flmm_lightning.settings import check_choices
 
 register_resolvers()
@@ -43,6 +50,20 @@ def whole_image_baseline(dataset: torch.utils.data.Dataset) -> dict[str, float]:
         metric.update(torch.ones_like(masks), masks)
     computed = metric.compute()
     return {"cIoU": float(computed["cIoU"]), "mIoU": float(computed["mIoU"])}
+
+
+def chat_after_fit(
+    module: FLMMModule, prompt_builder: PromptBuilder, cfg: DictConfig, dataset: Dataset, output_dir: Path
+) -> None:
+    """One grounded chat turn about the first image of ``dataset`` (``cfg.chat_after_fit``), its overlay and
+    JSON written to ``<run>/chat/``: the trained model's conversation path, end to end."""
+    settings = cfg.chat_after_fit
+    grounder = Grounder(module, prompt_builder, cfg.sam.image_size)
+    turn = grounder.chat(dataset[0].image, settings.question, max_new_tokens=settings.max_new_tokens)
+    chat_dir = output_dir / "chat"
+    chat_dir.mkdir(parents=True, exist_ok=True)
+    overlay_path, json_path = write_turn(turn, chat_dir, 1)
+    print(f"chat: {settings.question!r} -> {turn.answer!r} ({len(turn.phrases)} phrases): {overlay_path}")
 
 
 def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
@@ -74,6 +95,11 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if run_test:
         trainer.test(module, datamodule=datamodule, weights_only=True, verbose=False)
         results = test_results(module, metrics_path)
+    words_split = cfg.get("every_word_baseline_split")
+    if words_split:
+        narratives = datamodule.test_sets[split_name(words_split)]
+        baseline = every_word_baseline(narratives[i].utterances for i in range(len(narratives)))
+        results["baseline_every_word"] = {f"selector_{name}": value for name, value in baseline.items()}
     baseline_split = cfg.get("whole_image_baseline_split")
     if baseline_split:
         results["baseline_whole_image"] = whole_image_baseline(
@@ -83,6 +109,9 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         print_metrics(results, title=f"{cfg.task_name}: test metrics (%)")
         path = write_metrics_json(results, metrics_path)
         print(f"metrics written to {path}")
+    chat_split = (cfg.get("chat_after_fit") or {}).get("split")
+    if trainer.is_global_zero and chat_split:
+        chat_after_fit(module, prompt_builder, cfg, datamodule.test_sets[split_name(chat_split)], output_dir)
     finish_wandb(trainer)
     return results
 

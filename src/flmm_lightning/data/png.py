@@ -204,4 +204,5 @@ class PNGDataset(Dataset):
             file_name=item.file_name,
             object_ids=["+".join(map(str, segment.segment_ids)) for segment in grounded],
             utterances=utterances,
+            narrative=True,
         )

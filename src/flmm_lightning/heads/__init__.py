@@ -1,6 +1,6 @@
-"""Trainable heads on top of the frozen LMM: U-Net mask head, SAM refiner, keyword selector, losses."""
+"""Trainable heads on top of the frozen LMM: U-Net mask head, SAM refiner, losses (the keyword selector reads
+the LMM's hidden states inside its adapter: ``lmm.keyword_selector``)."""
 
-from flmm_lightning.heads.keyword_selector import KeywordSelector
 from flmm_lightning.heads.losses import MaskLosses, bce_loss, dice_loss, keyword_selector_loss, mask_losses
 from flmm_lightning.heads.sam_refiner import (
     SamRefiner,
@@ -14,7 +14,6 @@ from flmm_lightning.heads.sam_refiner import (
 from flmm_lightning.heads.unet import UNetMaskHead, crop_to_content
 
 __all__ = [
-    "KeywordSelector",
     "MaskLosses",
     "SamRefiner",
     "UNetMaskHead",

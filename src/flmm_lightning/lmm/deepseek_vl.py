@@ -47,8 +47,8 @@ class DeepseekVLPromptBuilder(ChatPromptBuilder):
         resized_w = max(round(width * scale), image_processor.min_size)
         return side, ((side - resized_h) // 2, (side - resized_w) // 2, resized_h, resized_w)
 
-    def _encode_image(self, sample: GroundingSample) -> EncodedImage:
-        encoded = self.processor(images=[sample.image], text=[self._prompt], return_tensors="pt")
+    def _encode_image(self, sample: GroundingSample, prompt: str) -> EncodedImage:
+        encoded = self.processor(images=[sample.image], text=[prompt], return_tensors="pt")
         pixel_inputs = {"pixel_values": encoded["pixel_values"]}  # [1, 3, 384, 384]
         if HIGH_RES_PIXELS in encoded:
             pixel_inputs[HIGH_RES_PIXELS] = encoded[HIGH_RES_PIXELS]  # [1, 3, 1024, 1024]

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import warnings
 from abc import abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +38,11 @@ from flmm_lightning.boundaries import (
 from flmm_lightning.lmm.base import FrozenLMM
 from flmm_lightning.lmm.capture import build_capture
 from flmm_lightning.lmm.compat import num_image_tokens
+from flmm_lightning.lmm.keyword_selector import KeywordSelector
 
 DEFAULT_INSTRUCTION = "Please give me a description of the image."
+# The longest answer ``HFGroundingAdapter.generate`` writes unless told otherwise.
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass
@@ -140,8 +144,9 @@ class ChatPromptBuilder(PromptBuilder):
         return num_image_tokens(self.processor, sample.image.height, sample.image.width)
 
     @abstractmethod
-    def _encode_image(self, sample: GroundingSample) -> EncodedImage:
-        """The processor run on the prompt and this sample's image."""
+    def _encode_image(self, sample: GroundingSample, prompt: str) -> EncodedImage:
+        """The processor run on ``prompt`` (chat-template text with one image placeholder) and this sample's
+        image."""
 
     def _collate_pixels(self, pixel_inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The samples' pixel inputs as the model takes them for a batch: by default every input's samples
@@ -244,7 +249,7 @@ class ChatPromptBuilder(PromptBuilder):
                 "refuse, since leaving objects out would change the metric: give fewer phrases per sample "
                 f"(RefCOCO: group_by_image=false), or {self.fewer_image_tokens_hint}"
             )
-        encoded = self._encode_image(sample)
+        encoded = self._encode_image(sample, self._prompt)
         prompt_ids = encoded.prompt_ids  # [S_p]
         input_ids = torch.cat([prompt_ids, torch.tensor(utterance_ids, dtype=torch.long)])  # [S]
         mask_ids = torch.cat(
@@ -253,6 +258,43 @@ class ChatPromptBuilder(PromptBuilder):
         return PromptInputs(
             input_ids=input_ids,
             mask_ids=mask_ids,
+            utterance_start=prompt_ids.shape[0],
+            pixel_inputs=encoded.pixel_inputs,
+            grid_hw=encoded.grid_hw,
+            padded_hw=encoded.padded_hw,
+            content_box=encoded.content_box,
+        )
+
+    def conversation_prompt(self, turns: Sequence[tuple[str, str]], question: str) -> str:
+        """The chat template's text of a conversation about one image: the image in the first user turn,
+        the earlier ``(question, answer)`` turns, then ``question`` and the generation prompt."""
+        messages: list[dict[str, Any]] = []
+        for asked, answered in [*turns, (question, None)]:
+            content = [{"type": "text", "text": asked}]
+            if not messages:
+                content.insert(0, {"type": "image"})
+            messages.append({"role": "user", "content": content})
+            if answered is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answered}]})
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def conversation_tokens(self, sample: GroundingSample, prompt: str) -> int:
+        """How many tokens ``prompt`` (``conversation_prompt``) takes with ``sample``'s image in it, counted
+        without processing any pixels."""
+        return len(self.processor.tokenizer(prompt)["input_ids"]) - 1 + self._image_tokens(sample)
+
+    def conversation_inputs(
+        self, sample: GroundingSample, prompt: str, answer_ids: Sequence[int]
+    ) -> PromptInputs:
+        """``prompt`` with ``sample``'s image, then the answer's token ids as they were generated (not
+        re-tokenised) as the one utterance; every mask id is -1 (the caller marks the phrases)."""
+        encoded = self._encode_image(sample, prompt)
+        prompt_ids = encoded.prompt_ids  # [S_p]
+        answer = torch.tensor(list(answer_ids), dtype=torch.long)  # [S_a]
+        return PromptInputs(
+            input_ids=torch.cat([prompt_ids, answer]),
+            mask_ids=torch.full((prompt_ids.shape[0] + answer.shape[0],), NOT_GROUNDED, dtype=torch.long),
+            utterance_start=prompt_ids.shape[0],
             pixel_inputs=encoded.pixel_inputs,
             grid_hw=encoded.grid_hw,
             padded_hw=encoded.padded_hw,
@@ -275,6 +317,7 @@ class ChatPromptBuilder(PromptBuilder):
             input_ids=input_ids,
             attention_mask=attention_mask,
             mask_ids=mask_ids,
+            utterance_start=torch.tensor([p.utterance_start for p in prompts], dtype=torch.long),
             pixel_inputs=self._collate_pixels([p.pixel_inputs for p in prompts]),
             grid_hw=[p.grid_hw for p in prompts],
             padded_hw=[p.padded_hw for p in prompts],
@@ -317,6 +360,21 @@ def tokens_by_object(token_objects: torch.Tensor, item: int) -> tuple[torch.Tens
     return torch.argsort(token_objects, stable=True), counts
 
 
+@dataclass
+class TokenReadout:
+    """What one forward of the frozen LMM read from a batch (``HFGroundingAdapter.read``): at the attention
+    rows, the probabilities over the image tokens; at the hidden-state rows, the layer-mixed hidden states.
+    Positions and counts are host tensors, right-padded like ``padded_positions``."""
+
+    attention: torch.Tensor  # [B, L, H, T, N]
+    attention_positions: torch.Tensor  # long [B, T]: sequence position of each attention row
+    attention_counts: torch.Tensor  # long [B]
+    image_token_counts: torch.Tensor  # long [B]
+    mixed: torch.Tensor  # [B, T_h, D]: softmax(text_layer_weights)-weighted hidden states (differentiable)
+    hidden_positions: torch.Tensor  # long [B, T_h]: sequence position of each hidden-state row
+    hidden_counts: torch.Tensor  # long [B]
+
+
 class HFGroundingAdapter(FrozenLMM):
     """A frozen transformers image-text model read out as phrase-token attention maps and projected hidden
     states. Subclasses name the model types they read and build the model's pixel inputs."""
@@ -336,9 +394,13 @@ class HFGroundingAdapter(FrozenLMM):
         merge: str = "mean",
         torch_dtype: str = "auto",
         trust_remote_code: bool = False,
+        keyword_selector: bool = False,
     ) -> None:
         """``pretrained``: a hub id or a local directory; or a config, for a randomly initialised model of
-        that architecture (benchmarks: created on the current default device, ``with torch.device(...)``)."""
+        that architecture (benchmarks: created on the current default device, ``with torch.device(...)``).
+        ``keyword_selector``: add the trainable head that scores which utterance tokens name something to
+        ground (``lmm.keyword_selector.KeywordSelector``); its logits ride in
+        ``GroundingFeatures.selector_logits``."""
         super().__init__()
         if merge not in MERGE_MODES:
             raise ValueError(f"merge must be one of {MERGE_MODES}, got {merge!r}")
@@ -367,6 +429,7 @@ class HFGroundingAdapter(FrozenLMM):
         self.image_token_id: int = self.model.config.image_token_id
         self.text_layer_weights = nn.Parameter(torch.ones(self.num_layers))
         self.text_proj = nn.Linear(text_config.hidden_size, text_proj_dim)
+        self.keyword_selector = KeywordSelector(text_config.hidden_size) if keyword_selector else None
 
     @property
     def attention_channels(self) -> int:
@@ -409,17 +472,61 @@ class HFGroundingAdapter(FrozenLMM):
             raise ValueError(f"{maps.shape[-1]} image tokens for a {h}x{w} grid")
         return maps.reshape(maps.shape[0], -1, h, w)  # [n, L*H, h, w], layer-major
 
+    @torch.no_grad()
+    def generate(self, batch: LMMBatch, **generation: Any) -> list[int]:
+        """The frozen LMM's answer to the one prompt in ``batch`` (``conversation_inputs`` without answer):
+        transformers' ``generate``, greedy with at most ``DEFAULT_MAX_NEW_TOKENS`` new tokens unless
+        ``generation`` says otherwise (sampling, ``max_new_tokens``, repetition controls pass through).
+        Returns the generated token ids up to the first end-of-sequence token, which is left out."""
+        if batch.input_ids.shape[0] != 1:
+            raise ValueError(
+                f"generate answers one prompt at a time, got a batch of {batch.input_ids.shape[0]}"
+            )
+        device = self.text_layer_weights.device
+        image_tokens = (batch.input_ids == self.image_token_id).to(device)  # [1, S]
+        settings = {"do_sample": False, "max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **generation}
+        sequences = self.model.generate(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            **self._pixel_inputs(batch, image_tokens, device),
+            **settings,
+        )  # [1, S + new]
+        new_ids = sequences[0, batch.input_ids.shape[1] :].tolist()
+        stop = self.model.generation_config.eos_token_id
+        stop = set(stop if isinstance(stop, list) else [] if stop is None else [stop])
+        ends = [i for i, token in enumerate(new_ids) if token in stop]
+        return new_ids[: ends[0]] if ends else new_ids
+
     def forward(self, batch: LMMBatch) -> list[GroundingFeatures]:
+        return self.features(batch, self.read(batch))
+
+    def read(self, batch: LMMBatch, every_utterance_token: bool = False) -> TokenReadout:
+        """One forward of the frozen LMM over ``batch``, read out at the rows that matter.
+
+        Attention rows: the grounded tokens (mask id >= 0), or every utterance token when
+        ``every_utterance_token`` (a conversation, whose phrases are chosen after reading the answer).
+        Hidden-state rows: every utterance token when the adapter has a keyword selector or
+        ``every_utterance_token``, else the grounded tokens.
+        """
         device = self.text_layer_weights.device
         # Every position and count is worked out from host copies of the ids (one copy now if the batch is on
-        # the device already), so the loop below never waits for the device.
+        # the device already), so the loop in ``features`` never waits for the device.
         input_ids_host = batch.input_ids.cpu()  # [B, S]
-        mask_ids_host = batch.mask_ids.cpu()  # [B, S]
+        grounded_host = batch.mask_ids.cpu() >= 0  # [B, S]
+        sequence = torch.arange(input_ids_host.shape[1])  # [S]
+        utterance_host = (sequence[None, :] >= batch.utterance_start.cpu()[:, None]) & (
+            batch.attention_mask.cpu().bool()
+        )  # [B, S]
+        attention_rows = utterance_host if every_utterance_token else grounded_host
+        read_all = every_utterance_token or self.keyword_selector is not None
+        hidden_rows = utterance_host if read_all else grounded_host
         image_tokens_host = input_ids_host == self.image_token_id  # [B, S]
-        query_positions_host, query_counts = padded_positions(mask_ids_host >= 0)  # [B, T], [B]
+        query_positions_host, query_counts = padded_positions(attention_rows)  # [B, T], [B]
         key_positions_host, key_counts = padded_positions(image_tokens_host)  # [B, N], [B]
+        hidden_positions_host, hidden_counts = padded_positions(hidden_rows)  # [B, T_h], [B]
         query_positions = query_positions_host.to(device)
         key_positions = key_positions_host.to(device)
+        hidden_positions = hidden_positions_host.to(device)
 
         inputs = dict(
             input_ids=batch.input_ids.to(device),
@@ -434,35 +541,66 @@ class HFGroundingAdapter(FrozenLMM):
             outputs, attn = self.capture.run(self.model, inputs, query_positions, key_positions)
             # attn: [B, L, H, T, N]
             last_layers = outputs.hidden_states[-self.num_layers :]  # L x [B, S, D]
-            batch_size, t, d = query_positions.shape[0], query_positions.shape[1], last_layers[0].shape[-1]
-            rows = query_positions[:, :, None].expand(batch_size, t, d)  # [B, T, D]
+            batch_size, t, d = hidden_positions.shape[0], hidden_positions.shape[1], last_layers[0].shape[-1]
+            rows = hidden_positions[:, :, None].expand(batch_size, t, d)  # [B, T_h, D]
             # Gather before stacking: a stack of the full [L, B, S, D] would be a second copy of every layer.
-            hidden = torch.stack([layer.gather(1, rows) for layer in last_layers])  # [L, B, T, D]
+            hidden = torch.stack([layer.gather(1, rows) for layer in last_layers])  # [L, B, T_h, D]
             del outputs, last_layers
 
-        # Gradients flow into the layer weights and the projection from here on.
+        # Gradients flow into the layer weights (and what reads ``mixed``) from here on.
         layer_weights = torch.softmax(self.text_layer_weights, dim=0)  # [L]
-        mixed = (hidden.to(layer_weights.dtype) * layer_weights[:, None, None, None]).sum(dim=0)  # [B, T, D]
-        text_embeds = self.text_proj(mixed)  # [B, T, D_proj]
+        weighted = hidden.to(layer_weights.dtype) * layer_weights[:, None, None, None]  # [L, B, T_h, D]
+        mixed = weighted.sum(dim=0)  # [B, T_h, D]
+        return TokenReadout(
+            attention=attn,
+            attention_positions=query_positions_host,
+            attention_counts=query_counts,
+            image_token_counts=key_counts,
+            mixed=mixed,
+            hidden_positions=hidden_positions_host,
+            hidden_counts=hidden_counts,
+        )
 
+    def selector_logits(self, readout: TokenReadout) -> list[torch.Tensor]:
+        """The keyword selector's logit of every utterance token of each sample (``[u_b]``, in order)."""
+        if self.keyword_selector is None:
+            raise ValueError("this adapter has no keyword selector (model.lmm.keyword_selector=false)")
+        logits = self.keyword_selector(readout.mixed)  # [B, T_h]
+        return [logits[b, : int(count)] for b, count in enumerate(readout.hidden_counts)]
+
+    def features(self, batch: LMMBatch, readout: TokenReadout) -> list[GroundingFeatures]:
+        """Per sample, the objects that ``batch.mask_ids`` marks, from ``readout`` (``read`` of this batch;
+        its rows must include every grounded token): merged attention maps, projected hidden states of
+        their tokens and, with a keyword selector, the logit of every utterance token."""
+        device = self.text_layer_weights.device
+        mask_ids_host = batch.mask_ids.cpu()  # [B, S]
+        selector = self.selector_logits(readout) if self.keyword_selector is not None else None
         features = []
-        for b in range(batch_size):
-            t_b, n_b = int(query_counts[b]), int(key_counts[b])
-            token_objects = mask_ids_host[b, query_positions_host[b, :t_b]]  # [t_b]
-            order, counts = tokens_by_object(token_objects, b)
-            sample_attn = attn[b, :, :, :t_b, :n_b].float()  # [L, H, t_b, N]
-            merged = self._merge_tokens(sample_attn, order, counts)  # [n, L, H, N]
+        for b in range(mask_ids_host.shape[0]):
+            t_b, n_b = int(readout.attention_counts[b]), int(readout.image_token_counts[b])
+            row_objects = mask_ids_host[b, readout.attention_positions[b, :t_b]]  # [t_b]
+            grounded_rows = (row_objects >= 0).nonzero()[:, 0]  # [t] attention rows of grounded tokens
+            hidden_objects = mask_ids_host[b, readout.hidden_positions[b, : int(readout.hidden_counts[b])]]
+            grounded_hidden = (hidden_objects >= 0).nonzero()[:, 0]  # [t] hidden rows of the same tokens
+            if grounded_rows.numel() != int((mask_ids_host[b] >= 0).sum()):
+                raise ValueError(f"batch item {b}: the readout holds no attention for some grounded tokens")
+            order, counts = tokens_by_object(row_objects[grounded_rows], b)
+            sample_attn = readout.attention[b, :, :, :t_b, :n_b].float()  # [L, H, t_b, N]
+            merged = self._merge_tokens(sample_attn, grounded_rows[order], counts)  # [n, L, H, N]
             try:
                 maps = self._image_maps(merged, batch.grid_hw[b])  # [n, C, h, w]
             except ValueError as error:
                 raise ValueError(f"batch item {b}: {error}") from error
-            grouped_embeds = text_embeds[b].index_select(0, order.to(device))  # [t_b, D_proj], by object
+            # [t, D], grouped by object
+            by_object = readout.mixed[b].index_select(0, grounded_hidden[order].to(device))
+            text_embeds = self.text_proj(by_object)  # [t, D_proj]
             features.append(
                 GroundingFeatures(
                     attention_maps=maps,
-                    text_embeddings=list(grouped_embeds.split(counts)),  # per object [t_k, D_proj]
+                    text_embeddings=list(text_embeds.split(counts)),  # per object [t_k, D_proj]
                     padded_hw=batch.padded_hw[b],
                     content_box=batch.content_box[b],
+                    selector_logits=None if selector is None else selector[b],
                 )
             )
         return features

@@ -20,9 +20,9 @@ class LlavaPromptBuilder(ChatPromptBuilder):
 
     processor_classes = ("LlavaProcessor",)
 
-    def _encode_image(self, sample: GroundingSample) -> EncodedImage:
+    def _encode_image(self, sample: GroundingSample, prompt: str) -> EncodedImage:
         processor = self.processor
-        encoded = processor(images=[sample.image], text=[self._prompt], do_pad=True, return_tensors="pt")
+        encoded = processor(images=[sample.image], text=[prompt], do_pad=True, return_tensors="pt")
         crop = processor.image_processor.crop_size
         height, width = sample.image.height, sample.image.width
         side = max(height, width)

@@ -36,9 +36,9 @@ class LlavaNextPromptBuilder(ChatPromptBuilder):
         cells, rows = unpadded_features(processor, height, width, patches, best_h // side, best_w // side)
         return rows, cells // rows
 
-    def _encode_image(self, sample: GroundingSample) -> EncodedImage:
+    def _encode_image(self, sample: GroundingSample, prompt: str) -> EncodedImage:
         processor = self.processor
-        encoded = processor(images=[sample.image], text=[self._prompt], return_tensors="pt")
+        encoded = processor(images=[sample.image], text=[prompt], return_tensors="pt")
         rows, columns = self.anyres_grid(sample.image.height, sample.image.width)
         # The any-res cells in crop pixels: what the grid covers once the model has removed the padding.
         padded_hw = (rows * processor.patch_size, columns * processor.patch_size)

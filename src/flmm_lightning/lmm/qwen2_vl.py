@@ -90,10 +90,10 @@ class Qwen2VLPromptBuilder(ChatPromptBuilder):
             stacklevel=4,
         )
 
-    def _encode_image(self, sample: GroundingSample) -> EncodedImage:
+    def _encode_image(self, sample: GroundingSample, prompt: str) -> EncodedImage:
         processor = self.processor
         self._warn_if_downscaled(sample)
-        encoded = processor(images=[sample.image], text=[self._prompt], size=self._size, return_tensors="pt")
+        encoded = processor(images=[sample.image], text=[prompt], size=self._size, return_tensors="pt")
         image_grid_thw = encoded["image_grid_thw"]  # [1, 3]
         _, grid_h, grid_w = (int(v) for v in image_grid_thw[0])
         merge = processor.image_processor.merge_size

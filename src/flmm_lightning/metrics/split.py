@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from flmm_lightning.metrics.boxes import BoxIoUMetric
+from flmm_lightning.metrics.keywords import KeywordSelectionMetric
 from flmm_lightning.metrics.panoptic import PanopticNarrativeRecall
 from flmm_lightning.metrics.referring import ReferringSegmentationMetric
 
@@ -24,12 +25,16 @@ class SplitMetrics(nn.Module):
     - ``coarse_box_mIoU``, ``coarse_box_Acc@0.5``: :class:`BoxIoUMetric` on the coarse masks, the seed
       analysis's coarse-stage evaluation (the box of a binarised coarse mask is also SAM's box prompt).
 
+    With ``keyword_selection`` (narrative splits of a model with a keyword selector), ``selection`` is a
+    :class:`KeywordSelectionMetric` that the caller updates, reported as ``selector_token_F1``,
+    ``selector_phrase_F1`` etc.
+
     An empty mask has no box and scores box IoU 0 against a non-empty ground truth, for both stages. Every
     part is a torchmetrics ``Metric`` with summed state, so the figures are exact across DDP ranks; call
     ``compute()`` on every rank, then ``reset()``.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, keyword_selection: bool = False) -> None:
         super().__init__()
         if kind not in SPLIT_KINDS:
             raise ValueError(f"split kind must be one of {SPLIT_KINDS}, got {kind!r}")
@@ -38,6 +43,7 @@ class SplitMetrics(nn.Module):
         self.fine_box = BoxIoUMetric()
         self.coarse = ReferringSegmentationMetric()
         self.coarse_box = BoxIoUMetric()
+        self.selection = KeywordSelectionMetric() if keyword_selection else None
 
     def update(
         self, fine_masks: Tensor, coarse_masks: Tensor, gt_masks: Tensor, is_thing: Tensor, is_plural: Tensor
@@ -58,8 +64,11 @@ class SplitMetrics(nn.Module):
         coarse = self.coarse.compute()
         result.update({f"coarse_{name}": coarse[name] for name in ("cIoU", "mIoU")})
         result.update({f"coarse_{name}": value for name, value in self.coarse_box.compute().items()})
+        if self.selection is not None:
+            result.update({f"selector_{name}": value for name, value in self.selection.compute().items()})
         return result
 
     def reset(self) -> None:
-        for metric in (self.fine, self.fine_box, self.coarse, self.coarse_box):
-            metric.reset()
+        for metric in (self.fine, self.fine_box, self.coarse, self.coarse_box, self.selection):
+            if metric is not None:
+                metric.reset()

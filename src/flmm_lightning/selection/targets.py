@@ -8,9 +8,16 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from flmm_lightning.boundaries import NOT_GROUNDED
+from flmm_lightning.boundaries import NOT_GROUNDED, GroundingSample, LMMBatch
+from flmm_lightning.heads.losses import keyword_selector_loss
 from flmm_lightning.metrics.keywords import KeywordSelectionMetric
-from flmm_lightning.selection.phrases import Span, strip_span, word_spans
+from flmm_lightning.selection.phrases import (
+    KEYWORD_THRESHOLD,
+    Span,
+    phrases_from_scores,
+    strip_span,
+    word_spans,
+)
 
 
 def selector_targets(
@@ -26,6 +33,45 @@ def selector_targets(
     positions = torch.arange(mask_ids.shape[1], device=mask_ids.device)  # [S]
     valid = (positions[None, :] >= utterance_start[:, None].to(mask_ids.device)) & attention_mask.bool()
     return (mask_ids >= 0) & valid, valid
+
+
+def narrative_selector_loss(
+    batch: LMMBatch, samples: Sequence[GroundingSample], selector_logits: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """``keyword_selector_loss`` over the utterance tokens of the batch's narrative samples
+    (``GroundingSample.narrative``), each token weighted alike; 0 (still attached to the logits) without one.
+
+    The other samples do not count: RefCOCO's "phrase . phrase ." names something in every phrase, so its
+    tokens would teach the selector that every word is a keyword. ``selector_logits``: per sample ``[u_b]``,
+    its utterance tokens in order (``GroundingFeatures.selector_logits``).
+    """
+    labels, valid = selector_targets(batch.mask_ids, batch.attention_mask, batch.utterance_start)  # [B, S]
+    logits = torch.cat(list(selector_logits))  # [sum u_b]
+    token_labels = torch.cat([labels[b][valid[b]] for b in range(len(samples))]).to(logits.device)
+    counted = torch.cat(
+        [torch.full((int(valid[b].sum()),), sample.narrative) for b, sample in enumerate(samples)]
+    ).to(logits.device)
+    if token_labels.shape != logits.shape:
+        raise ValueError(f"{logits.shape[0]} selector logits for {token_labels.shape[0]} utterance tokens")
+    return keyword_selector_loss(logits, token_labels, counted)
+
+
+def narrative_selection_spans(
+    tokenizer: PreTrainedTokenizerBase,
+    utterances: Sequence[tuple[str, int]],
+    selector_logits: torch.Tensor,
+    threshold: float = KEYWORD_THRESHOLD,
+) -> tuple[list[Span], list[Span]]:
+    """The phrases a keyword selector marks in a narrative (``phrases_from_scores`` over its tokens, as a
+    conversation's answer is read) and the narrative's grounded phrases, both as character spans of the
+    narrative text: the two arguments of ``KeywordSelectionMetric.update``.
+
+    ``selector_logits``: ``[u]``, one per utterance token as ``ChatPromptBuilder`` tokenises them.
+    """
+    text, targets = narrative_phrase_spans(utterances)
+    offsets = narrative_token_offsets(tokenizer, utterances)
+    phrases = phrases_from_scores(text, offsets, selector_logits.detach().float().sigmoid(), threshold)
+    return [phrase.char_span for phrase in phrases], targets
 
 
 def object_token_spans(token_objects: torch.Tensor | Sequence[int]) -> list[Span]:

@@ -1,0 +1,172 @@
+"""Chat about a photo with a trained checkpoint: the frozen LMM answers, and what its answer names is
+segmented.
+
+CLI: ``python -m flmm_lightning.chat ckpt=<path> image=<file>`` reads one question per line from the
+terminal (until end of input or ``exit``), with every earlier turn as history; ``question='...'`` asks one
+question and exits. Each turn prints the answer with the grounded phrases in their masks' colours and
+writes ``turn_<k>_overlay.png`` and ``turn_<k>.json`` (question, answer and per phrase its text, character
+span, score, box and COCO RLE mask) into the run folder. In Python: ``Grounder.chat`` or
+``conversation.Conversation``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.text import Text
+
+from flmm_lightning.boundaries import ContextOverflowError
+from flmm_lightning.builders import ConfigError, output_dir_of
+from flmm_lightning.config import CONF_DIR, register_resolvers
+from flmm_lightning.conversation import ChatInputError, Conversation, GroundedAnswer
+from flmm_lightning.data.images import UnreadableImageError, load_photo
+from flmm_lightning.predict import Grounder, Grounding, PhraseError, phrase_list
+from flmm_lightning.run_dirs import claim_run_dir, mark_latest
+from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups
+from flmm_lightning.visualize import object_color, overlay_masks
+
+register_resolvers()
+
+# What ends an interactive session besides the end of input.
+EXIT_WORDS = ("exit", "quit")
+# Errors of one turn that the user fixes by asking again (interactive) or that end a one-shot run in one line.
+TURN_ERRORS = (ChatInputError, ContextOverflowError, PhraseError)
+
+
+def turn_record(turn: GroundedAnswer) -> dict[str, Any]:
+    """The JSON of a turn: question, answer and per phrase ``predict``'s record of its mask (COCO RLE at the
+    image's size, inclusive box, area) with the phrase's text, character span, token span and score."""
+    boxes = torch.tensor([phrase.box or (-1.0,) * 4 for phrase in turn.phrases]).reshape(-1, 4)
+    maps = [phrase.attention_map for phrase in turn.phrases]
+    grounding = Grounding(
+        [phrase.text for phrase in turn.phrases],
+        turn.masks,
+        boxes,
+        torch.stack(maps) if maps else torch.zeros(0),
+        turn.image,
+    )
+    phrases = []
+    for phrase, record in zip(turn.phrases, grounding.to_json(), strict=True):
+        del record["phrase"]
+        phrases.append(
+            {
+                "text": phrase.text,
+                "char_span": list(phrase.char_span),
+                "token_span": list(phrase.token_span),
+                "score": phrase.score,
+                **record,
+            }
+        )
+    return {"question": turn.question, "answer": turn.answer, "selector": turn.selector, "phrases": phrases}
+
+
+def coloured_answer(turn: GroundedAnswer) -> Text:
+    """The answer with each grounded phrase in its mask's colour (bold), as the overlay draws it."""
+    text = Text(turn.answer)
+    for index, phrase in enumerate(turn.phrases):
+        red, green, blue = object_color(index)
+        text.stylize(f"bold rgb({red},{green},{blue})", *phrase.char_span)
+    return text
+
+
+def write_turn(turn: GroundedAnswer, output_dir: Path, number: int) -> tuple[Path, Path]:
+    """``turn_<number>_overlay.png`` (each phrase's mask in its colour, legend in answer order) and
+    ``turn_<number>.json`` in ``output_dir``."""
+    overlay_path = output_dir / f"turn_{number:02d}_overlay.png"
+    overlay_masks(turn.image, turn.masks, [phrase.text for phrase in turn.phrases]).save(overlay_path)
+    json_path = output_dir / f"turn_{number:02d}.json"
+    json_path.write_text(json.dumps(turn_record(turn), indent=2, ensure_ascii=False) + "\n")
+    return overlay_path, json_path
+
+
+def print_turn(console: Console, turn: GroundedAnswer, overlay_path: Path, json_path: Path) -> None:
+    console.print(Text("answer: ", style="bold") + coloured_answer(turn))
+    if not turn.phrases:
+        console.print(f"  (no phrase grounded; selector={turn.selector})")
+    for index, phrase in enumerate(turn.phrases):
+        red, green, blue = object_color(index)
+        score = "" if phrase.score is None else f"  score {phrase.score:.2f}"
+        line = Text(f"  {index + 1} ") + Text(phrase.text, style=f"bold rgb({red},{green},{blue})")
+        console.print(line + Text(f"  box {phrase.box}{score}"))
+    console.print(f"  overlay: {overlay_path}\n  json:    {json_path}")
+
+
+def read_questions(stream: TextIO, console: Console) -> Iterator[str]:
+    """Questions typed one per line, until the end of input or an exit word; blank lines are skipped."""
+    console.print(f"Ask about the image; {' or '.join(EXIT_WORDS)} (or end of input) ends the chat.")
+    while True:
+        console.print("[bold]you>[/bold] ", end="")
+        line = stream.readline()
+        if not line or line.strip().lower() in EXIT_WORDS:
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def generation_settings(cfg: DictConfig) -> dict[str, Any]:
+    settings = OmegaConf.to_container(cfg.get("generation") or {})
+    return {key: value for key, value in settings.items() if value is not None}
+
+
+def chat(
+    cfg: DictConfig, stream: TextIO | None = None, console: Console | None = None
+) -> list[GroundedAnswer]:
+    """Runs the conversation ``cfg`` describes (one turn with ``cfg.question``, else questions read from
+    ``stream``, standard input by default); returns its turns."""
+    refuse_checkpoint_groups(chosen_checkpoint_groups(cfg), "chat")
+    console = console or Console()
+    image = load_photo(Path(cfg.image))  # before the model loads: a bad file fails in a second
+    phrases = phrase_list(cfg.phrases) if cfg.get("phrases") is not None else None
+    options = dict(selector=cfg.get("selector"), threshold=cfg.threshold, phrases=phrases)
+    options.update(generation_settings(cfg))
+    output_dir = output_dir_of(cfg)
+    claim_run_dir(output_dir)
+    patches = {key: cfg[key] for key in CHECKPOINT_GROUPS if cfg.get(key) is not None}
+    grounder = Grounder.from_checkpoint(cfg.ckpt, device=cfg.device, paths=cfg.paths, overrides=patches)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    mark_latest(output_dir)
+    conversation = Conversation(grounder, image)
+    one_shot = cfg.get("question") is not None
+    questions = [str(cfg.question)] if one_shot else read_questions(stream or sys.stdin, console)
+    for question in questions:
+        try:
+            turn = conversation.ask(question, **options)
+        except TURN_ERRORS as error:
+            if one_shot:
+                raise
+            console.print(f"[red]{type(error).__name__}: {error}[/red]")
+            continue
+        print_turn(console, turn, *write_turn(turn, output_dir, len(conversation.turns)))
+    return conversation.turns
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="chat")
+def hydra_main(cfg: DictConfig) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        chat(cfg)
+    except (UnreadableImageError, *TURN_ERRORS) as error:
+        # A bad image, question or phrase list is the user's to fix: one line, no traceback.
+        raise SystemExit(f"chat: {error}") from None
+
+
+def main() -> None:
+    """The CLI: a model, SAM or module override is refused before Hydra composes anything."""
+    try:
+        refuse_checkpoint_groups(sys.argv[1:], "chat")
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""``python -m flmm_lightning.chat``: one-shot and interactive turns, what each writes and prints, and the
+run-folder rules it shares with ``predict``."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import intra_op_threads
+from omegaconf import DictConfig
+from PIL import Image
+from pycocotools import mask as mask_utils
+from rich.console import Console
+from samples import make_sample
+
+from flmm_lightning import chat as chat_entry
+from flmm_lightning.builders import build_module, run_config
+from flmm_lightning.chat import chat
+from flmm_lightning.predict import Grounder
+from flmm_lightning.run_dirs import RunDirectoryInUseError
+from flmm_lightning.visualize import object_color
+
+QUESTION = "What is in the image?"
+SHORT = ["generation.max_new_tokens=8", "threshold=0.0", "device=cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(intra_op_threads())
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_config: DictConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny model with its keyword selector, saved the way training saves it."""
+    torch.manual_seed(0)
+    module = build_module(tiny_config)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict(), "flmm_config": run_config(tiny_config)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("photo") / "shapes.png"
+    make_sample(90, 130, [], 3).image.save(path)
+    return path
+
+
+def chat_config(compose_config, checkpoint: Path, photo: Path, output_dir: Path, *extra: str) -> DictConfig:
+    overrides = [f"ckpt={checkpoint}", f"image={photo}", f"paths.output_dir={output_dir}", *SHORT, *extra]
+    return compose_config(overrides, config_name="chat")
+
+
+def recording_console() -> Console:
+    return Console(record=True, force_terminal=True, color_system="truecolor", width=200)
+
+
+def test_one_question_writes_overlay_and_json_of_the_grounded_phrases(
+    compose_config: Callable[..., DictConfig], checkpoint: Path, photo: Path, tmp_path: Path
+) -> None:
+    output_dir = tmp_path / "run"
+    console = recording_console()
+    (turn,) = chat(
+        chat_config(compose_config, checkpoint, photo, output_dir, f"question='{QUESTION}'"), None, console
+    )
+    record = json.loads((output_dir / "turn_01.json").read_text())
+    assert record["question"] == QUESTION and record["answer"] == turn.answer and turn.phrases
+    expected = Grounder.from_checkpoint(checkpoint, device="cpu").chat(
+        photo, QUESTION, max_new_tokens=8, threshold=0.0
+    )
+    assert expected.answer == turn.answer
+    for entry, phrase in zip(record["phrases"], expected.phrases, strict=True):
+        start, end = entry["char_span"]
+        assert record["answer"][start:end] == entry["text"] == phrase.text
+        assert entry["score"] == pytest.approx(phrase.score)
+        rle = {"size": entry["segmentation"]["size"], "counts": entry["segmentation"]["counts"].encode()}
+        assert np.array_equal(mask_utils.decode(rle).astype(bool), phrase.mask.numpy())
+        assert entry["bbox_xyxy"] == (list(phrase.box) if phrase.box else [-1.0] * 4)
+    with Image.open(photo) as image, Image.open(output_dir / "turn_01_overlay.png") as overlay:
+        assert overlay.size == image.size
+    assert (output_dir.parent / "latest").resolve() == output_dir.resolve()
+    printed = console.export_text(styles=True)
+    red, green, blue = object_color(0)
+    assert f"38;2;{red};{green};{blue}" in printed  # the first phrase in its mask's colour
+
+
+def test_interactive_turns_keep_the_conversation_until_exit(
+    compose_config: Callable[..., DictConfig], checkpoint: Path, photo: Path, tmp_path: Path
+) -> None:
+    output_dir = tmp_path / "run"
+    typed = io.StringIO(f"{QUESTION}\n\n   \nWhere is it?\nexit\nnever asked\n")
+    turns = chat(chat_config(compose_config, checkpoint, photo, output_dir), typed, recording_console())
+    assert [turn.question for turn in turns] == [QUESTION, "Where is it?"]
+    assert sorted(path.name for path in output_dir.glob("turn_*")) == [
+        "turn_01.json",
+        "turn_01_overlay.png",
+        "turn_02.json",
+        "turn_02_overlay.png",
+    ]
+    grounder = Grounder.from_checkpoint(checkpoint, device="cpu")
+    second = grounder.chat(photo, "Where is it?", history=turns[:1], max_new_tokens=8, threshold=0.0)
+    assert second.answer == turns[1].answer
+
+
+def test_a_bad_turn_is_reported_and_the_chat_goes_on(
+    compose_config: Callable[..., DictConfig], checkpoint: Path, photo: Path, tmp_path: Path
+) -> None:
+    console = recording_console()
+    typed = io.StringIO(f"{QUESTION}\n")
+    cfg = chat_config(
+        compose_config, checkpoint, photo, tmp_path / "run", "selector=given", "phrases=[zebra crossing]"
+    )
+    assert chat(cfg, typed, console) == []
+    assert "does not occur in the answer" in console.export_text()
+
+
+def test_chat_refuses_a_folder_of_another_run(
+    compose_config: Callable[..., DictConfig], checkpoint: Path, photo: Path, tmp_path: Path
+) -> None:
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / "metrics.json").write_text("{}")
+    cfg = chat_config(compose_config, checkpoint, photo, output_dir, f"question='{QUESTION}'")
+    with pytest.raises(RunDirectoryInUseError):
+        chat(cfg)
+
+
+def test_an_empty_question_ends_the_cli_with_one_line(
+    checkpoint: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = [
+        "chat",
+        f"ckpt={checkpoint}",
+        f"image={photo}",
+        "question=' '",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exited:
+        chat_entry.main()
+    message = exited.value.code
+    assert (
+        isinstance(message, str) and "\n" not in message and message.startswith("chat: the question is empty")
+    )
