@@ -105,7 +105,7 @@ def eager_answer_maps(
     if "mm_token_type_ids" in model_inputs:
         pad = torch.zeros_like(answer)
         model_inputs["mm_token_type_ids"] = torch.cat([model_inputs["mm_token_type_ids"], pad], dim=1)
-    lmm = grounder.module.lmm
+    lmm = grounder.module.model.lmm
     lmm.set_capture("eager")
     try:
         with torch.no_grad():

@@ -101,32 +101,32 @@ def test_selector_learns_from_narratives_only(module_and_builder):
     module = copy.deepcopy(module).train()
     mixed = encoded_batch(prompt_builder, sam_image_size, [REFCOCO_LIKE, PNG_LIKE])
     predictions = module(mixed)
-    losses = module._losses(mixed, predictions)
+    losses = module.model.losses(mixed, predictions)
     labels = utterance_token_labels(prompt_builder, PNG_LIKE)
     expected = keyword_selector_loss(predictions[1].features.selector_logits, labels, torch.ones_like(labels))
     torch.testing.assert_close(losses["keyword_selector"], expected)
     plain = {k: v for k, v in losses.items() if k not in ("loss", "keyword_selector")}
-    mask_total = sum(module.loss_weights[k] * plain[k] for k in module.loss_weights if k in plain)
+    mask_total = sum(module.model.loss_weights[k] * plain[k] for k in module.model.loss_weights if k in plain)
     torch.testing.assert_close(
-        losses["loss"], mask_total + module.loss_weights["keyword_selector"] * expected
+        losses["loss"], mask_total + module.model.loss_weights["keyword_selector"] * expected
     )
     losses["loss"].backward()
-    assert module.lmm.keyword_selector.mlp[0].weight.grad.abs().sum() > 0
+    assert module.model.lmm.keyword_selector.mlp[0].weight.grad.abs().sum() > 0
 
     module.zero_grad(set_to_none=True)
     refcoco_only = encoded_batch(prompt_builder, sam_image_size, [REFCOCO_LIKE])
-    losses = module._losses(refcoco_only, module(refcoco_only))
+    losses = module.model.losses(refcoco_only, module(refcoco_only))
     assert float(losses["keyword_selector"].detach()) == 0.0
     losses["loss"].backward()
     # Attached but zero: every DDP rank's gradient still covers the selector.
-    gradient = module.lmm.keyword_selector.mlp[0].weight.grad
+    gradient = module.model.lmm.keyword_selector.mlp[0].weight.grad
     assert gradient is not None and not gradient.any()
 
 
 def test_selector_weights_ride_in_the_checkpoint(module_and_builder):
     module = module_and_builder[0]
-    keys = [key for key in module.state_dict() if key.startswith("lmm.keyword_selector.")]
-    assert keys and all(key in set(module.trainable_keys()) for key in keys)
+    keys = [key for key in module.model.trainable_state_dict() if key.startswith("lmm.keyword_selector.")]
+    assert keys and all(p.requires_grad for p in module.model.lmm.keyword_selector.parameters())
 
 
 def test_narrative_selection_spans_against_the_grounded_phrases(builder):
