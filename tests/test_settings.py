@@ -25,9 +25,9 @@ TYPOS = [
     ("model.lmm.torch_dtype=fp16", "model.lmm.torch_dtype='fp16'", "bfloat16"),
     ("sam.refiner.encoder_attention=flash", "sam.refiner.encoder_attention='flash'", "sdpa"),
     (
-        "data.train_sets.synthetic_refcoco_train.text_mode=first",
-        "data.train_sets.synthetic_refcoco_train.text_mode='first'",
-        "select_first",
+        "data.train_sets.synthetic_refcoco_train.text_mode=once",
+        "data.train_sets.synthetic_refcoco_train.text_mode='once'",
+        "random_once",
     ),
     (
         "+data.val_sets.synthetic_png_val.on_bad_sample=ignore",
