@@ -75,7 +75,8 @@ def test_lmm_flops_count_each_sample_of_a_batch(family: str, compose_config, syn
     """Two identical samples in one batch are the one sample's computation twice (same length: no padding),
     so the count is exactly double; the capture the model runs with is restored."""
     cfg = compose_config([f"model={family}"])
-    lmm, prompt_builder = instantiate(cfg.model.lmm), build_prompt_builder(cfg)
+    prompt_builder = build_prompt_builder(cfg)  # builds the tiny asset the config names
+    lmm = instantiate(cfg.model.lmm)
     prompt = prompt_builder(RefCocoDataset(**synthetic_data.refcoco_kwargs("train"))[0])
 
     one = lmm_forward_flops(lmm, prompt_builder.collate([prompt]))

@@ -191,11 +191,14 @@ def test_stored_config_keeps_path_interpolations_and_resolves_everything_else(
         [
             *tiny_overrides(tmp_path / "data", tmp_path / "run"),
             "sam.refiner.embedding_cache=${paths.cache_dir}/sam_embeddings",
+            "+model.local_copy=${paths.data_dir}/models",
             "+model.run_name=${task_name}",
         ]
     )
     stored = run_config(cfg)
-    assert stored["sam"]["refiner"]["embedding_cache"] == "${paths.cache_dir}/sam_embeddings"
+    assert stored["model"]["local_copy"] == "${paths.data_dir}/models"
+    # the SAM cache is this machine's choice: a checkpoint never names a folder to write to (safe_config)
+    assert stored["sam"]["refiner"]["embedding_cache"] is None
     assert stored["model"]["run_name"] == "demo"  # outside the stored sections: resolved now
     assert stored["model"]["lmm"]["text_proj_dim"] == "${sam.embed_dim}"  # inside them: kept
     assert stored["data"]["test_sets"] == "${data.val_sets}"
