@@ -205,7 +205,7 @@ def test_stored_config_keeps_path_interpolations_and_resolves_everything_else(
 
     here = {"cache_dir": str(tmp_path / "here"), "data_dir": str(tmp_path / "data_here")}
     config = config_on_this_machine(stored, here, {"data": {"eval_batch_size": 3}})
-    assert config.sam.refiner.embedding_cache == str(tmp_path / "here" / "sam_embeddings")
+    assert config.model.local_copy == str(tmp_path / "data_here" / "models")
     assert config.model.lmm.text_proj_dim == cfg.sam.embed_dim
     assert config.data.eval_batch_size == 3 and config.data.batch_size == cfg.data.batch_size
 
