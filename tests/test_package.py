@@ -38,7 +38,14 @@ def test_pyproject_lists_every_package_and_ships_every_config() -> None:
     assert set(setuptools["packages"]) == found | {"flmm_lightning.conf"}
     assert setuptools["package-dir"]["flmm_lightning.conf"] == "conf"
     depths = {len(path.relative_to(REPO / "conf").parts) for path in (REPO / "conf").rglob("*.yaml")}
-    assert depths <= {1, 2}, "package-data globs cover conf/*.yaml and conf/*/*.yaml only"
+    globs = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+            "flmm_lightning.conf"
+        ]
+    )
+    assert {"*/" * (depth - 1) + "*.yaml" for depth in depths} <= globs, (
+        "a conf/ depth the wheel would not ship"
+    )
 
 
 @dataclass
@@ -130,7 +137,7 @@ def test_installed_wheel_trains_evaluates_and_predicts_from_any_directory(
     # python -m, the packaged configs only
     train = ("+experiment=demo", "trainer.max_steps=3", "test_after_fit=false", *SMALL_RUN)
     installed.run(python, "-m", "flmm_lightning.train", *train, cwd=work)
-    checkpoint = work / "outputs" / "demo" / "checkpoints" / "last.ckpt"
+    checkpoint = work / "outputs" / "demo" / "latest" / "checkpoints" / "last.ckpt"  # the newest run
     assert checkpoint.is_file()
 
     # the console script, with an experiment from the user's own config folder that extends a packaged one
