@@ -256,6 +256,7 @@ def test_eval_command_line_names_a_misspelled_key_of_its_stored_data_config_patc
     cfg = compose_config(tiny_overrides(tmp_path / "data", tmp_path / "run"))
     checkpoint = save_untrained(cfg, tmp_path / "model.ckpt")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # as a user's shell has it (`make` sets 1): message, exit
     here = [f"hydra.run.dir={tmp_path / 'eval'}", f"paths.data_dir={tmp_path / 'data'}"]
     monkeypatch.setattr(sys, "argv", ["eval", f"ckpt={checkpoint}", *here, "++data.eval_batch_sise=2"])
     with pytest.raises(SystemExit):
