@@ -37,7 +37,7 @@ def grounder(tiny_config) -> Grounder:
     """The demo model (keyword selector included), untrained, fp32 on the CPU."""
     torch.manual_seed(0)
     prompt_builder = build_prompt_builder(tiny_config)
-    return Grounder(build_module(tiny_config), prompt_builder, tiny_config.sam.image_size, device="cpu")
+    return Grounder(build_module(tiny_config).model, prompt_builder, tiny_config.sam.image_size, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def eager_answer_maps(
     if "mm_token_type_ids" in model_inputs:
         pad = torch.zeros_like(answer)
         model_inputs["mm_token_type_ids"] = torch.cat([model_inputs["mm_token_type_ids"], pad], dim=1)
-    lmm = grounder.module.model.lmm
+    lmm = grounder.model.lmm
     lmm.set_capture("eager")
     try:
         with torch.no_grad():
@@ -178,7 +178,7 @@ def test_oldest_turns_leave_the_prompt_when_the_context_is_full(tiny_config, gro
     small = build_prompt_builder(tiny_config)
     small.max_length = last_two + SHORT["max_new_tokens"]
     assert small.max_length < full + SHORT["max_new_tokens"]
-    squeezed = Grounder(grounder.module, small, tiny_config.sam.image_size, device="cpu")
+    squeezed = Grounder(grounder.model, small, tiny_config.sam.image_size, device="cpu")
     with pytest.warns(UserWarning, match="oldest 2 of 4 earlier turns are left out"):
         answer = squeezed.chat(IMAGE, QUESTION, history=history, threshold=0.0, **SHORT)
     assert answer.dropped_turns == 2
@@ -191,7 +191,7 @@ def test_oldest_turns_leave_the_prompt_when_the_context_is_full(tiny_config, gro
     small = build_prompt_builder(tiny_config)
     small.max_length = 8
     with pytest.raises(ContextOverflowError, match="max_new_tokens=16"):
-        Grounder(grounder.module, small, tiny_config.sam.image_size, device="cpu").chat(
+        Grounder(grounder.model, small, tiny_config.sam.image_size, device="cpu").chat(
             IMAGE, QUESTION, **SHORT
         )
 
@@ -217,7 +217,9 @@ def test_a_checkpoint_without_selector_chats_with_lmm_or_given(tiny_config, firs
     torch.manual_seed(0)
     config = copy.deepcopy(tiny_config)
     config.model.lmm.keyword_selector = False
-    plain = Grounder(build_module(config), build_prompt_builder(config), config.sam.image_size, device="cpu")
+    plain = Grounder(
+        build_module(config).model, build_prompt_builder(config), config.sam.image_size, device="cpu"
+    )
     with pytest.raises(ChatInputError, match="no keyword selector.*selector='lmm' or selector='given'"):
         plain.chat(IMAGE, QUESTION, selector="keywords")
     with pytest.warns(SelectorReplyWarning):

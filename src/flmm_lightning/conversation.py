@@ -185,7 +185,7 @@ def _lmm_phrases(
     """Asks the LMM, as the next user turn, which phrases of its answer name visible things (greedy)."""
     prompt, _ = _fitting_prompt(grounder, sample, [*turns, answered], LMM_SELECTOR_PROMPT, max_new_tokens, 1)
     batch = _encoded(grounder, sample, prompt, [])
-    reply_ids = grounder.module.model.lmm.generate(batch.lmm, max_new_tokens=max_new_tokens)
+    reply_ids = grounder.model.lmm.generate(batch.lmm, max_new_tokens=max_new_tokens)
     reply = grounder.encode.prompt_builder.processor.tokenizer.decode(reply_ids, skip_special_tokens=True)
     return parse_lmm_phrases(reply, answer, offsets)
 
@@ -223,8 +223,8 @@ def _decode_spans(
     start = int(batch.lmm.utterance_start[0])
     for k, (first, last) in enumerate(spans):
         batch.lmm.mask_ids[0, start + first : start + last] = k
-    features = grounder.module.model.lmm.features(batch.lmm, readout)
-    prediction = grounder.module.model.decode(batch, features)[0]
+    features = grounder.model.lmm.features(batch.lmm, readout)
+    prediction = grounder.model.decode(batch, features)[0]
     size = (batch.samples[0].image.height, batch.samples[0].image.width)
     return _Decoded(
         fine=(prediction.fine_logits > 0).cpu(),
@@ -248,7 +248,7 @@ def answer_and_ground(
     viewers show it."""
     if not isinstance(question, str) or not question.strip():
         raise ChatInputError(f"the question is empty: ask something about the image, got {question!r}")
-    lmm = grounder.module.model.lmm
+    lmm = grounder.model.lmm
     selector = _choose_selector(selector, phrases, getattr(lmm, "keyword_selector", None) is not None)
     turns = _turn_texts(history)
     sample = _image_sample(image)
@@ -331,7 +331,7 @@ def reason_and_segment(
         raise ChatInputError(f"the query is empty: say what to segment, got {query!r}")
     if tokens not in SEGMENT_TOKENS:
         raise ChatInputError(f"tokens must be one of {SEGMENT_TOKENS}, got {tokens!r}")
-    lmm = grounder.module.model.lmm
+    lmm = grounder.model.lmm
     if tokens == "keywords" and getattr(lmm, "keyword_selector", None) is None:
         raise ChatInputError("tokens='keywords': this checkpoint has no keyword selector; use tokens='all'")
     if is_sentence is None:

@@ -34,10 +34,10 @@ from flmm_lightning.conversation import (
     answer_and_ground,
     reason_and_segment,
 )
+from flmm_lightning.core import FLMM
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.data.images import UnreadableImageError, as_displayed, load_photo
 from flmm_lightning.data.reasonseg import ANSWER_PREFIX
-from flmm_lightning.model import FLMMModule
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
 from flmm_lightning.selection import KEYWORD_THRESHOLD
 from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups
@@ -72,13 +72,11 @@ class Grounding:
 class Grounder:
     """A trained F-LMM ready to ground phrases in images."""
 
-    def __init__(
-        self, module: FLMMModule, prompt_builder: PromptBuilder, sam_image_size: int, device: str = "auto"
-    ):
+    def __init__(self, model: FLMM, prompt_builder: PromptBuilder, sam_image_size: int, device: str = "auto"):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.module = module.to(self.device).eval()
+        self.model = model.to(self.device).eval()
         self.encode = EncodedDataset([], prompt_builder, sam_image_size)
         self.collate = GroundingCollate(prompt_builder)
 
@@ -93,7 +91,7 @@ class Grounder:
         """``paths``: this machine's ``paths.*`` (data, SAM weights, asset cache), the defaults when None;
         ``overrides``: patches of stored settings by section (``{"model": {"pretrained": <dir>}}``)."""
         module, config = module_from_checkpoint(path, paths=paths, overrides=overrides)
-        return cls(module, build_prompt_builder(config), config.sam.image_size, device=device)
+        return cls(module.model, build_prompt_builder(config), config.sam.image_size, device=device)
 
     def chat(
         self,
@@ -150,7 +148,7 @@ class Grounder:
         sample = GroundingSample.for_inference(image, phrases, file_name=file_name or "input")
         encoded = self.encode.encode(sample)
         batch = move_data_to_device(self.collate([encoded]), self.device)
-        prediction = self.module.model(batch)[0]
+        prediction = self.model(batch)[0]
         masks = (prediction.fine_logits > 0).cpu()
         boxes = torch.full((len(phrases), 4), -1.0)
         nonempty = masks.flatten(1).any(1)

@@ -58,7 +58,7 @@ def chat_after_fit(
     """One grounded chat turn about the first image of ``dataset`` (``cfg.chat_after_fit``), its overlay and
     JSON written to ``<run>/chat/``: the trained model's conversation path, end to end."""
     settings = cfg.chat_after_fit
-    grounder = Grounder(module, prompt_builder, cfg.sam.image_size)
+    grounder = Grounder(module.model, prompt_builder, cfg.sam.image_size)
     turn = grounder.chat(dataset[0].image, settings.question, max_new_tokens=settings.max_new_tokens)
     chat_dir = output_dir / "chat"
     chat_dir.mkdir(parents=True, exist_ok=True)
