@@ -147,6 +147,9 @@ def test_demo_run_writes_metrics_overlays_and_checkpoint(demo_run: DemoRun) -> N
     grounded = [s["utterance"] for n in narratives for s in n["segments"] if s["segment_ids"]]
     assert grounded and all(len(utterance.split()) > 1 for utterance in grounded)
     assert metrics["baseline_every_word"]["selector_phrase_F1"] == 0.0
+    # Ground what you say: the selector's phrases of the same narratives, grounded and scored like PNG.
+    said = metrics["ground_what_you_say"]
+    assert 0.0 <= said["AR"] <= 1.0 and 0.0 <= said["Acc@0.5"] <= 1.0
     # The demo ends with one chat turn about a validation image.
     turn = json.loads((demo_run.run_dir / "chat" / "turn_01.json").read_text())
     assert turn["question"] == demo_run.cfg.chat_after_fit.question and turn["answer"]

@@ -19,7 +19,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 from torchvision.ops import masks_to_boxes
 
-from flmm_lightning.boundaries import ContextOverflowError, GroundingSample
+from flmm_lightning.boundaries import NOT_GROUNDED, ContextOverflowError, GroundingSample
 from flmm_lightning.data.batch import EncodedSample, GroundingBatch
 from flmm_lightning.data.images import sam_input_image
 from flmm_lightning.data.reasonseg import ANSWER_PREFIX, reasoning_prompt
@@ -205,7 +205,9 @@ def _image_sample(image: Image.Image) -> GroundingSample:
 
 
 @dataclass
-class _Decoded:
+class DecodedSpans:
+    """The masks and merged attention of objects given as answer-token spans."""
+
     fine: torch.Tensor  # bool [n, H, W]
     coarse: torch.Tensor  # bool [n, H, W]
     maps: torch.Tensor  # [n, C, h, w]
@@ -215,18 +217,20 @@ class _Decoded:
         return tuple(float(v) for v in masks_to_boxes(mask)[0]) if mask.any() else None
 
 
-def _decode_spans(
+def decode_token_spans(
     grounder: Grounder, batch: GroundingBatch, readout: TokenReadout, spans: list[Span]
-) -> _Decoded:
+) -> DecodedSpans:
     """Masks of the objects whose answer tokens are ``spans`` (token spans of the utterance): each span's
-    tokens marked as one object, merged and decoded by the U-Net and SAM as in training."""
+    tokens marked as one object (replacing the batch's own marks), merged and decoded by the U-Net and SAM
+    as in training."""
     start = int(batch.lmm.utterance_start[0])
+    batch.lmm.mask_ids[0].fill_(NOT_GROUNDED)
     for k, (first, last) in enumerate(spans):
         batch.lmm.mask_ids[0, start + first : start + last] = k
     features = grounder.model.lmm.features(batch.lmm, readout)
     prediction = grounder.model.decode(batch, features)[0]
     size = (batch.samples[0].image.height, batch.samples[0].image.width)
-    return _Decoded(
+    return DecodedSpans(
         fine=(prediction.fine_logits > 0).cpu(),
         coarse=binarize_coarse(prediction.coarse_logits, size).cpu(),
         maps=prediction.features.attention_maps.cpu(),
@@ -277,7 +281,7 @@ def answer_and_ground(
     if not chosen:
         return result
 
-    decoded = _decode_spans(grounder, batch, readout, [phrase.token_span for phrase in chosen])
+    decoded = decode_token_spans(grounder, batch, readout, [phrase.token_span for phrase in chosen])
     for k, phrase in enumerate(chosen):
         result.phrases.append(
             GroundedPhrase(
@@ -355,7 +359,7 @@ def reason_and_segment(
         chosen = phrases_from_scores(text, offsets, scores)
         if chosen:
             span = max(chosen, key=lambda phrase: phrase.score).token_span
-    decoded = _decode_spans(grounder, batch, readout, [span])
+    decoded = decode_token_spans(grounder, batch, readout, [span])
     return ReasonedSegmentation(
         query=query,
         question=question,

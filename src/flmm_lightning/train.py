@@ -33,6 +33,7 @@ from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.data.datamodule import split_name
 from flmm_lightning.metrics import ReferringSegmentationMetric
 from flmm_lightning.model import FLMMModule
+from flmm_lightning.narration import ground_what_you_say
 from flmm_lightning.predict import Grounder
 from flmm_lightning.reporting import print_metrics, write_metrics_json
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
@@ -100,6 +101,13 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         narratives = datamodule.test_sets[split_name(words_split)]
         baseline = every_word_baseline(narratives[i].utterances for i in range(len(narratives)))
         results["baseline_every_word"] = {f"selector_{name}": value for name, value in baseline.items()}
+    said_split = cfg.get("ground_what_you_say_split")
+    if trainer.is_global_zero and said_split:
+        grounder = Grounder(module.model, prompt_builder, cfg.sam.image_size)
+        narratives = datamodule.test_sets[split_name(said_split)]
+        results["ground_what_you_say"] = ground_what_you_say(
+            grounder, map(narratives.__getitem__, range(len(narratives)))
+        )
     baseline_split = cfg.get("whole_image_baseline_split")
     if baseline_split:
         results["baseline_whole_image"] = whole_image_baseline(

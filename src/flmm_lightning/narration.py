@@ -1,0 +1,77 @@
+"""Ground what you say, on PNG: the keyword selector chooses the phrases of a narrative read as the LMM's own
+answer, each chosen phrase is grounded as a chat turn grounds it, and the narrative's grounded phrases are
+scored by PNG's average recall, a phrase the selector missed with an empty mask (IoU 0)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from tqdm.auto import tqdm
+
+from flmm_lightning.boundaries import GroundingSample
+from flmm_lightning.conversation import decode_token_spans
+from flmm_lightning.metrics import PanopticNarrativeRecall
+from flmm_lightning.selection import KEYWORD_THRESHOLD, phrases_from_scores
+from flmm_lightning.selection.targets import narrative_phrase_spans, narrative_token_offsets
+
+if TYPE_CHECKING:
+    from flmm_lightning.predict import Grounder
+
+Span = tuple[int, int]
+
+
+def match_selected_phrases(
+    token_objects: torch.Tensor | Sequence[int], selected: Sequence[Span], num_objects: int
+) -> list[int | None]:
+    """For each of the ``num_objects`` ground-truth objects ``k`` of a narrative, the selected phrase that
+    grounds it: the one sharing the most tokens with the object's tokens (the first on a tie); None when no
+    selected phrase touches them.
+
+    token_objects: ``[u]`` object index of each utterance token, ``NOT_GROUNDED`` for the others;
+    selected: token spans ``[first, last)`` of the chosen phrases over the same tokens.
+    """
+    objects = torch.as_tensor(token_objects).cpu()  # [u]
+    matches: list[int | None] = []
+    for k in range(num_objects):
+        shared = [int((objects[first:last] == k).sum()) for first, last in selected]
+        best = max(range(len(shared)), key=shared.__getitem__, default=None)
+        matches.append(best if best is not None and shared[best] > 0 else None)
+    return matches
+
+
+@torch.no_grad()
+def ground_what_you_say(
+    grounder: Grounder, samples: Iterable[GroundingSample], threshold: float = KEYWORD_THRESHOLD
+) -> dict[str, float]:
+    """PNG's figures (``PanopticNarrativeRecall``) of grounding what the keyword selector chooses from each
+    narrative of ``samples`` (PNG samples; skipped ones are left out), rather than the annotated phrases."""
+    if not grounder.model.has_keyword_selector:
+        raise ValueError("ground what you say needs a checkpoint with a keyword selector")
+    lmm = grounder.model.lmm
+    tokenizer = grounder.encode.prompt_builder.processor.tokenizer
+    metric = PanopticNarrativeRecall()
+    for sample in tqdm(samples, desc="ground what you say", leave=False):
+        if not isinstance(sample, GroundingSample):
+            continue
+        encoded = grounder.encode.encode(sample)
+        batch = move_data_to_device(grounder.collate([encoded]), grounder.device)
+        readout = lmm.read(batch.lmm, every_utterance_token=True)
+        start, count = int(batch.lmm.utterance_start[0]), int(readout.hidden_counts[0])
+        token_objects = batch.lmm.mask_ids[0, start : start + count].cpu()  # [u]
+        utterances = encoded.sample.utterances
+        text, _ = narrative_phrase_spans(utterances)
+        scores = lmm.selector_logits(readout)[0].float().sigmoid()  # [u]
+        chosen = phrases_from_scores(text, narrative_token_offsets(tokenizer, utterances), scores, threshold)
+        gt_masks = encoded.sample.masks
+        predicted = torch.zeros_like(gt_masks)  # [n, H, W]: missed phrases stay empty
+        if chosen:
+            decoded = decode_token_spans(grounder, batch, readout, [phrase.token_span for phrase in chosen])
+            spans = [phrase.token_span for phrase in chosen]
+            for k, match in enumerate(match_selected_phrases(token_objects, spans, len(gt_masks))):
+                if match is not None:
+                    predicted[k] = decoded.fine[match]
+        metric.update(predicted, gt_masks, encoded.sample.is_thing, encoded.sample.is_plural)
+    return {name: float(value) for name, value in metric.compute().items()}
