@@ -23,7 +23,9 @@ QUESTION = "What is in the image?"
 SHORT = {"max_new_tokens": 12}
 PHOTO = "coco_sample/images/000000142238.jpg"
 EXIF_ORIENTATION, ROTATE_CLOCKWISE = 0x0112, 6
-FAMILIES = ["demo", "tiny_llava"]  # Qwen2.5-VL (the grid covers the image) and LLaVA-1.5 (padded square)
+# The demo's Qwen2.5-VL and LLaVA-NeXT (grids over the image), LLaVA-1.5 and DeepSeek-VL (padded squares).
+FAMILIES = ["demo", "tiny_llava", "tiny_llava_next", "tiny_deepseek_vl"]
+PADDED = {"tiny_llava", "tiny_deepseek_vl"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,11 +37,16 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def grounder(request, compose_config, tmp_path_factory) -> Grounder:
-    """An untrained tiny model of the family (the demo experiment's, or LLaVA-1.5's), fp32 on the CPU."""
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def grounder(family: str, compose_config, tmp_path_factory) -> Grounder:
+    """An untrained tiny model of the family (the demo experiment's, or another tiny LMM), fp32 on the CPU."""
     overrides = tiny_overrides(tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("run"))
-    if request.param != "demo":
-        overrides.append(f"model={request.param}")
+    if family != "demo":
+        overrides.append(f"model={family}")
     config = compose_config(overrides)
     torch.manual_seed(0)
     return Grounder(build_module(config).model, build_prompt_builder(config), config.sam.image_size, "cpu")
@@ -64,8 +71,8 @@ def test_words_index_the_question_and_the_answer(grounder: Grounder, view: Atten
     assert spans[0][0] == 0 and all(first < last for first, last in spans)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # in order, disjoint
     assert view.maps.dtype == torch.float32 and view.maps.shape[0] >= spans[-1][1]
-    lmm = grounder.model.lmm
-    assert (view.num_layers, view.num_heads) == (lmm.num_layers, lmm.num_heads)
+    lmm = grounder.model.lmm  # LLaVA-NeXT: 2 L layers, the base grid's then the any-res grid's
+    assert view.num_layers * view.num_heads == lmm.attention_channels and view.num_heads == lmm.num_heads
 
 
 def test_answer_words_have_the_maps_chat_grounds_with(grounder: Grounder, view: AttentionView):
@@ -83,15 +90,50 @@ def test_answer_words_have_the_maps_chat_grounds_with(grounder: Grounder, view: 
     torch.testing.assert_close(ours.reshape(expected.shape), expected, rtol=0, atol=8 * eps)
 
 
-def test_question_words_have_their_own_maps(view: AttentionView):
+def test_question_words_have_their_own_maps(family: str, view: AttentionView):
     question = [word for word in view.words if word.part == "question"]
     answer = [word for word in view.words if word.part == "answer"]
     assert len(question) == len(QUESTION.split())
-    maps = view.maps.flatten(3)  # [T, L, H, N]
-    assert (maps >= 0).all() and (maps.sum(-1) <= 1 + 1e-5).all() and (maps.sum(-1) > 0).all()
+    maps = view.maps.flatten(3)  # [T, L, H, h * w]
+    assert (maps >= 0).all() and (maps.sum(-1) > 0).all()
+    if family != "tiny_llava_next":  # NeXT's maps are resized and cut grids, not the image tokens as such
+        assert (maps.sum(-1) <= 1 + 1e-5).all()  # a share of each token's attention probabilities
     q_first, q_last = question[0].token_span
     a_first, a_last = answer[0].token_span
     assert not torch.allclose(view.maps[q_first:q_last].mean(0), view.maps[a_first:a_last].mean(0))
+
+
+def test_question_maps_are_the_eager_models_attention(family: str, grounder: Grounder, view: AttentionView):
+    """The question's rows are the eager model's own attention probabilities at the question's tokens, found
+    here from the tokenizer: the question's ids right before the Qwen template's end of the user turn."""
+    if family != "demo":
+        pytest.skip("the template's text after the question is Qwen's")
+    builder, lmm = grounder.encode.prompt_builder, grounder.model.lmm
+    tokenizer = builder.processor.tokenizer
+    question_ids = tokenizer.encode(QUESTION, add_special_tokens=False)
+    suffix_ids = tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    sample = make_sample(IMAGE.height, IMAGE.width, [], 7)
+    inputs = builder.conversation_inputs(sample, builder.conversation_prompt([], QUESTION), [])
+    ids = inputs.input_ids
+    start = len(ids) - len(suffix_ids) - len(question_ids)
+    assert ids[start : start + len(question_ids)].tolist() == question_ids
+    image_tokens = ids == lmm.image_token_id
+    lmm.set_capture("eager")
+    try:
+        with torch.no_grad():
+            attentions = lmm.model(
+                input_ids=ids[None],
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                mm_token_type_ids=image_tokens[None].long(),
+                output_attentions=True,
+                **inputs.pixel_inputs,
+            ).attentions  # L x [1, H, S, S]
+    finally:
+        lmm.set_capture("fused")
+    rows = torch.arange(start, start + len(question_ids))
+    expected = torch.stack([layer[0][:, rows][:, :, image_tokens] for layer in attentions])  # [L, H, T, N]
+    expected = expected.permute(2, 0, 1, 3).reshape(len(rows), lmm.num_layers, lmm.num_heads, *inputs.grid_hw)
+    torch.testing.assert_close(view.maps[: len(question_ids)], expected, rtol=0, atol=1e-5)
 
 
 def independent_heatmap(view: AttentionView, word: int, layer: int | None, head: int | None) -> np.ndarray:
@@ -123,11 +165,11 @@ def test_heatmap_is_the_word_map_over_the_displayed_image(view: AttentionView, l
     np.testing.assert_allclose(heat, independent_heatmap(view, word, layer, head), rtol=0, atol=1e-5)
 
 
-def test_heatmap_crops_the_padding(grounder: Grounder, view: AttentionView):
+def test_heatmap_crops_the_padding(family: str, view: AttentionView):
     grid_hw = tuple(view.maps.shape[-2:])
-    if type(grounder.model.lmm).__name__ == "LlavaAdapter":  # the wide image padded above and below
+    if family in PADDED:  # the wide image padded above and below
         assert view.word_map(0).shape[0] < grid_hw[0] and view.word_map(0).shape[1] == grid_hw[1]
-    else:  # Qwen's grid covers exactly the image
+    else:  # the grid covers exactly the image
         assert tuple(view.word_map(0).shape) == grid_hw
     for word in range(len(view.words)):
         expected = independent_heatmap(view, word, None, None)
