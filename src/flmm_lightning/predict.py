@@ -150,7 +150,8 @@ class Grounder:
         """What the frozen LMM looks at: every token of ``question`` and of the answer, attention over
         ``image`` by layer and head, grouped into words (``AttentionView``: a word's heat-map, the answer's
         words ranked by their attention to a box). ``answer=None``: the LMM answers first, as in ``chat``
-        (``generation`` as there); else ``answer`` is read teacher-forced. ``history`` as in ``chat``."""
+        (``generation`` as there, unused for a given answer); else ``answer`` is read teacher-forced.
+        ``history`` as in ``chat``. Memory: ``inspection`` says how much the maps take."""
         image = load_photo(image) if isinstance(image, str | Path) else _displayed_pil(image)
         return read_attention(self, image, question, answer, history, **generation)
 
