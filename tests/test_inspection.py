@@ -200,41 +200,51 @@ def test_a_given_answer_is_read_teacher_forced(grounder: Grounder, view: Attenti
 
 
 def hand_built(padded: bool = False) -> AttentionView:
-    """Two answer words on a 40x20 image (a 2x4 grid): A attends to the left half (3:1 between its two
-    columns), B to the right half only; word Q is a question word."""
-    maps = torch.zeros(3, 2, 3, 2, 4)  # [T, L, H, h, w]
+    """Three answer words on a 40x20 image (a 2x4 grid): A attends to the left half (3:1 between its two
+    columns), B to the right half only, Z nowhere on the image; word Q is a question word."""
+    maps = torch.zeros(4, 2, 3, 2, 4)  # [T, L, H, h, w]
     maps[0, ..., :, 0], maps[0, ..., :, 1] = 0.3, 0.1  # Q
     maps[1, ..., :, 0], maps[1, ..., :, 1] = 0.3, 0.1  # A
     maps[2, ..., :, 2:] = 0.2  # B
     maps[1, 1, 2] *= 2  # a louder head: the shares are of the layer/head mean, unchanged by a scale
     padded_hw, box = None, None
     if padded:  # the same content with a padding row above and below it (a 40x40 square around the image)
-        maps = torch.cat([torch.full((3, 2, 3, 1, 4), 0.5), maps, torch.full((3, 2, 3, 1, 4), 0.5)], dim=3)
+        maps = torch.cat([torch.full((4, 2, 3, 1, 4), 0.5), maps, torch.full((4, 2, 3, 1, 4), 0.5)], dim=3)
         padded_hw, box = (40, 40), (10, 0, 20, 40)
     words = [
         AttentionWord("Q", "question", (0, 1), (0, 1)),
         AttentionWord("A", "answer", (0, 1), (1, 2)),
         AttentionWord("B", "answer", (2, 3), (2, 3)),
+        AttentionWord("Z", "answer", (4, 5), (3, 4)),
     ]
-    return AttentionView("Q", "A B", words, maps, Image.new("RGB", (40, 20)), padded_hw, box)
+    return AttentionView("Q", "A B Z", words, maps, Image.new("RGB", (40, 20)), padded_hw, box)
 
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_rank_region_shares_are_the_attention_inside_the_box(padded: bool):
     view = hand_built(padded)
-    assert view.rank_region((0, 0, 20, 20)) == [(1, 1.0), (2, 0.0)]
-    assert view.rank_region((20, 0, 40, 20)) == [(2, 1.0), (1, 0.0)]
+    assert view.rank_region((0, 0, 20, 20)) == [(1, 1.0), (2, 0.0), (3, 0.0)]
+    assert view.rank_region((20, 0, 40, 20)) == [(2, 1.0), (1, 0.0), (3, 0.0)]
     left_column = view.rank_region((0, 0, 10, 20))  # A's column 0 holds 3 of its 4 parts
-    assert left_column == [(1, pytest.approx(0.75)), (2, 0.0)]
+    assert left_column == [(1, pytest.approx(0.75)), (2, 0.0), (3, 0.0)]
     straddling = view.rank_region((5, 0, 15, 10))  # half of each left column, the top row of two
     # A in the box: half of each column's top cell, 0.5 * 0.3 + 0.5 * 0.1, of its 2 * (0.3 + 0.1)
-    assert straddling == [(1, pytest.approx(0.25)), (2, 0.0)]
+    assert straddling == [(1, pytest.approx(0.25)), (2, 0.0), (3, 0.0)]
     middle = view.rank_region((10, 0, 30, 20))  # A's column 1 (1/4) and B's column 2 (1/2)
-    assert middle == [(2, pytest.approx(0.5)), (1, pytest.approx(0.25))]
+    assert middle == [(2, pytest.approx(0.5)), (1, pytest.approx(0.25)), (3, 0.0)]
     whole = view.rank_region((0, 0, 40, 20))
-    assert sorted(index for index, _ in whole) == [1, 2]
-    assert all(share == pytest.approx(1.0) for _, share in whole)
+    assert whole == [(1, pytest.approx(1.0)), (2, pytest.approx(1.0)), (3, 0.0)]
     assert view.rank_region((0, 0, 40, 20), part="question") == [(0, pytest.approx(1.0))]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_heatmap_of_a_hand_built_view(padded: bool):
+    view = hand_built(padded)
+    heat_a, heat_b = view.heatmap(1), view.heatmap(2)
+    assert heat_a.shape == heat_b.shape == (20, 40) and heat_a.max() == heat_b.max() == 1.0
+    assert (heat_a[:, 25:] == 0).all() and (heat_b[:, :15] == 0).all()  # beyond the bilinear blend
+    np.testing.assert_allclose(heat_a, independent_heatmap(view, 1, None, None), rtol=0, atol=1e-6)
+    assert (view.heatmap(3) == 0).all()  # nothing on the image (the padding's attention cut): zeros stay
 
 
 def test_rank_region_on_a_real_view_sums_to_one_over_a_split(view: AttentionView):
