@@ -1,0 +1,180 @@
+"""What each request of the web app does, over the public ``Grounder`` API: check the inputs against the
+limits, call the grounder, and turn its answer into what the page shows and the downloads."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from flmm_lightning.app.limits import AppInputError, Limits, checked_phrases, checked_question, read_photo
+from flmm_lightning.app.sessions import SessionFolders
+from flmm_lightning.boundaries import ContextOverflowError
+from flmm_lightning.chat import write_turn
+from flmm_lightning.conversation import ChatInputError, GroundedAnswer
+from flmm_lightning.data.images import UnreadableImageError
+from flmm_lightning.predict import Grounder, PhraseError
+from flmm_lightning.visualize import object_hex_color, overlay_masks
+
+# Errors a user fixes by changing the request: shown as the request's error message, the app goes on.
+USER_ERRORS = (AppInputError, UnreadableImageError, ChatInputError, ContextOverflowError, PhraseError)
+
+
+@contextlib.contextmanager
+def shown_to_user() -> Iterator[None]:
+    try:
+        yield
+    except USER_ERRORS as error:
+        raise gr.Error(str(error), print_exception=False) from error
+
+
+@dataclass
+class ChatSession:
+    """A conversation about one uploaded photo (a new photo starts a new one)."""
+
+    photo: str
+    image: Image.Image
+    notice: str
+    turns: list[GroundedAnswer] = field(default_factory=list)
+
+
+def highlighted(turn: GroundedAnswer, shown: Sequence[int]) -> gr.HighlightedText:
+    """The answer with each shown phrase labelled by its number, in its mask's colour."""
+    spans = sorted((turn.phrases[k].char_span, k) for k in shown)
+    pieces: list[tuple[str, str | None]] = []
+    end = 0
+    for (first, last), k in spans:
+        if first < end:  # overlapping spans: the earlier phrase keeps the shared text
+            continue
+        if first > end:
+            pieces.append((turn.answer[end:first], None))
+        pieces.append((turn.answer[first:last], str(k + 1)))
+        end = last
+    if end < len(turn.answer):
+        pieces.append((turn.answer[end:], None))
+    colors = {str(k + 1): object_hex_color(k) for k in range(len(turn.phrases))}
+    return gr.HighlightedText(value=pieces, color_map=colors)
+
+
+def chat_messages(session: ChatSession | None) -> list[dict[str, str]]:
+    messages = []
+    for turn in session.turns if session else []:
+        messages += [
+            {"role": "user", "content": turn.question},
+            {"role": "assistant", "content": turn.answer},
+        ]
+    return messages
+
+
+def notify(notice: str) -> None:
+    if notice:
+        gr.Warning(notice)
+
+
+class AppService:
+    """The app's requests over one ``Grounder`` (one model per process)."""
+
+    def __init__(
+        self, grounder: Grounder, limits: Limits, folders: SessionFolders, generation: dict[str, Any]
+    ):
+        self.grounder = grounder
+        self.limits = limits
+        self.folders = folders
+        self.generation = generation
+
+    @property
+    def has_keyword_selector(self) -> bool:
+        return getattr(self.grounder.model.lmm, "keyword_selector", None) is not None
+
+    def chat(
+        self,
+        photo: str | None,
+        question: str,
+        selector: str,
+        threshold: float,
+        phrases: str,
+        session: ChatSession | None,
+        request: gr.Request,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's way of asking for a progress bar)
+    ) -> tuple[Any, ...]:
+        """One turn about ``photo``; the earlier turns about the same photo are its history."""
+        with shown_to_user():
+            question = checked_question(question, self.limits)
+            given = checked_phrases(phrases, self.limits) if selector == "given" else None
+            if session is None or session.photo != photo:
+                session = ChatSession(str(photo), *read_photo(photo, self.limits))
+            notify(session.notice)
+            progress(0.1, desc="The LMM is answering…")
+            turn = self.grounder.chat(
+                session.image,
+                question,
+                history=session.turns,
+                selector=selector,
+                threshold=threshold,
+                phrases=given,
+                **self.generation,
+            )
+        session.turns.append(turn)
+        folder = self.folders.folder(request.session_hash)
+        overlay_path, json_path = write_turn(turn, folder, len(session.turns))
+        shown = list(range(len(turn.phrases)))
+        choices = [(f"{k + 1} {phrase.text}", k) for k, phrase in enumerate(turn.phrases)]
+        return (
+            session,
+            chat_messages(session),
+            highlighted(turn, shown),
+            str(overlay_path),
+            gr.CheckboxGroup(choices=choices, value=shown),
+            [str(overlay_path), str(json_path)],
+            session.notice,
+        )
+
+    def show_phrases(
+        self, shown: list[int] | None, session: ChatSession | None, request: gr.Request
+    ) -> tuple[Any, ...]:
+        """The last answer and its overlay with only the ``shown`` phrases (same colours and numbers)."""
+        if session is None or not session.turns:
+            return None, None
+        turn = session.turns[-1]
+        shown = sorted(k for k in shown or [] if 0 <= k < len(turn.phrases))
+        masks = turn.masks[shown] if shown else turn.masks[:0]
+        overlay = overlay_masks(turn.image, masks, [turn.phrases[k].text for k in shown], color_indices=shown)
+        path = self.folders.folder(request.session_hash) / f"turn_{len(session.turns):02d}_shown.png"
+        overlay.save(path)
+        return highlighted(turn, shown), str(path)
+
+    def ground(
+        self,
+        photo: str | None,
+        phrases: str,
+        request: gr.Request,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008
+    ) -> tuple[Any, ...]:
+        """Masks, boxes and areas of the typed phrases (referring segmentation)."""
+        with shown_to_user():
+            phrases = checked_phrases(phrases, self.limits)
+            image, notice = read_photo(photo, self.limits)
+            notify(notice)
+            progress(0.1, desc="Grounding…")
+            grounding = self.grounder.ground(image, phrases)
+        folder = self.folders.folder(request.session_hash)
+        number = len(list(folder.glob("ground_*.json"))) + 1
+        overlay_path = folder / f"ground_{number:02d}_overlay.png"
+        overlay_masks(grounding.image, grounding.masks, grounding.phrases).save(overlay_path)
+        records = grounding.to_json()
+        json_path = folder / f"ground_{number:02d}.json"
+        json_path.write_text(json.dumps({"objects": records}, indent=2, ensure_ascii=False) + "\n")
+        rows = [
+            [k + 1, record["phrase"], *(round(v, 1) for v in record["bbox_xyxy"]), record["area"]]
+            for k, record in enumerate(records)
+        ]
+        return str(overlay_path), rows, [str(overlay_path), str(json_path)], notice
+
+    def close_session(self, request: gr.Request) -> None:
+        """Removes what the session wrote (its tab closed)."""
+        self.folders.close(request.session_hash)
