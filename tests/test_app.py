@@ -22,7 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from flmm_lightning.predict import Grounder
-from flmm_lightning.visualize import object_hex_color
+from flmm_lightning.visualize import object_color, object_hex_color
 
 gradio_client = pytest.importorskip("gradio_client", reason="the app extra (gradio) is not installed")
 pytestmark = pytest.mark.slow
@@ -157,6 +157,26 @@ def test_chat_answers_as_the_grounder_does_with_coloured_phrases_overlay_and_jso
     assert highlighted_text(answer) == second.answer
     assert [message["role"] for message in history] == ["user", "assistant"] * 2
     client.close()
+
+
+def test_given_phrases_are_the_ones_highlighted(client: gradio_client.Client, grounder: Grounder) -> None:
+    answer_text = grounder.chat(PHOTO, QUESTION, max_new_tokens=MAX_NEW_TOKENS, threshold=0.0).answer
+    phrase = answer_text.strip().split()[0]
+    _, answer, *_ = client.predict(
+        gradio_client.handle_file(PHOTO), QUESTION, "given", 0.3, phrase, api_name="/chat"
+    )
+    labelled = [piece["token"] for piece in answer["value"] if piece["class_or_confidence"] is not None]
+    assert highlighted_text(answer) == answer_text and labelled == [phrase]
+
+
+def test_a_model_override_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "flmm_lightning.app", "ckpt=missing.ckpt", "model=llava_1_5_7b"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "app takes no model override" in result.stderr
 
 
 def test_ground_returns_masks_with_their_boxes(client: gradio_client.Client, grounder: Grounder) -> None:
@@ -295,7 +315,19 @@ def test_a_person_uploads_a_photo_asks_and_sees_the_answer_and_overlay(
     expected = grounder.chat(PHOTO, QUESTION, threshold=0.0, max_new_tokens=MAX_NEW_TOKENS)
     shown = page.locator("#answer").inner_text()
     assert all(phrase.text.strip() in shown for phrase in expected.phrases)
+    highlights = page.locator("#answer .token.highlighted")
+    assert highlights.count() == len(expected.phrases)
+    for k in range(len(expected.phrases)):  # each phrase in its mask's colour
+        assert "rgba({}, {}, {}".format(*object_color(k)) in highlights.nth(k).get_attribute("style")
     save_screenshot(page, tmp_path, "app_chat_turn.png")
+    # hiding the phrases: the answer loses its labels, the overlay is redrawn without masks
+    overlay_src = page.locator("#overlay img").get_attribute("src")
+    for box in page.locator("#shown input[type=checkbox]").all():
+        box.uncheck()
+    page.wait_for_function(
+        "src => document.querySelector('#overlay img').getAttribute('src') !== src", arg=overlay_src
+    )
+    assert highlights.count() == 0
     (session,) = set(server.sessions.iterdir()) - sessions_before
     page.close()  # the tab closes: its session's files go
     deadline = time.monotonic() + 20

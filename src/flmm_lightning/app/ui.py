@@ -31,7 +31,7 @@ def chat_tab(service: AppService) -> None:
             history = gr.Chatbot(label="Conversation", height=240)
         with gr.Column():
             answer = gr.HighlightedText(label="Answer", elem_id="answer", combine_adjacent=False)
-            shown = gr.CheckboxGroup(label="Phrases shown", choices=[])
+            shown = gr.CheckboxGroup(label="Phrases shown", choices=[], elem_id="shown")
             overlay = gr.Image(label="Overlay", type="filepath", interactive=False, elem_id="overlay")
             notice = gr.Markdown(elem_id="notice")
             downloads = gr.File(
