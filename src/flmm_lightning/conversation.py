@@ -105,7 +105,14 @@ class Conversation:
         return turn
 
 
-def _turn_texts(history: Sequence[GroundedAnswer | Turn] | None) -> list[Turn]:
+def check_question(question: object) -> None:
+    """Refuses a question that is not text or only blanks (``ChatInputError``)."""
+    if not isinstance(question, str) or not question.strip():
+        raise ChatInputError(f"the question is empty: ask something about the image, got {question!r}")
+
+
+def turn_texts(history: Sequence[GroundedAnswer | Turn] | None) -> list[Turn]:
+    """The ``(question, answer)`` texts of earlier turns (``GroundedAnswer``s or pairs), checked."""
     turns = []
     for index, turn in enumerate(history or []):
         if isinstance(turn, GroundedAnswer):
@@ -135,7 +142,7 @@ def _choose_selector(selector: str | None, phrases: Sequence[str] | None, has_ke
     return selector
 
 
-def _fitting_prompt(
+def fitting_prompt(
     grounder: Grounder, sample: GroundingSample, turns: list[Turn], question: str, room: int, kept: int = 0
 ) -> tuple[str, int]:
     """The conversation prompt with as many of the latest ``turns`` as leave ``room`` tokens of the LMM's
@@ -161,9 +168,10 @@ def _fitting_prompt(
     )
 
 
-def _encoded(
+def encode_turn(
     grounder: Grounder, sample: GroundingSample, prompt: str, answer_ids: Sequence[int]
 ) -> GroundingBatch:
+    """The batch of one turn on the grounder's device: ``prompt`` with the image, then ``answer_ids``."""
     builder = grounder.encode.prompt_builder
     encoded = EncodedSample(
         sample=sample,
@@ -183,14 +191,14 @@ def _lmm_phrases(
     max_new_tokens: int,
 ) -> list[AnswerPhrase]:
     """Asks the LMM, as the next user turn, which phrases of its answer name visible things (greedy)."""
-    prompt, _ = _fitting_prompt(grounder, sample, [*turns, answered], LMM_SELECTOR_PROMPT, max_new_tokens, 1)
-    batch = _encoded(grounder, sample, prompt, [])
+    prompt, _ = fitting_prompt(grounder, sample, [*turns, answered], LMM_SELECTOR_PROMPT, max_new_tokens, 1)
+    batch = encode_turn(grounder, sample, prompt, [])
     reply_ids = grounder.model.lmm.generate(batch.lmm, max_new_tokens=max_new_tokens)
     reply = grounder.encode.prompt_builder.processor.tokenizer.decode(reply_ids, skip_special_tokens=True)
     return parse_lmm_phrases(reply, answer, offsets)
 
 
-def _image_sample(image: Image.Image) -> GroundingSample:
+def image_sample(image: Image.Image) -> GroundingSample:
     """The image as a sample without objects: what the prompt builder and SAM's resize take."""
     return GroundingSample(
         image=image,
@@ -246,22 +254,21 @@ def answer_and_ground(
 ) -> GroundedAnswer:
     """One grounded turn (``Grounder.chat`` documents the arguments); ``image`` is an RGB PIL image as
     viewers show it."""
-    if not isinstance(question, str) or not question.strip():
-        raise ChatInputError(f"the question is empty: ask something about the image, got {question!r}")
+    check_question(question)
     lmm = grounder.model.lmm
     selector = _choose_selector(selector, phrases, getattr(lmm, "keyword_selector", None) is not None)
-    turns = _turn_texts(history)
-    sample = _image_sample(image)
+    turns = turn_texts(history)
+    sample = image_sample(image)
     max_new_tokens = int(generation.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
-    prompt, dropped = _fitting_prompt(grounder, sample, turns, question, max_new_tokens)
-    answer_ids = lmm.generate(_encoded(grounder, sample, prompt, []).lmm, **generation)
+    prompt, dropped = fitting_prompt(grounder, sample, turns, question, max_new_tokens)
+    answer_ids = lmm.generate(encode_turn(grounder, sample, prompt, []).lmm, **generation)
     tokenizer = grounder.encode.prompt_builder.processor.tokenizer
     answer, offsets = token_char_offsets(tokenizer, answer_ids)
     result = GroundedAnswer(question, answer, answer_ids, [], selector, image, dropped)
     if not answer_ids:
         return result
 
-    batch = _encoded(grounder, sample, prompt, answer_ids)
+    batch = encode_turn(grounder, sample, prompt, answer_ids)
     readout = lmm.read(batch.lmm, every_utterance_token=True)
     if selector == "keywords":
         scores = lmm.selector_logits(readout)[0].float().sigmoid()  # [T_answer]
@@ -337,17 +344,17 @@ def reason_and_segment(
     if is_sentence is None:
         is_sentence = query.strip()[-1] in ".?!"
     question = reasoning_prompt(query, is_sentence)
-    sample = _image_sample(image)
-    prompt, _ = _fitting_prompt(grounder, sample, [], question, max_new_tokens + 8)
+    sample = image_sample(image)
+    prompt, _ = fitting_prompt(grounder, sample, [], question, max_new_tokens + 8)
     prompt += answer_prefix
     answer_ids = lmm.generate(
-        _encoded(grounder, sample, prompt, []).lmm, max_new_tokens=max_new_tokens, **generation
+        encode_turn(grounder, sample, prompt, []).lmm, max_new_tokens=max_new_tokens, **generation
     )
     tokenizer = grounder.encode.prompt_builder.processor.tokenizer
     text, offsets = token_char_offsets(tokenizer, answer_ids)
     if not answer_ids:
         raise EmptyAnswerError(f"the LMM ended its answer right after {answer_prefix!r}: nothing to segment")
-    batch = _encoded(grounder, sample, prompt, answer_ids)
+    batch = encode_turn(grounder, sample, prompt, answer_ids)
     readout = lmm.read(batch.lmm, every_utterance_token=True)
     span = (0, len(answer_ids))
     if tokens == "keywords":

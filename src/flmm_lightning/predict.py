@@ -38,6 +38,7 @@ from flmm_lightning.core import FLMM
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.data.images import UnreadableImageError, as_displayed, load_photo
 from flmm_lightning.data.reasonseg import ANSWER_PREFIX
+from flmm_lightning.inspection import AttentionView, read_attention
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
 from flmm_lightning.selection import KEYWORD_THRESHOLD
 from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups
@@ -137,6 +138,21 @@ class Grounder:
         return reason_and_segment(
             self, image, query, is_sentence, tokens, answer_prefix, max_new_tokens, **generation
         )
+
+    def attention(
+        self,
+        image: Image.Image | str | Path,
+        question: str,
+        answer: str | None = None,
+        history: Sequence[GroundedAnswer | tuple[str, str]] | None = None,
+        **generation: Any,
+    ) -> AttentionView:
+        """What the frozen LMM looks at: every token of ``question`` and of the answer, attention over
+        ``image`` by layer and head, grouped into words (``AttentionView``: a word's heat-map, the answer's
+        words ranked by their attention to a box). ``answer=None``: the LMM answers first, as in ``chat``
+        (``generation`` as there); else ``answer`` is read teacher-forced. ``history`` as in ``chat``."""
+        image = load_photo(image) if isinstance(image, str | Path) else _displayed_pil(image)
+        return read_attention(self, image, question, answer, history, **generation)
 
     @torch.no_grad()
     def ground(self, image: Image.Image | str | Path, phrases: str | Sequence[str]) -> Grounding:

@@ -462,7 +462,7 @@ class HFGroundingAdapter(FrozenLMM):
             for key, value in batch.pixel_inputs.items()
         }
 
-    def _image_maps(self, maps: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    def image_maps(self, maps: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         """Per-object maps over the image-token columns ``[n, L, H, N]`` laid out as ``[n, C, h, w]``.
 
         By default the image tokens are the row-major cells of the ``grid_hw`` grid.
@@ -588,7 +588,7 @@ class HFGroundingAdapter(FrozenLMM):
             sample_attn = readout.attention[b, :, :, :t_b, :n_b].float()  # [L, H, t_b, N]
             merged = self._merge_tokens(sample_attn, grounded_rows[order], counts)  # [n, L, H, N]
             try:
-                maps = self._image_maps(merged, batch.grid_hw[b])  # [n, C, h, w]
+                maps = self.image_maps(merged, batch.grid_hw[b])  # [n, C, h, w]
             except ValueError as error:
                 raise ValueError(f"batch item {b}: {error}") from error
             # [t, D], grouped by object

@@ -82,7 +82,7 @@ class LlavaNextAdapter(HFGroundingAdapter):
     def attention_channels(self) -> int:
         return 2 * self.num_layers * self.num_heads
 
-    def _image_maps(self, maps: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    def image_maps(self, maps: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         """``[n, L, H, N]`` over base + any-res image tokens -> ``[n, 2*L*H, h, w]`` on the any-res grid."""
         n = maps.shape[0]
         (base_h, base_w), (h, w) = self.base_grid_hw, grid_hw
