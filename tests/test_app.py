@@ -22,7 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from flmm_lightning.predict import Grounder
-from flmm_lightning.visualize import object_color, object_hex_color
+from flmm_lightning.visualize import object_color, object_hex_color, overlay_heatmap
 
 gradio_client = pytest.importorskip("gradio_client", reason="the app extra (gradio) is not installed")
 pytestmark = pytest.mark.slow
@@ -208,6 +208,54 @@ def test_a_sideways_phone_photo_is_grounded_upright(client: gradio_client.Client
         assert image.size == Image.open(PHOTO).size  # upright again, as a viewer shows it
 
 
+def test_attention_shows_a_words_heatmap_and_ranks_the_answers_words_in_a_box(
+    client: gradio_client.Client, grounder: Grounder
+) -> None:
+    answer_text = grounder.chat(PHOTO, QUESTION, max_new_tokens=MAX_NEW_TOKENS, threshold=0.0).answer
+    view = grounder.attention(PHOTO, QUESTION, answer_text)
+    word = len(view.words) - 1  # the answer's last word
+    box = (0, 0, view.image.width / 2, view.image.height)
+    heatmap, words, layer, head, answer, ranking, notice = client.predict(
+        gradio_client.handle_file(PHOTO),
+        QUESTION,
+        answer_text,
+        word,
+        "1",
+        "0",
+        ", ".join(map(str, box)),
+        api_name="/attention",
+    )
+    assert answer == view.answer and [label.split(": ", 1)[1] for label, _ in words["choices"]] == [
+        f"{word.text} ({word.part})" for word in view.words
+    ]
+    assert (layer["value"], head["value"]) == ("1", "0")
+    expected = np.asarray(overlay_heatmap(view.image, view.heatmap(word, layer=1, head=0)), dtype=np.int16)
+    shown = np.asarray(Image.open(heatmap).convert("RGB"), dtype=np.int16)
+    inside_box_outline = np.ones(shown.shape[:2], dtype=bool)
+    inside_box_outline[4:-4, 4 : int(box[2]) - 4] = False  # the box is drawn over the map: leave its edges
+    assert np.abs(shown - expected)[~inside_box_outline].max() <= 1  # rounding under other thread counts
+    ranked = view.rank_region(box)
+    assert [row[0] for row in ranking["data"]] == [index for index, _ in ranked]
+    assert [row[2] for row in ranking["data"]] == pytest.approx([share for _, share in ranked], abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("layer", "box", "message"),
+    [
+        ("99", "", "layer must be 'mean' or a number"),
+        ("mean", "1 2 3", "a box is four numbers"),
+        ("mean", "0 0 5000 10", "reaches outside"),
+    ],
+)
+def test_attention_settings_out_of_range_are_refused(
+    client: gradio_client.Client, layer: str, box: str, message: str
+) -> None:
+    with pytest.raises(gradio_client.exceptions.AppError, match=message):
+        client.predict(
+            gradio_client.handle_file(PHOTO), QUESTION, "", 0, layer, "mean", box, api_name="/attention"
+        )
+
+
 # ---- limits: each refused with a message, the app keeps serving --------------------------------------------
 def broken_upload(tmp_path: Path, kind: str) -> Path:
     if kind == "truncated":
@@ -306,9 +354,11 @@ def browser_page(server: Server) -> Iterator:
 def test_a_person_uploads_a_photo_asks_and_sees_the_answer_and_overlay(
     browser_page, server: Server, grounder: Grounder, tmp_path: Path
 ) -> None:
+    from playwright import sync_api
+
     page = browser_page
     sessions_before = set(server.sessions.iterdir())
-    page.locator("#chat-photo input[type=file]").set_input_files(str(PHOTO))
+    page.locator("#photo input[type=file]").set_input_files(str(PHOTO))
     page.locator("#question textarea").fill(QUESTION)
     page.locator("#ask").click()
     page.locator("#overlay img").wait_for(state="visible", timeout=120_000)
@@ -328,6 +378,27 @@ def test_a_person_uploads_a_photo_asks_and_sees_the_answer_and_overlay(
         "src => document.querySelector('#overlay img').getAttribute('src') !== src", arg=overlay_src
     )
     assert highlights.count() == 0
+
+    # look inside the turn: a word's heat-map, then a box drawn by two clicks ranks the answer's words
+    page.get_by_role("tab", name="Look inside").click()
+    page.get_by_role("button", name="Use the last chat turn").click()
+    page.locator("#look-answer textarea").wait_for(state="visible")
+    page.wait_for_function("() => document.querySelector('#look-answer textarea').value !== ''")
+    page.locator("#look").click()
+    heatmap = page.locator("#heatmap img")
+    heatmap.wait_for(state="visible", timeout=120_000)
+    bounds, first_map = heatmap.bounding_box(), heatmap.get_attribute("src")
+    heatmap.click(position={"x": bounds["width"] * 0.1, "y": bounds["height"] * 0.1})
+    heatmap.click(position={"x": bounds["width"] * 0.6, "y": bounds["height"] * 0.9})
+    page.wait_for_function("() => document.querySelector('#box textarea, #box input').value !== ''")
+    answer_words = expected.answer.split()
+    sync_api.expect(page.locator("#ranking")).to_contain_text(answer_words[0], timeout=60_000)
+    page.wait_for_function(  # the map with the box drawn on it, loaded
+        "src => { const img = document.querySelector('#heatmap img');"
+        " return img.getAttribute('src') !== src && img.complete; }",
+        arg=first_map,
+    )
+    save_screenshot(page, tmp_path, "app_token_heatmap.png")
     (session,) = set(server.sessions.iterdir()) - sessions_before
     page.close()  # the tab closes: its session's files go
     deadline = time.monotonic() + 20

@@ -111,6 +111,25 @@ def legend_entry(index: int, label: str) -> tuple[str, ImageFont.FreeTypeFont | 
     return str(index + 1), fonts[-1]
 
 
+# A heat-map's colours from cold to hot (dark blue, cyan, yellow, red), interpolated linearly between.
+HEAT_COLORS = np.array([(0, 0, 128), (0, 200, 255), (255, 230, 0), (220, 20, 20)], dtype=np.float32)
+
+
+def heat_colors(heat: np.ndarray) -> np.ndarray:
+    """float ``[H, W]`` in [0, 1] -> float32 ``[H, W, 3]`` RGB along ``HEAT_COLORS``."""
+    position = np.clip(heat, 0.0, 1.0) * (len(HEAT_COLORS) - 1)
+    low = np.floor(position).astype(np.int64).clip(max=len(HEAT_COLORS) - 2)
+    part = (position - low)[..., None].astype(np.float32)
+    return (1 - part) * HEAT_COLORS[low] + part * HEAT_COLORS[low + 1]
+
+
+def overlay_heatmap(image: Image.Image, heat: np.ndarray, alpha: float = 0.55) -> Image.Image:
+    """``image`` with ``heat`` (float ``[H, W]`` in [0, 1] at the image's size) blended over it in colour."""
+    canvas = np.asarray(image.convert("RGB"), dtype=np.float32)
+    blended = (1 - alpha) * canvas + alpha * heat_colors(heat)
+    return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
+
+
 def mask_outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
     """Pixels of ``mask`` within ``width`` pixels of its border (bool [H, W])."""
     interior = mask.copy()

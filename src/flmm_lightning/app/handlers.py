@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from flmm_lightning.app.limits import AppInputError, Limits, checked_phrases, checked_question, read_photo
 from flmm_lightning.app.sessions import SessionFolders
@@ -18,8 +18,9 @@ from flmm_lightning.boundaries import ContextOverflowError
 from flmm_lightning.chat import write_turn
 from flmm_lightning.conversation import ChatInputError, GroundedAnswer
 from flmm_lightning.data.images import UnreadableImageError
+from flmm_lightning.inspection import AttentionView
 from flmm_lightning.predict import Grounder, PhraseError
-from flmm_lightning.visualize import object_hex_color, overlay_masks
+from flmm_lightning.visualize import object_hex_color, overlay_heatmap, overlay_masks
 
 # Errors a user fixes by changing the request: shown as the request's error message, the app goes on.
 USER_ERRORS = (AppInputError, UnreadableImageError, ChatInputError, ContextOverflowError, PhraseError)
@@ -31,6 +32,50 @@ def shown_to_user() -> Iterator[None]:
         yield
     except USER_ERRORS as error:
         raise gr.Error(str(error), print_exception=False) from error
+
+
+@dataclass
+class LookSession:
+    """The attention read last (question, answer and photo it was read for), reused for other words,
+    layers, heads and boxes."""
+
+    key: tuple[str, str, str]
+    view: AttentionView
+    notice: str
+
+    def holds(self, key: tuple[str, str, str]) -> bool:
+        """Whether this is the read ``key`` asks for (the answer the LMM gave counts as given)."""
+        return key == self.key or key == (*self.key[:2], self.view.answer.strip())
+
+
+def parse_box(text: str | None) -> tuple[float, ...] | None:
+    """``"x0, y0, x1, y1"`` (commas or spaces) -> four numbers; blank -> None."""
+    if not (text or "").strip():
+        return None
+    try:
+        box = tuple(float(value) for value in text.replace(",", " ").split())
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise AppInputError(f"a box is four numbers x0, y0, x1, y1 (pixels), got {text!r}")
+    return box
+
+
+def parse_index(text: str | int | None, name: str, count: int) -> int | None:
+    """``"mean"`` (or blank) -> None, else an index in ``[0, count)``."""
+    if text is None or str(text).strip() in ("", "mean"):
+        return None
+    try:
+        index = int(str(text).strip())
+    except ValueError:
+        index = -1
+    if not 0 <= index < count:
+        raise AppInputError(f"{name} must be 'mean' or a number from 0 to {count - 1}, got {text!r}")
+    return index
+
+
+def word_choices(view: AttentionView) -> list[tuple[str, int]]:
+    return [(f"{k}: {word.text} ({word.part})", k) for k, word in enumerate(view.words)]
 
 
 @dataclass
@@ -69,6 +114,22 @@ def chat_messages(session: ChatSession | None) -> list[dict[str, str]]:
             {"role": "assistant", "content": turn.answer},
         ]
     return messages
+
+
+def last_turn_texts(session: ChatSession | None) -> tuple[str, str]:
+    """The question and answer of the chat's last turn (to look inside it)."""
+    if session is None or not session.turns:
+        raise gr.Error("ask something in the Chat tab first", print_exception=False)
+    return session.turns[-1].question, session.turns[-1].answer
+
+
+def pick_corner(corner: list[float] | None, event: gr.SelectData) -> tuple[Any, Any]:
+    """A click on the heat-map: the first marks a corner, the second the opposite one (the box)."""
+    x, y = (float(value) for value in event.index)
+    if corner is None:
+        return [x, y], gr.skip()
+    (x0, x1), (y0, y1) = sorted((corner[0], x)), sorted((corner[1], y))
+    return None, f"{x0:g}, {y0:g}, {x1:g}, {y1:g}"
 
 
 def notify(notice: str) -> None:
@@ -174,6 +235,63 @@ class AppService:
             for k, record in enumerate(records)
         ]
         return str(overlay_path), rows, [str(overlay_path), str(json_path)], notice
+
+    def attention(
+        self,
+        photo: str | None,
+        question: str,
+        answer: str,
+        word: int | None,
+        layer: str,
+        head: str,
+        box: str,
+        session: LookSession | None,
+        request: gr.Request,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008
+    ) -> tuple[Any, ...]:
+        """``word``'s attention heat-map over the photo (mean or one layer / head) and, given a box, the
+        answer's words ranked by the share of their attention inside it. The attention is read once per
+        photo, question and answer (an empty answer: the LMM answers first)."""
+        with shown_to_user():
+            key = (str(photo), checked_question(question, self.limits), (answer or "").strip())
+            if len(key[2]) > self.limits.max_question_chars:
+                raise AppInputError(f"the answer is longer than {self.limits.max_question_chars} characters")
+            if session is None or not session.holds(key):
+                image, notice = read_photo(photo, self.limits)
+                notify(notice)
+                progress(0.1, desc="Reading the LMM's attention…")
+                view = self.grounder.attention(image, key[1], key[2] or None, **self.generation)
+                session = LookSession(key, view, notice)
+            view = session.view
+            word = 0 if word is None else int(word)
+            if not 0 <= word < len(view.words):
+                raise AppInputError(f"word must be a number from 0 to {len(view.words) - 1}, got {word}")
+            layer_index = parse_index(layer, "layer", view.num_layers)
+            head_index = parse_index(head, "head", view.num_heads)
+            region = parse_box(box)
+            try:
+                ranked = view.rank_region(region) if region is not None else []
+            except ValueError as error:
+                raise AppInputError(str(error)) from error
+        heat = overlay_heatmap(view.image, view.heatmap(word, layer_index, head_index))
+        if region is not None:
+            ImageDraw.Draw(heat).rectangle(region, outline=(255, 255, 255), width=3)
+        folder = self.folders.folder(request.session_hash)
+        path = folder / f"attention_{len(list(folder.glob('attention_*.png'))) + 1:03d}.png"
+        heat.save(path)
+        ranking = [[k, view.words[k].text, round(share, 4)] for k, share in ranked]
+        layers = ["mean", *map(str, range(view.num_layers))]
+        heads = ["mean", *map(str, range(view.num_heads))]
+        return (
+            session,
+            str(path),
+            gr.Dropdown(choices=word_choices(view), value=word),
+            gr.Dropdown(choices=layers, value=layers[0 if layer_index is None else layer_index + 1]),
+            gr.Dropdown(choices=heads, value=heads[0 if head_index is None else head_index + 1]),
+            view.answer,
+            ranking,
+            session.notice,
+        )
 
     def close_session(self, request: gr.Request) -> None:
         """Removes what the session wrote (its tab closed)."""

@@ -1,26 +1,26 @@
-"""The page: a Chat tab and a Ground tab, each wired to one named API endpoint (``/chat``, ``/ground``)."""
+"""The page: one photo for three tabs (Chat, Ground, Look inside), each wired to one named API endpoint
+(``/chat``, ``/ground``, ``/attention``)."""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from flmm_lightning.app.handlers import AppService
+from flmm_lightning.app.handlers import AppService, last_turn_texts, pick_corner
 from flmm_lightning.conversation import SELECTORS
 from flmm_lightning.selection import KEYWORD_THRESHOLD
 
 INTRO = (
     "## flmm-lightning\nAsk about a photo: the frozen LMM answers, and the phrases of its answer that name "
-    "things in the photo are segmented, each in its own colour."
+    "things in the photo are segmented, each in its own colour. *Look inside* shows where each word looks."
 )
 PHOTO_TYPES = ["image"]
 DOWNLOADS = "Downloads (overlay PNG, JSON)"
+RANKING = "Answer words by their attention's share in the box"
 
 
-def chat_tab(service: AppService) -> None:
-    session = gr.State(None)
+def chat_tab(service: AppService, photo: gr.File, session: gr.State) -> None:
     with gr.Row():
         with gr.Column():
-            photo = gr.File(label="Photo", file_types=PHOTO_TYPES, elem_id="chat-photo")
             question = gr.Textbox(label="Question", placeholder="What is in the photo?", elem_id="question")
             with gr.Accordion("Phrase selection", open=False):
                 default = "keywords" if service.has_keyword_selector else "lmm"
@@ -34,9 +34,7 @@ def chat_tab(service: AppService) -> None:
             shown = gr.CheckboxGroup(label="Phrases shown", choices=[], elem_id="shown")
             overlay = gr.Image(label="Overlay", type="filepath", interactive=False, elem_id="overlay")
             notice = gr.Markdown(elem_id="notice")
-            downloads = gr.File(
-                label="Downloads (overlay PNG, JSON)", file_count="multiple", interactive=False
-            )
+            downloads = gr.File(label=DOWNLOADS, file_count="multiple", interactive=False)
     outputs = [session, history, answer, overlay, shown, downloads, notice]
     inputs = [photo, question, selector, threshold, phrases, session]
     ask.click(service.chat, inputs, outputs, api_name="chat")
@@ -45,10 +43,9 @@ def chat_tab(service: AppService) -> None:
     photo.change(lambda: (None, [], None, None), None, [session, history, answer, overlay], queue=False)
 
 
-def ground_tab(service: AppService) -> None:
+def ground_tab(service: AppService, photo: gr.File) -> None:
     with gr.Row():
         with gr.Column():
-            photo = gr.File(label="Photo", file_types=PHOTO_TYPES)
             phrases = gr.Textbox(label="Phrases (one per line)", lines=4, placeholder="a man\nthe ball")
             run = gr.Button("Ground", variant="primary")
         with gr.Column():
@@ -57,10 +54,45 @@ def ground_tab(service: AppService) -> None:
                 headers=["#", "phrase", "x0", "y0", "x1", "y1", "area (px)"], interactive=False, label="Boxes"
             )
             notice = gr.Markdown()
-            downloads = gr.File(
-                label="Downloads (overlay PNG, JSON)", file_count="multiple", interactive=False
-            )
+            downloads = gr.File(label=DOWNLOADS, file_count="multiple", interactive=False)
     run.click(service.ground, [photo, phrases], [overlay, table, downloads, notice], api_name="ground")
+
+
+def look_inside_tab(service: AppService, photo: gr.File, chat_session: gr.State) -> None:
+    session, corner = gr.State(None), gr.State(None)
+    with gr.Row():
+        with gr.Column():
+            question = gr.Textbox(label="Question", elem_id="look-question")
+            answer = gr.Textbox(label="Answer (empty: the LMM answers)", lines=2, elem_id="look-answer")
+            with gr.Row():
+                from_chat = gr.Button("Use the last chat turn")
+                look = gr.Button("Look", variant="primary", elem_id="look")
+            # the choices come with each read; the API may name any word, layer or head (checked there)
+            word = gr.Dropdown(label="Word", choices=[], value=None, allow_custom_value=True, elem_id="word")
+            with gr.Row():
+                layer = gr.Dropdown(label="Layer", choices=["mean"], value="mean", allow_custom_value=True)
+                head = gr.Dropdown(label="Head", choices=["mean"], value="mean", allow_custom_value=True)
+            box = gr.Textbox(
+                label="Box x0, y0, x1, y1 (pixels; or click two corners on the heat-map)", elem_id="box"
+            )
+            ranking = gr.Dataframe(
+                headers=["word", "text", "share in box"], interactive=False, label=RANKING, elem_id="ranking"
+            )
+        with gr.Column():
+            heatmap = gr.Image(label="Attention", type="filepath", interactive=False, elem_id="heatmap")
+            notice = gr.Markdown()
+    inputs = [photo, question, answer, word, layer, head, box, session]
+    outputs = [session, heatmap, word, layer, head, answer, ranking, notice]
+    look.click(service.attention, inputs, outputs, api_name="attention")
+    for control in (word, layer, head):
+        control.input(service.attention, inputs, outputs, api_visibility="private")
+    box.submit(service.attention, inputs, outputs, api_visibility="private")
+    heatmap.select(pick_corner, corner, [corner, box], api_visibility="private").then(
+        service.attention, inputs, outputs, api_visibility="private"
+    )
+    from_chat.click(last_turn_texts, chat_session, [question, answer], api_visibility="private")
+    for text in (question, answer):
+        text.input(lambda: None, None, word, queue=False, api_visibility="private")
 
 
 def build_app(service: AppService, upload_ttl_s: int = 900) -> gr.Blocks:
@@ -71,9 +103,13 @@ def build_app(service: AppService, upload_ttl_s: int = 900) -> gr.Blocks:
     gr.set_static_paths([str(service.folders.sessions)])
     with gr.Blocks(title="flmm-lightning", analytics_enabled=False, delete_cache=cleaning) as app:
         gr.Markdown(INTRO)
+        photo = gr.File(label="Photo", file_types=PHOTO_TYPES, elem_id="photo")
+        chat_session = gr.State(None)
         with gr.Tab("Chat"):
-            chat_tab(service)
+            chat_tab(service, photo, chat_session)
         with gr.Tab("Ground"):
-            ground_tab(service)
+            ground_tab(service, photo)
+        with gr.Tab("Look inside", elem_id="look-inside-tab"):
+            look_inside_tab(service, photo, chat_session)
         app.unload(service.close_session)
     return app
