@@ -16,6 +16,9 @@ INTRO = (
 PHOTO_TYPES = ["image"]
 DOWNLOADS = "Downloads (overlay PNG, JSON)"
 RANKING = "Answer words by their attention's share in the box"
+# Every request that runs the model waits in one queue: one model per process, and Gradio's concurrency
+# limit (queue.concurrency) counts per event unless events share an id.
+MODEL = {"concurrency_id": "model"}
 
 
 def chat_tab(service: AppService, photo: gr.File, session: gr.State) -> None:
@@ -37,8 +40,8 @@ def chat_tab(service: AppService, photo: gr.File, session: gr.State) -> None:
             downloads = gr.File(label=DOWNLOADS, file_count="multiple", interactive=False)
     outputs = [session, history, answer, overlay, shown, downloads, notice]
     inputs = [photo, question, selector, threshold, phrases, session]
-    ask.click(service.chat, inputs, outputs, api_name="chat")
-    question.submit(service.chat, inputs, outputs, api_visibility="private")
+    ask.click(service.chat, inputs, outputs, api_name="chat", **MODEL)
+    question.submit(service.chat, inputs, outputs, api_visibility="private", **MODEL)
     shown.input(service.show_phrases, [shown, session], [answer, overlay], api_visibility="private")
     photo.change(lambda: (None, [], None, None), None, [session, history, answer, overlay], queue=False)
 
@@ -55,7 +58,8 @@ def ground_tab(service: AppService, photo: gr.File) -> None:
             )
             notice = gr.Markdown()
             downloads = gr.File(label=DOWNLOADS, file_count="multiple", interactive=False)
-    run.click(service.ground, [photo, phrases], [overlay, table, downloads, notice], api_name="ground")
+    outputs = [overlay, table, downloads, notice]
+    run.click(service.ground, [photo, phrases], outputs, api_name="ground", **MODEL)
 
 
 def look_inside_tab(service: AppService, photo: gr.File, chat_session: gr.State) -> None:
@@ -83,12 +87,12 @@ def look_inside_tab(service: AppService, photo: gr.File, chat_session: gr.State)
             notice = gr.Markdown()
     inputs = [photo, question, answer, word, layer, head, box, session]
     outputs = [session, heatmap, word, layer, head, answer, ranking, notice]
-    look.click(service.attention, inputs, outputs, api_name="attention")
+    look.click(service.attention, inputs, outputs, api_name="attention", **MODEL)
     for control in (word, layer, head):
-        control.input(service.attention, inputs, outputs, api_visibility="private")
-    box.submit(service.attention, inputs, outputs, api_visibility="private")
+        control.input(service.attention, inputs, outputs, api_visibility="private", **MODEL)
+    box.submit(service.attention, inputs, outputs, api_visibility="private", **MODEL)
     heatmap.select(pick_corner, corner, [corner, box], api_visibility="private").then(
-        service.attention, inputs, outputs, api_visibility="private"
+        service.attention, inputs, outputs, api_visibility="private", **MODEL
     )
     from_chat.click(last_turn_texts, chat_session, [question, answer], api_visibility="private")
     for text in (question, answer):
