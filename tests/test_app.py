@@ -264,19 +264,20 @@ def test_attention_shows_a_words_heatmap_and_ranks_the_answers_words_in_a_box(
 
 
 @pytest.mark.parametrize(
-    ("layer", "box", "message"),
+    ("word", "layer", "box", "message"),
     [
-        ("99", "", "layer must be 'mean' or a number"),
-        ("mean", "1 2 3", "a box is four numbers"),
-        ("mean", "0 0 5000 10", "reaches outside"),
+        (999, "mean", "", "word must be a number from 0"),
+        (0, "99", "", "layer must be 'mean' or a number"),
+        (0, "mean", "1 2 3", "a box is four numbers"),
+        (0, "mean", "0 0 5000 10", "reaches outside"),
     ],
 )
 def test_attention_settings_out_of_range_are_refused(
-    client: gradio_client.Client, layer: str, box: str, message: str
+    client: gradio_client.Client, word: int, layer: str, box: str, message: str
 ) -> None:
     with pytest.raises(gradio_client.exceptions.AppError, match=message):
         client.predict(
-            gradio_client.handle_file(PHOTO), QUESTION, "", 0, layer, "mean", box, api_name="/attention"
+            gradio_client.handle_file(PHOTO), QUESTION, "", word, layer, "mean", box, api_name="/attention"
         )
 
 

@@ -61,16 +61,17 @@ def parse_box(text: str | None) -> tuple[float, ...] | None:
     return box
 
 
-def parse_index(text: str | int | None, name: str, count: int) -> int | None:
-    """``"mean"`` (or blank) -> None, else an index in ``[0, count)``."""
-    if text is None or str(text).strip() in ("", "mean"):
+def parse_index(text: str | int | None, name: str, count: int, mean: bool = True) -> int | None:
+    """An index in ``[0, count)``; ``"mean"`` (where ``mean``) or blank -> None."""
+    if text is None or str(text).strip() in ("", "mean" if mean else ""):
         return None
     try:
         index = int(str(text).strip())
     except ValueError:
         index = -1
     if not 0 <= index < count:
-        raise AppInputError(f"{name} must be 'mean' or a number from 0 to {count - 1}, got {text!r}")
+        allowed = f"'mean' or a number from 0 to {count - 1}" if mean else f"a number from 0 to {count - 1}"
+        raise AppInputError(f"{name} must be {allowed}, got {text!r}")
     return index
 
 
@@ -241,7 +242,7 @@ class AppService:
         photo: str | None,
         question: str,
         answer: str,
-        word: int | None,
+        word: int | str | None,
         layer: str,
         head: str,
         box: str,
@@ -263,9 +264,7 @@ class AppService:
                 view = self.grounder.attention(image, key[1], key[2] or None, **self.generation)
                 session = LookSession(key, view, notice)
             view = session.view
-            word = 0 if word is None else int(word)
-            if not 0 <= word < len(view.words):
-                raise AppInputError(f"word must be a number from 0 to {len(view.words) - 1}, got {word}")
+            word = parse_index(word, "word", len(view.words), mean=False) or 0
             layer_index = parse_index(layer, "layer", view.num_layers)
             head_index = parse_index(head, "head", view.num_heads)
             region = parse_box(box)
