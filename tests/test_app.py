@@ -180,6 +180,22 @@ def test_chat_answers_as_the_grounder_does_with_coloured_phrases_overlay_and_jso
     )
     assert highlighted_text(answer) == second.answer
     assert [message["role"] for message in history] == ["user", "assistant"] * 2
+
+    # looking inside the last turn reads it with the first turn as history, as it was answered
+    view = grounder.attention(PHOTO, "And what else?", second.answer.strip(), history=[expected])
+    word = len(view.words) - 1
+    heatmap, *_ = client.predict(
+        gradio_client.handle_file(PHOTO),
+        "And what else?",
+        second.answer,
+        word,
+        "mean",
+        "mean",
+        "",
+        api_name="/attention",
+    )
+    expected_map = np.asarray(overlay_heatmap(view.image, view.heatmap(word)), dtype=np.int16)
+    assert np.abs(np.asarray(Image.open(heatmap).convert("RGB"), dtype=np.int16) - expected_map).max() <= 1
     client.close()
 
 

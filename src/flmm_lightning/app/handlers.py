@@ -39,13 +39,14 @@ class LookSession:
     """The attention read last (question, answer and photo it was read for), reused for other words,
     layers, heads and boxes."""
 
-    key: tuple[str, str, str]
+    key: tuple[str, str, str, int]  # photo, question, answer ("": the LMM's), earlier turns in the prompt
     view: AttentionView
     notice: str
 
-    def holds(self, key: tuple[str, str, str]) -> bool:
+    def holds(self, key: tuple[str, str, str, int]) -> bool:
         """Whether this is the read ``key`` asks for (the answer the LMM gave counts as given)."""
-        return key == self.key or key == (*self.key[:2], self.view.answer.strip())
+        photo, question, _, turns = self.key
+        return key in (self.key, (photo, question, self.view.answer.strip(), turns))
 
 
 def parse_box(text: str | None) -> tuple[float, ...] | None:
@@ -73,6 +74,15 @@ def parse_index(text: str | int | None, name: str, count: int, mean: bool = True
         allowed = f"'mean' or a number from 0 to {count - 1}" if mean else f"a number from 0 to {count - 1}"
         raise AppInputError(f"{name} must be {allowed}, got {text!r}")
     return index
+
+
+def chat_history(chat: ChatSession | None, photo: str, question: str, answer: str) -> list[GroundedAnswer]:
+    """The earlier chat turns when ``question`` and ``answer`` are the chat's last turn about ``photo``
+    (so that the turn is read with the prompt it was answered with), else none."""
+    if chat is None or not chat.turns or chat.photo != photo:
+        return []
+    last = chat.turns[-1]
+    return chat.turns[:-1] if (last.question.strip(), last.answer.strip()) == (question, answer) else []
 
 
 def word_choices(view: AttentionView) -> list[tuple[str, int]]:
@@ -247,21 +257,26 @@ class AppService:
         head: str,
         box: str,
         session: LookSession | None,
+        chat: ChatSession | None,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008
     ) -> tuple[Any, ...]:
         """``word``'s attention heat-map over the photo (mean or one layer / head) and, given a box, the
         answer's words ranked by the share of their attention inside it. The attention is read once per
-        photo, question and answer (an empty answer: the LMM answers first)."""
+        photo, question and answer (an empty answer: the LMM answers first); the chat's last turn is read
+        with the chat's earlier turns as history."""
         with shown_to_user():
-            key = (str(photo), checked_question(question, self.limits), (answer or "").strip())
-            if len(key[2]) > self.limits.max_question_chars:
+            question = checked_question(question, self.limits)
+            answer = (answer or "").strip()
+            if len(answer) > self.limits.max_question_chars:
                 raise AppInputError(f"the answer is longer than {self.limits.max_question_chars} characters")
+            history = chat_history(chat, str(photo), question, answer)
+            key = (str(photo), question, answer, len(history))
             if session is None or not session.holds(key):
                 image, notice = read_photo(photo, self.limits)
                 notify(notice)
                 progress(0.1, desc="Reading the LMM's attention…")
-                view = self.grounder.attention(image, key[1], key[2] or None, **self.generation)
+                view = self.grounder.attention(image, question, answer or None, history, **self.generation)
                 session = LookSession(key, view, notice)
             view = session.view
             word = parse_index(word, "word", len(view.words), mean=False) or 0

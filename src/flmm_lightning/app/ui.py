@@ -85,7 +85,7 @@ def look_inside_tab(service: AppService, photo: gr.File, chat_session: gr.State)
         with gr.Column():
             heatmap = gr.Image(label="Attention", type="filepath", interactive=False, elem_id="heatmap")
             notice = gr.Markdown()
-    inputs = [photo, question, answer, word, layer, head, box, session]
+    inputs = [photo, question, answer, word, layer, head, box, session, chat_session]
     outputs = [session, heatmap, word, layer, head, answer, ranking, notice]
     look.click(service.attention, inputs, outputs, api_name="attention", **MODEL)
     for control in (word, layer, head):
