@@ -53,6 +53,14 @@ class Server:
         (root,) = self.temp_dir.glob("flmm_app_*")
         return root / "sessions"
 
+    def connect(self) -> gradio_client.Client:
+        """A new API session; what it downloads stays in the test's temporary folder."""
+        return gradio_client.Client(self.url, verbose=False, download_files=str(self.downloads))
+
+    @property
+    def downloads(self) -> Path:
+        return self.temp_dir.parent / f"{self.temp_dir.name}_downloads"
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -111,7 +119,7 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> Iterator[gradio_client.Client]:
-    client = gradio_client.Client(server.url, verbose=False)
+    client = server.connect()
     yield client
     client.close()
 
@@ -155,7 +163,7 @@ def test_app_serves_its_page_soon(server: Server) -> None:
 def test_chat_answers_as_the_grounder_does_with_coloured_phrases_overlay_and_json(
     server: Server, grounder: Grounder
 ) -> None:
-    client = gradio_client.Client(server.url, verbose=False)
+    client = server.connect()
     history, answer, overlay, shown, downloads, notice = chat(client, PHOTO)
     expected = grounder.chat(PHOTO, QUESTION, threshold=0.0, max_new_tokens=MAX_NEW_TOKENS)
     assert highlighted_text(answer) == expected.answer and notice == ""
@@ -355,7 +363,7 @@ def test_a_photo_above_the_pixel_limit_is_downscaled_with_a_notice(
 
 # ---- per-session files -------------------------------------------------------------------------------------
 def test_a_closed_session_leaves_no_files(server: Server) -> None:
-    client = gradio_client.Client(server.url, verbose=False)
+    client = server.connect()
     client.predict(gradio_client.handle_file(PHOTO), "a man", api_name="/ground")
     folder = server.sessions / client.session_hash
     assert sorted(path.suffix for path in folder.iterdir()) == [".json", ".png"]
