@@ -362,17 +362,19 @@ def test_a_photo_above_the_pixel_limit_is_downscaled_with_a_notice(
 
 
 # ---- per-session files -------------------------------------------------------------------------------------
-def test_a_closed_session_leaves_no_files(server: Server) -> None:
+def test_a_closed_session_leaves_no_files(server: Server, tmp_path: Path) -> None:
+    photo = tmp_path / "session_photo.png"  # content no other test sends: its cached upload is this session's
+    Image.open(PHOTO).rotate(180).save(photo)
     client = server.connect()
-    client.predict(gradio_client.handle_file(PHOTO), "a man", api_name="/ground")
+    client.predict(gradio_client.handle_file(photo), "a man", api_name="/ground")
     folder = server.sessions / client.session_hash
     assert sorted(path.suffix for path in folder.iterdir()) == [".json", ".png"]
+    (upload,) = (server.sessions.parent / "uploads").glob(f"*/{photo.name}")
     client.close()
     deadline = time.monotonic() + 20
-    while folder.exists() and time.monotonic() < deadline:
+    while (folder.exists() or upload.exists()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not folder.exists()
-    assert server.sessions.parent.parent == server.temp_dir  # nothing outside the app's own folder
+    assert not folder.exists() and not upload.exists()
 
 
 # ---- a real browser ----------------------------------------------------------------------------------------

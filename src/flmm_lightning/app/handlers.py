@@ -175,6 +175,7 @@ class AppService:
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's way of asking for a progress bar)
     ) -> tuple[Any, ...]:
         """One turn about ``photo``; the earlier turns about the same photo are its history."""
+        self.folders.note_upload(request.session_hash, photo)
         with shown_to_user():
             question = checked_question(question, self.limits)
             given = checked_phrases(phrases, self.limits) if selector == "given" else None
@@ -228,6 +229,7 @@ class AppService:
         progress: gr.Progress = gr.Progress(),  # noqa: B008
     ) -> tuple[Any, ...]:
         """Masks, boxes and areas of the typed phrases (referring segmentation)."""
+        self.folders.note_upload(request.session_hash, photo)
         with shown_to_user():
             phrases = checked_phrases(phrases, self.limits)
             image, notice = read_photo(photo, self.limits)
@@ -265,6 +267,7 @@ class AppService:
         answer's words ranked by the share of their attention inside it. The attention is read once per
         photo, question and answer (an empty answer: the LMM answers first); the chat's last turn is read
         with the chat's earlier turns as history."""
+        self.folders.note_upload(request.session_hash, photo)
         with shown_to_user():
             question = checked_question(question, self.limits)
             answer = (answer or "").strip()
@@ -308,5 +311,5 @@ class AppService:
         )
 
     def close_session(self, request: gr.Request) -> None:
-        """Removes what the session wrote (its tab closed)."""
+        """Removes what the session sent and what was written for it (its tab closed)."""
         self.folders.close(request.session_hash)
