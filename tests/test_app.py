@@ -217,16 +217,6 @@ def test_given_phrases_are_the_ones_highlighted(client: gradio_client.Client, gr
     assert highlighted_text(answer) == answer_text and labelled == [phrase]
 
 
-def test_a_model_override_is_refused_before_anything_loads(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "flmm_lightning.app", "ckpt=missing.ckpt", "model=llava_1_5_7b"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode != 0 and "app takes no model override" in result.stderr
-
-
 def test_ground_returns_masks_with_their_boxes(client: gradio_client.Client, grounder: Grounder) -> None:
     phrases = ["a man", "the ball"]
     overlay, table, downloads, notice = client.predict(
