@@ -10,7 +10,7 @@ export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 export MALLOC_TOP_PAD_ := 536870912
 
-.PHONY: setup demo test lint bench dist clean
+.PHONY: setup demo app test lint bench dist clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -22,6 +22,12 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(PY) -m flmm_lightning.train +experiment=demo
+
+# The web app over the demo checkpoint (http://127.0.0.1:7860; conf/app.yaml)
+DEMO_CKPT := outputs/demo/latest/checkpoints/last.ckpt
+app: setup
+	@test -f $(DEMO_CKPT) || { echo "no demo checkpoint at $(DEMO_CKPT): run \`make demo\` first"; exit 1; }
+	$(PY) -m flmm_lightning.app ckpt=$(DEMO_CKPT)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -120,7 +120,7 @@ def test_wheel_ships_the_configs_and_the_console_scripts(installed: Installed) -
     shipped = {name.removeprefix("flmm_lightning/conf/") for name in names if name.endswith(".yaml")}
     expected = {str(path.relative_to(REPO / "conf")) for path in (REPO / "conf").rglob("*.yaml")}
     assert shipped == expected
-    for script in ("flmm-train", "flmm-eval", "flmm-predict", "flmm-chat"):
+    for script in ("flmm-train", "flmm-eval", "flmm-predict", "flmm-chat", "flmm-app"):
         assert installed.bin(script).is_file(), script
 
 

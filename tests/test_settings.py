@@ -14,6 +14,7 @@ from test_entrypoints import run_overrides
 from flmm_lightning import chat as chat_entry
 from flmm_lightning import eval as eval_entry
 from flmm_lightning import predict as predict_entry
+from flmm_lightning.app import __main__ as app_entry
 from flmm_lightning.builders import ConfigError
 from flmm_lightning.eval import evaluate
 from flmm_lightning.train import train
@@ -60,7 +61,9 @@ def test_unknown_eval_stage_is_refused(compose_config: Callable[..., DictConfig]
 
 
 @pytest.mark.parametrize("override", ["model=tiny_llava", "+model=tiny_llava", "sam=tiny", "+module.lr=1"])
-@pytest.mark.parametrize("entry", [eval_entry, predict_entry, chat_entry], ids=["eval", "predict", "chat"])
+@pytest.mark.parametrize(
+    "entry", [eval_entry, predict_entry, chat_entry, app_entry], ids=["eval", "predict", "chat", "app"]
+)
 def test_the_cli_refuses_model_overrides(
     entry, override: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,20 +27,32 @@ def object_color(index: int) -> tuple[int, int, int]:
     return PALETTE[index % len(PALETTE)]
 
 
+def object_hex_color(index: int) -> str:
+    """``object_color`` as CSS writes it (``#rrggbb``)."""
+    return "#{:02x}{:02x}{:02x}".format(*object_color(index))
+
+
 def overlay_masks(
-    image: Image.Image, masks: torch.Tensor, labels: list[str], alpha: float = 0.5
+    image: Image.Image,
+    masks: torch.Tensor,
+    labels: list[str],
+    alpha: float = 0.5,
+    color_indices: Sequence[int] | None = None,
 ) -> Image.Image:
-    """``masks``: bool [n, H, W] at the image's size. Returns the image with tinted masks and a legend."""
+    """``masks``: bool [n, H, W] at the image's size. Returns the image with tinted masks and a legend.
+    ``color_indices``: each mask's palette index and legend number (default 0..n-1), so that a subset of
+    objects keeps the colours and numbers it has when all are shown."""
+    indices = range(max(len(masks), len(labels))) if color_indices is None else list(color_indices)
     canvas = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
-    for index, mask in enumerate(masks.cpu().numpy().astype(bool)):
+    for index, mask in zip(indices, masks.cpu().numpy().astype(bool), strict=False):
         color = np.asarray(object_color(index), dtype=np.float32)
         canvas[mask] = (1 - alpha) * canvas[mask] + alpha * color
         # A solid outline keeps the mask readable where its tint blends with the object's own colour.
         canvas[mask_outline(mask)] = color
     result = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(result)
-    for index, label in enumerate(labels):
-        top = 4 + 14 * index
+    for row, (index, label) in enumerate(zip(indices, labels, strict=False)):
+        top = 4 + 14 * row
         draw.rectangle([4, top, 14, top + 10], fill=object_color(index))
         text, font = legend_entry(index, label)
         draw.text((18, top - 1), text, font=font, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
@@ -96,6 +109,25 @@ def legend_entry(index: int, label: str) -> tuple[str, ImageFont.FreeTypeFont | 
         if draws_all(font, text):
             return text, font
     return str(index + 1), fonts[-1]
+
+
+# A heat-map's colours from cold to hot (dark blue, cyan, yellow, red), interpolated linearly between.
+HEAT_COLORS = np.array([(0, 0, 128), (0, 200, 255), (255, 230, 0), (220, 20, 20)], dtype=np.float32)
+
+
+def heat_colors(heat: np.ndarray) -> np.ndarray:
+    """float ``[H, W]`` in [0, 1] -> float32 ``[H, W, 3]`` RGB along ``HEAT_COLORS``."""
+    position = np.clip(heat, 0.0, 1.0) * (len(HEAT_COLORS) - 1)
+    low = np.floor(position).astype(np.int64).clip(max=len(HEAT_COLORS) - 2)
+    part = (position - low)[..., None].astype(np.float32)
+    return (1 - part) * HEAT_COLORS[low] + part * HEAT_COLORS[low + 1]
+
+
+def overlay_heatmap(image: Image.Image, heat: np.ndarray, alpha: float = 0.55) -> Image.Image:
+    """``image`` with ``heat`` (float ``[H, W]`` in [0, 1] at the image's size) blended over it in colour."""
+    canvas = np.asarray(image.convert("RGB"), dtype=np.float32)
+    blended = (1 - alpha) * canvas + alpha * heat_colors(heat)
+    return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
 
 
 def mask_outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
