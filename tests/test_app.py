@@ -202,12 +202,15 @@ def test_ground_returns_masks_with_their_boxes(client: gradio_client.Client, gro
     (json_file,) = [path for path in downloads if path.endswith(".json")]
     objects = json.loads(Path(json_file).read_text())["objects"]
     assert [row[1] for row in table["data"]] == [record["phrase"] for record in objects] == phrases
-    for row, record, mask in zip(table["data"], objects, expected.masks, strict=True):
+    for row, record, mask, score in zip(table["data"], objects, expected.masks, expected.scores, strict=True):
         decoded = mask_utils.decode(record["segmentation"]).astype(bool)
         assert np.array_equal(decoded, mask.numpy()) and row[-1] == decoded.sum()
+        assert record["mask_score"] == pytest.approx(float(score)) and row[2] == pytest.approx(
+            float(score), abs=1e-3
+        )
         if decoded.any():
             ys, xs = np.nonzero(decoded)
-            assert row[2:6] == [xs.min(), ys.min(), xs.max(), ys.max()]
+            assert row[3:7] == [xs.min(), ys.min(), xs.max(), ys.max()]
 
 
 def test_a_sideways_phone_photo_is_grounded_upright(client: gradio_client.Client, tmp_path: Path) -> None:

@@ -82,6 +82,7 @@ def test_one_question_writes_overlay_and_json_of_the_grounded_phrases(
         start, end = entry["char_span"]
         assert record["answer"][start:end] == entry["text"] == phrase.text
         assert entry["score"] == pytest.approx(phrase.score)
+        assert entry["mask_score"] == pytest.approx(phrase.mask_score)
         rle = {"size": entry["segmentation"]["size"], "counts": entry["segmentation"]["counts"].encode()}
         assert np.array_equal(mask_utils.decode(rle).astype(bool), phrase.mask.numpy())
         assert entry["bbox_xyxy"] == (list(phrase.box) if phrase.box else [-1.0] * 4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from pycocotools import mask as mask_utils
 from flmm_lightning.builders import build_module, run_config
 from flmm_lightning.data import RefCocoDataset
 from flmm_lightning.data.images import UnreadableImageError, as_displayed, load_photo, to_rgb
+from flmm_lightning.masks import mask_scores
 from flmm_lightning.predict import Grounder, PhraseError, main, phrase_list, predict
 from flmm_lightning.visualize import legend_entry, overlay_masks
 
@@ -307,3 +309,11 @@ def test_overlay_with_non_latin_phrases_keeps_the_image_size(fixtures_dir: Path)
     masks[0, :10, :10] = True
     overlay = overlay_masks(as_displayed(image), masks, ["红色的汽车", "the dog 🐶", "Жёлтый автобус"])
     assert overlay.size == image.size and overlay.mode == "RGB"
+
+
+def test_a_mask_score_is_the_mean_probability_over_its_pixels() -> None:
+    logits = torch.tensor([[[0.0, 2.0], [-1.0, 4.0]], [[-3.0, -3.0], [-3.0, -3.0]]])  # [2, 2, 2]
+    masks = logits > 0
+    probability = [1 / (1 + math.exp(-value)) for value in (2.0, 4.0)]
+    expected = [sum(probability) / 2, 0.0]  # the second mask is empty
+    assert mask_scores(logits, masks).tolist() == pytest.approx(expected)

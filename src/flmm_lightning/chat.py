@@ -44,7 +44,8 @@ TURN_ERRORS = (ChatInputError, ContextOverflowError, PhraseError)
 
 def turn_record(turn: GroundedAnswer) -> dict[str, Any]:
     """The JSON of a turn: question, answer and per phrase ``predict``'s record of its mask (COCO RLE at the
-    image's size, inclusive box, area) with the phrase's text, character span, token span and score."""
+    image's size, inclusive box, area, mask score) with the phrase's text, character and token spans and
+    selector score."""
     boxes = torch.tensor([phrase.box or (-1.0,) * 4 for phrase in turn.phrases]).reshape(-1, 4)
     maps = [phrase.attention_map for phrase in turn.phrases]
     grounding = Grounding(
@@ -53,6 +54,7 @@ def turn_record(turn: GroundedAnswer) -> dict[str, Any]:
         boxes,
         torch.stack(maps) if maps else torch.zeros(0),
         turn.image,
+        torch.tensor([phrase.mask_score for phrase in turn.phrases]),
     )
     phrases = []
     for phrase, record in zip(turn.phrases, grounding.to_json(), strict=True):

@@ -25,6 +25,7 @@ from flmm_lightning.data.images import sam_input_image
 from flmm_lightning.data.reasonseg import ANSWER_PREFIX, reasoning_prompt
 from flmm_lightning.heads.sam_refiner import binarize_coarse
 from flmm_lightning.lmm.hf import DEFAULT_MAX_NEW_TOKENS, TokenReadout
+from flmm_lightning.masks import mask_scores
 from flmm_lightning.selection import (
     KEYWORD_THRESHOLD,
     LMM_SELECTOR_PROMPT,
@@ -66,6 +67,7 @@ class GroundedPhrase:
     coarse_mask: torch.Tensor  # bool [H, W], the U-Net's mask resized to the image
     box: tuple[float, float, float, float] | None  # inclusive [x0, y0, x1, y1] of ``mask``; None when empty
     attention_map: torch.Tensor  # [C, h, w], the answer tokens' merged attention the masks came from
+    mask_score: float  # the mean SAM probability over ``mask``'s pixels (``masks.mask_scores``); 0 when empty
 
 
 @dataclass
@@ -219,6 +221,7 @@ class DecodedSpans:
     fine: torch.Tensor  # bool [n, H, W]
     coarse: torch.Tensor  # bool [n, H, W]
     maps: torch.Tensor  # [n, C, h, w]
+    scores: torch.Tensor  # float [n], ``masks.mask_scores`` of ``fine``
 
     def box(self, k: int) -> tuple[float, float, float, float] | None:
         mask = self.fine[k : k + 1]
@@ -238,10 +241,12 @@ def decode_token_spans(
     features = grounder.model.lmm.features(batch.lmm, readout)
     prediction = grounder.model.decode(batch, features)[0]
     size = (batch.samples[0].image.height, batch.samples[0].image.width)
+    fine_logits = prediction.fine_logits.cpu()  # [n, H, W]
     return DecodedSpans(
-        fine=(prediction.fine_logits > 0).cpu(),
+        fine=fine_logits > 0,
         coarse=binarize_coarse(prediction.coarse_logits, size).cpu(),
         maps=prediction.features.attention_maps.cpu(),
+        scores=mask_scores(fine_logits, fine_logits > 0),
     )
 
 
@@ -300,6 +305,7 @@ def answer_and_ground(
                 coarse_mask=decoded.coarse[k],
                 box=decoded.box(k),
                 attention_map=decoded.maps[k],
+                mask_score=float(decoded.scores[k]),
             )
         )
     return result

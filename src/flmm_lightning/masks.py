@@ -1,5 +1,5 @@
 """Intersection over union of boolean masks: the one implementation behind the metrics, the per-object
-tables, the training statistics and SAM's candidate choice."""
+tables, the training statistics and SAM's candidate choice; and the confidence of a predicted mask."""
 
 from __future__ import annotations
 
@@ -25,3 +25,11 @@ def iou_of_counts(intersection: Tensor, union: Tensor, empty: float = 1.0) -> Te
 def mask_iou(pred_masks: Tensor, gt_masks: Tensor, empty: float = 1.0) -> Tensor:
     """Per-mask IoU (float64 ``[...]``) of boolean ``[..., H, W]`` masks; ``empty`` when both are empty."""
     return iou_of_counts(*intersection_union(pred_masks, gt_masks), empty=empty)
+
+
+def mask_scores(logits: Tensor, masks: Tensor) -> Tensor:
+    """float ``[n]``: the model's confidence in each bool ``[n, H, W]`` mask, the mean probability (sigmoid of
+    the ``[n, H, W]`` logits it was cut from) over its pixels; 0 for an empty mask."""
+    probabilities = torch.sigmoid(logits.float()) * masks  # [n, H, W]
+    areas = masks.flatten(1).sum(1)  # [n]
+    return probabilities.flatten(1).sum(1) / areas.clamp(min=1)

@@ -39,6 +39,7 @@ from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.data.images import UnreadableImageError, as_displayed, load_photo
 from flmm_lightning.data.reasonseg import ANSWER_PREFIX
 from flmm_lightning.inspection import AttentionView, read_attention
+from flmm_lightning.masks import mask_scores
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
 from flmm_lightning.selection import KEYWORD_THRESHOLD
 from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups
@@ -54,10 +55,12 @@ class Grounding:
     boxes: torch.Tensor  # float [n, 4] inclusive [x0, y0, x1, y1]; all -1 for an empty mask
     attention_maps: torch.Tensor  # [n, C, h, w] the merged LMM attention each mask was decoded from
     image: Image.Image  # the RGB image the masks belong to (EXIF orientation applied)
+    # float [n]: the model's confidence in each mask, the mean SAM probability over its pixels; 0 when empty
+    scores: torch.Tensor
 
     def to_json(self) -> list[dict[str, object]]:
         records = []
-        for phrase, mask, box in zip(self.phrases, self.masks, self.boxes, strict=True):
+        for phrase, mask, box, score in zip(self.phrases, self.masks, self.boxes, self.scores, strict=True):
             rle = mask_utils.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
             records.append(
                 {
@@ -65,6 +68,7 @@ class Grounding:
                     "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
                     "bbox_xyxy": [float(v) for v in box],
                     "area": int(mask.sum()),
+                    "mask_score": float(score),
                 }
             )
         return records
@@ -167,11 +171,12 @@ class Grounder:
         batch = move_data_to_device(self.collate([encoded]), self.device)
         prediction = self.model(batch)[0]
         masks = (prediction.fine_logits > 0).cpu()
+        scores = mask_scores(prediction.fine_logits.cpu(), masks)
         boxes = torch.full((len(phrases), 4), -1.0)
         nonempty = masks.flatten(1).any(1)
         if nonempty.any():
             boxes[nonempty] = masks_to_boxes(masks[nonempty])
-        return Grounding(phrases, masks, boxes, prediction.features.attention_maps.cpu(), image)
+        return Grounding(phrases, masks, boxes, prediction.features.attention_maps.cpu(), image, scores)
 
 
 def _displayed_pil(image: Image.Image) -> Image.Image:

@@ -228,7 +228,7 @@ class AppService:
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008
     ) -> tuple[Any, ...]:
-        """Masks, boxes and areas of the typed phrases (referring segmentation)."""
+        """Masks, scores, boxes and areas of the typed phrases (referring segmentation)."""
         self.folders.note_upload(request.session_hash, photo)
         with shown_to_user():
             phrases = checked_phrases(phrases, self.limits)
@@ -244,7 +244,13 @@ class AppService:
         json_path = folder / f"ground_{number:02d}.json"
         json_path.write_text(json.dumps({"objects": records}, indent=2, ensure_ascii=False) + "\n")
         rows = [
-            [k + 1, record["phrase"], *(round(v, 1) for v in record["bbox_xyxy"]), record["area"]]
+            [
+                k + 1,
+                record["phrase"],
+                round(record["mask_score"], 3),
+                *(round(v, 1) for v in record["bbox_xyxy"]),
+                record["area"],
+            ]
             for k, record in enumerate(records)
         ]
         return str(overlay_path), rows, [str(overlay_path), str(json_path)], notice

@@ -54,7 +54,9 @@ def ground_tab(service: AppService, photo: gr.File) -> None:
         with gr.Column():
             overlay = gr.Image(label="Masks", type="filepath", interactive=False)
             table = gr.Dataframe(
-                headers=["#", "phrase", "x0", "y0", "x1", "y1", "area (px)"], interactive=False, label="Boxes"
+                headers=["#", "phrase", "score", "x0", "y0", "x1", "y1", "area (px)"],
+                interactive=False,
+                label="Boxes",
             )
             notice = gr.Markdown()
             downloads = gr.File(label=DOWNLOADS, file_count="multiple", interactive=False)
