@@ -30,8 +30,8 @@ from flmm_lightning.data.bad_samples import (
     BadSampleError,
     BadSampleReason,
     OnBadSample,
-    apply_policy,
     check_on_bad_sample,
+    load_or_skip,
 )
 from flmm_lightning.data.images import load_rgb_image
 
@@ -253,15 +253,9 @@ class ReasonSegDataset(Dataset):
         return len(self._items)
 
     def __getitem__(self, index: int) -> GroundingSample | SkippedSample:
-        item = self._items[index]
-        try:
-            return self._load(item)
-        except BadSampleError as error:
-            return apply_policy(error, self.on_bad_sample)
+        return load_or_skip(self._load, self._items[index], self.on_bad_sample)
 
     def _load(self, item: _Item) -> GroundingSample:
-        if item.problem is not None:
-            raise item.problem
         annotation = item.annotation
         assert annotation is not None  # every item indexed without a problem has one
         image = load_rgb_image(
