@@ -119,6 +119,43 @@ def test_eval_answers_each_query_and_scores_it_as_grounder_segment_does(
     assert np.mean([float(row["iou"]) for row in rows]) == pytest.approx(expected["gIoU"], abs=1e-5)
 
 
+@pytest.mark.slow
+def test_ddp_spawn_evaluation_of_reasoning_splits_equals_a_single_process(
+    checkpoint: Path,
+    tiny_config: DictConfig,
+    compose_config: Callable[..., DictConfig],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two gloo processes answer a share of the queries each; the gathered figures and per-query rows are
+    those of one process (one query per batch and this process's thread count, as the RES/PNG DDP test)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+    def evaluate_in(folder: Path, *extra: str) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
+        overrides = [
+            f"ckpt={checkpoint}",
+            "data=synthetic_reasonseg",
+            f"paths.data_dir={tiny_config.paths.data_dir}",
+            f"data.synthetic.num_train={tiny_config.data.synthetic.num_train}",
+            f"data.synthetic.num_val={tiny_config.data.synthetic.num_val}",
+            "data.num_workers=0",
+            "data.eval_batch_size=1",
+            f"reasonseg.max_new_tokens={MAX_NEW_TOKENS}",
+            f"paths.output_dir={folder}",
+            f"hydra.run.dir={folder}",
+            *extra,
+        ]
+        results = evaluate(compose_config(overrides, config_name="eval"))
+        with (folder / "per_object.csv").open() as handle:
+            return results, list(csv.DictReader(handle))
+
+    distributed, distributed_rows = evaluate_in(tmp_path / "ddp", "trainer=ddp_cpu")
+    single, single_rows = evaluate_in(tmp_path / "single")
+    assert list(single) == list(distributed) == [SPLIT]
+    assert distributed[SPLIT] == pytest.approx(single[SPLIT], abs=1e-12, nan_ok=True)
+    assert distributed_rows == single_rows
+
+
 def test_predict_query_writes_the_answer_and_its_mask(
     checkpoint: Path,
     grounder: Grounder,
