@@ -26,7 +26,7 @@ from flmm_lightning.data import (
     write_synthetic_dataset,
 )
 from flmm_lightning.data.datamodule import GroundingDataModule
-from flmm_lightning.data.reasonseg import ANSWER_PREFIX, polygon_mask
+from flmm_lightning.data.reasonseg import ANSWER_PREFIX, is_sentence_query, polygon_mask
 from flmm_lightning.data.synthetic import COLOUR_THINGS, COLOURS
 
 WIDTH, HEIGHT = 12, 8
@@ -244,6 +244,25 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
     write_sample(split_dir, "bad", GOOD)
     (split_dir / "bad.json").unlink()
     check_policies(split_dir, BadSampleReason.MISSING_FILE, split_dir / "bad.json", "name=bad", "annotation")
+
+
+def test_max_queries_keeps_the_first_items(split_dir: Path) -> None:
+    every = ReasonSegDataset(split_dir, query_mode="all")
+    first_two = ReasonSegDataset(split_dir, query_mode="all", max_queries=2)
+    assert [s.object_ids for s in first_two] == [every[0].object_ids, every[1].object_ids]
+    assert len(ReasonSegDataset(split_dir, max_queries=10)) == len(ReasonSegDataset(split_dir))
+    with pytest.raises(ValueError, match="max_queries must be at least 1"):
+        ReasonSegDataset(split_dir, max_queries=0)
+
+
+def test_a_query_without_its_flag_is_a_sentence_when_it_ends_like_one() -> None:
+    assert [is_sentence_query(q) for q in ("What is it?", "Cut it.", "Go! ", "the seat", " ")] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
 
 
 def test_split_folder_errors(tmp_path: Path) -> None:

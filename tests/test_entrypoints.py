@@ -150,7 +150,16 @@ def test_demo_run_writes_metrics_overlays_and_checkpoint(demo_run: DemoRun) -> N
     # Ground what you say: the selector's phrases of the same narratives, grounded and scored like PNG.
     said = metrics["ground_what_you_say"]
     assert 0.0 <= said["AR"] <= 1.0 and 0.0 <= said["Acc@0.5"] <= 1.0
+    # After testing, the demo answers and segments a few synthetic ReasonSeg queries.
+    reasoning = metrics["synthetic_reasonseg_val"]
+    assert set(reasoning) == {
+        *(f"{kind}IoU{suffix}" for kind in "gc" for suffix in ("", "_short", "_long")),
+        "coarse_gIoU",
+        "coarse_cIoU",
+    }
+    assert 0.0 <= reasoning["gIoU"] <= 1.0 and 0.0 <= reasoning["cIoU"] <= 1.0
     # The demo ends with one chat turn about a validation image.
+
     turn = json.loads((demo_run.run_dir / "chat" / "turn_01.json").read_text())
     assert turn["question"] == demo_run.cfg.chat_after_fit.question and turn["answer"]
     assert (demo_run.run_dir / "chat" / "turn_01_overlay.png").is_file()
@@ -251,7 +260,7 @@ def test_eval_from_checkpoint_alone_reproduces_the_training_metrics(
     results = evaluate(compose_config(overrides, config_name="eval"))
 
     trained = {
-        split: values for split, values in demo_run.results.items() if not split.startswith("baseline_")
+        split: values for split, values in demo_run.results.items() if split in demo_run.cfg.data.test_sets
     }
     assert_same_results(results, trained)
     assert_same_results(read_metrics_json(tmp_path / "metrics.json"), trained)
@@ -293,6 +302,7 @@ def test_resume_continues_step_optimizer_and_schedule(
         f"trainer.max_steps={STEPS + 1}",
         "test_after_fit=false",
         "whole_image_baseline_split=null",
+        "reasonseg_after_fit.data=null",
         # a checkpoint after every step: the files name the steps this run trained
         "callbacks.model_checkpoint.every_n_train_steps=1",
         "callbacks.model_checkpoint.save_top_k=-1",
@@ -365,6 +375,7 @@ def test_ddp_spawn_trains_and_evaluates_like_a_single_process(
         "data.eval_batch_size=1",
         "test_after_fit=false",  # every spawn costs two fresh interpreters: the evaluation below tests
         "whole_image_baseline_split=null",
+        "reasonseg_after_fit.data=null",
     )
     train(compose_config(overrides))
     checkpoint = run_dir / "checkpoints" / "last.ckpt"

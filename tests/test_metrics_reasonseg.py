@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from flmm_lightning.metrics import ReasonSegMetric
+from flmm_lightning.metrics import SPLIT_KINDS, ReasonSegMetric, SplitMetrics
 
 IGNORE = 255
 Query = tuple[np.ndarray, np.ndarray, np.ndarray, bool]  # pred, gt, ignore (bool [H, W]), is_sentence
@@ -137,3 +137,26 @@ def test_rejects_bad_inputs() -> None:
         metric.update(masks, masks, torch.zeros(2, dtype=torch.bool), torch.zeros(2, 3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="boolean masks"):
         metric.update(masks, masks, torch.zeros(2, dtype=torch.bool), torch.zeros(2, 3, 3))
+
+
+def test_a_reasonseg_split_scores_fine_and_coarse_masks_without_boxes() -> None:
+    """``SplitMetrics("reasonseg")`` (an evaluation split of ReasonSeg queries): the benchmark's figures on
+    the fine masks, gIoU and cIoU of the coarse ones, ignored pixels left out of both."""
+    assert "reasonseg" in SPLIT_KINDS
+    fine_queries = make_queries(seed=3, count=20, size=(6, 7))
+    rng = np.random.default_rng(4)
+    coarse_queries = [(rng.random(p.shape) < 0.4, g, i, s) for p, g, i, s in fine_queries]
+    metrics = SplitMetrics("reasonseg")
+    for (fine, gt, ignore, is_sentence), (coarse, *_) in zip(fine_queries, coarse_queries, strict=True):
+        unused = torch.zeros(1, dtype=torch.bool)
+        masks = (torch.from_numpy(m[None]) for m in (fine, coarse, gt))
+        metrics.update(*masks, unused, unused, torch.tensor([is_sentence]), torch.from_numpy(ignore[None]))
+    expected = np_reasonseg(fine_queries)
+    coarse_expected = np_reasonseg(coarse_queries)
+    expected |= {f"coarse_{name}": coarse_expected[name] for name in ("gIoU", "cIoU")}
+    assert metrics.compute() == pytest.approx(expected, abs=1e-12)
+    metrics.reset()
+    assert all(math.isnan(value) for value in metrics.compute().values())
+    with pytest.raises(ValueError, match="needs is_sentence"):
+        gt = torch.ones(1, 2, 2, dtype=torch.bool)
+        metrics.update(gt, gt, gt, torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool))

@@ -12,17 +12,18 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 from torchvision.ops import masks_to_boxes
 
-from flmm_lightning.boundaries import NOT_GROUNDED, ContextOverflowError, GroundingSample
-from flmm_lightning.data.batch import EncodedSample, GroundingBatch
+from flmm_lightning.boundaries import NOT_GROUNDED, ContextOverflowError, GroundingSample, PromptBuilder
+from flmm_lightning.core import FLMM
+from flmm_lightning.data.batch import EncodedDataset, EncodedSample, GroundingBatch, GroundingCollate
 from flmm_lightning.data.images import sam_input_image
-from flmm_lightning.data.reasonseg import ANSWER_PREFIX, reasoning_prompt
+from flmm_lightning.data.reasonseg import ANSWER_PREFIX, is_sentence_query, reasoning_prompt
 from flmm_lightning.heads.sam_refiner import binarize_coarse
 from flmm_lightning.lmm.hf import DEFAULT_MAX_NEW_TOKENS, TokenReadout
 from flmm_lightning.masks import mask_scores
@@ -36,15 +37,27 @@ from flmm_lightning.selection import (
     token_char_offsets,
 )
 
-if TYPE_CHECKING:
-    from flmm_lightning.predict import Grounder
-
 # How the phrases to ground are chosen: the keyword selector's token scores, the LMM asked for a list of
 # them, or the caller's own.
 SELECTORS = ("keywords", "lmm", "given")
 
 Span = tuple[int, int]
 Turn = tuple[str, str]
+
+
+class GroundingRunner:
+    """The model core with the input encoding of its checkpoint: what a chat turn and a reasoning segmentation
+    run on, on the device of the model's weights. ``predict.Grounder`` is one (loaded from a checkpoint);
+    the Lightning module's evaluation of reasoning splits builds one around its own core."""
+
+    def __init__(self, model: FLMM, prompt_builder: PromptBuilder, sam_image_size: int) -> None:
+        self.model = model
+        self.encode = EncodedDataset([], prompt_builder, sam_image_size)
+        self.collate = GroundingCollate(prompt_builder)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
 
 class ChatInputError(ValueError):
@@ -90,12 +103,20 @@ class GroundedAnswer:
         return torch.stack([phrase.mask for phrase in self.phrases])
 
 
+class Chatter(Protocol):
+    """What a ``Conversation`` talks to: ``predict.Grounder``."""
+
+    def chat(
+        self, image: Image.Image | str, question: str, history: Sequence[GroundedAnswer], **options: Any
+    ) -> GroundedAnswer: ...
+
+
 @dataclass
 class Conversation:
     """A multi-turn conversation about one image: each ``ask`` sends the earlier turns as history, and each
     turn keeps its own groundings."""
 
-    grounder: Grounder
+    grounder: Chatter
     image: Image.Image | str
     turns: list[GroundedAnswer] = field(default_factory=list)
 
@@ -145,7 +166,12 @@ def _choose_selector(selector: str | None, phrases: Sequence[str] | None, has_ke
 
 
 def fitting_prompt(
-    grounder: Grounder, sample: GroundingSample, turns: list[Turn], question: str, room: int, kept: int = 0
+    grounder: GroundingRunner,
+    sample: GroundingSample,
+    turns: list[Turn],
+    question: str,
+    room: int,
+    kept: int = 0,
 ) -> tuple[str, int]:
     """The conversation prompt with as many of the latest ``turns`` as leave ``room`` tokens of the LMM's
     context for the answer, and how many of the oldest turns were left out (warned). The last ``kept``
@@ -171,7 +197,7 @@ def fitting_prompt(
 
 
 def encode_turn(
-    grounder: Grounder, sample: GroundingSample, prompt: str, answer_ids: Sequence[int]
+    grounder: GroundingRunner, sample: GroundingSample, prompt: str, answer_ids: Sequence[int]
 ) -> GroundingBatch:
     """The batch of one turn on the grounder's device: ``prompt`` with the image, then ``answer_ids``."""
     builder = grounder.encode.prompt_builder
@@ -184,7 +210,7 @@ def encode_turn(
 
 
 def _lmm_phrases(
-    grounder: Grounder,
+    grounder: GroundingRunner,
     sample: GroundingSample,
     turns: list[Turn],
     answered: Turn,
@@ -229,7 +255,7 @@ class DecodedSpans:
 
 
 def decode_token_spans(
-    grounder: Grounder, batch: GroundingBatch, readout: TokenReadout, spans: list[Span]
+    grounder: GroundingRunner, batch: GroundingBatch, readout: TokenReadout, spans: list[Span]
 ) -> DecodedSpans:
     """Masks of the objects whose answer tokens are ``spans`` (token spans of the utterance): each span's
     tokens marked as one object (replacing the batch's own marks), merged and decoded by the U-Net and SAM
@@ -252,7 +278,7 @@ def decode_token_spans(
 
 @torch.no_grad()
 def answer_and_ground(
-    grounder: Grounder,
+    grounder: GroundingRunner,
     image: Image.Image,
     question: str,
     history: Sequence[GroundedAnswer | Turn] | None = None,
@@ -334,7 +360,7 @@ class ReasonedSegmentation:
 
 @torch.no_grad()
 def reason_and_segment(
-    grounder: Grounder,
+    grounder: GroundingRunner,
     image: Image.Image,
     query: str,
     is_sentence: bool | None = None,
@@ -352,7 +378,7 @@ def reason_and_segment(
     if tokens == "keywords" and getattr(lmm, "keyword_selector", None) is None:
         raise ChatInputError("tokens='keywords': this checkpoint has no keyword selector; use tokens='all'")
     if is_sentence is None:
-        is_sentence = query.strip()[-1] in ".?!"
+        is_sentence = is_sentence_query(query)
     question = reasoning_prompt(query, is_sentence)
     sample = image_sample(image)
     prompt, _ = fitting_prompt(grounder, sample, [], question, max_new_tokens + 8)

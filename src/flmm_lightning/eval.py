@@ -63,6 +63,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
             f"{error}\n{cfg.ckpt} stores its data config relative to {here} on this machine: set "
             f"{read[0]}=<the folder that holds the data>, or choose data=<name>"
         ) from error
+    reasoning = cfg.get("reasonseg")
+    module.reasoning_settings = OmegaConf.to_container(reasoning, resolve=True) if reasoning else {}
     if cfg.stage == "val":
         datamodule.test_sets = datamodule.val_sets
     # Both files are written by global rank 0 of the processes that run the test loop (workers under

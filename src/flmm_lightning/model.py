@@ -13,8 +13,11 @@ import torch
 from lightning import LightningModule
 from torch import nn
 
+from flmm_lightning.boundaries import GroundingSample
+from flmm_lightning.conversation import EmptyAnswerError, GroundingRunner, reason_and_segment
 from flmm_lightning.core import FLMM, SELECTOR_TERM, GroundingPrediction
 from flmm_lightning.data.batch import GroundingBatch
+from flmm_lightning.data.reasonseg import is_sentence_query
 from flmm_lightning.heads.sam_refiner import SamRefiner, binarize_coarse
 from flmm_lightning.heads.unet import UNetMaskHead
 from flmm_lightning.lmm.base import FrozenLMM
@@ -100,6 +103,11 @@ class FLMMModule(LightningModule):
         self.run_config: dict[str, Any] = {}
         self.eval_metrics = nn.ModuleDict()
         self._narrative_tokenizer: Any = None  # the LMM's tokenizer, to score the selector on narratives
+        # Reasoning (``"reasonseg"``) splits: each query is answered by the frozen LMM through
+        # ``conversation.reason_and_segment`` (``Grounder.segment``'s path) with these keyword arguments
+        # (``max_new_tokens``, ``tokens``, ``answer_prefix``, generation settings); the entry points set them.
+        self.reasoning_settings: dict[str, Any] = {}
+        self._reasoner: GroundingRunner | None = None
 
     def forward(self, batch: GroundingBatch) -> list[GroundingPrediction]:
         return self.model(batch)
@@ -130,6 +138,7 @@ class FLMMModule(LightningModule):
                 self.eval_metrics[name] = SplitMetrics(kind, keyword_selection=selection)
         if self.model.has_keyword_selector:
             self._narrative_tokenizer = datamodule.prompt_builder.processor.tokenizer
+        self._reasoner = GroundingRunner(self.model, datamodule.prompt_builder, datamodule.sam_image_size)
         self._split_names = {"validate": datamodule.val_names, "test": datamodule.test_names}
 
     def _eval_step(self, batch: GroundingBatch, dataloader_idx: int, stage: str) -> EvalStepOutput:
@@ -137,6 +146,10 @@ class FLMMModule(LightningModule):
         metrics: SplitMetrics = self.eval_metrics[split]
         output = EvalStepOutput(batch, [], [], [], [])
         if not batch.samples:
+            return output
+        if metrics.kind == "reasonseg":
+            for sample in batch.samples:
+                self._reasoning_step(sample, metrics, output)
             return output
         for sample, prediction in zip(batch.samples, self.model(batch), strict=True):
             gt = sample.masks.to(prediction.fine_logits.device)
@@ -155,6 +168,35 @@ class FLMMModule(LightningModule):
             output.coarse_masks.append(coarse)
             output.coarse_ious.append(mask_iou(coarse, gt))
         return output
+
+    def _reasoning_step(self, sample: GroundingSample, metrics: SplitMetrics, output: EvalStepOutput) -> None:
+        """Every query of ``sample`` answered by the LMM and segmented from its answer; an answer that ends
+        right after the prefix segments nothing (an empty mask)."""
+        is_sentence = sample.is_sentence
+        if is_sentence is None:
+            is_sentence = torch.tensor([is_sentence_query(query) for query in sample.phrases])
+        fine, coarse = [], []
+        for query, sentence in zip(sample.phrases, is_sentence.tolist(), strict=True):
+            try:
+                result = reason_and_segment(
+                    self._reasoner, sample.image, query, sentence, **self.reasoning_settings
+                )
+                fine.append(result.mask)
+                coarse.append(result.coarse_mask)
+            except EmptyAnswerError:
+                fine.append(torch.zeros(sample.masks.shape[1:], dtype=torch.bool))
+                coarse.append(fine[-1])
+        gt = sample.masks.to(self.device)
+        fine_masks, coarse_masks = torch.stack(fine).to(gt.device), torch.stack(coarse).to(gt.device)
+        ignore = None if sample.ignore_masks is None else sample.ignore_masks.to(gt.device)
+        unused = torch.zeros(len(gt), dtype=torch.bool, device=gt.device)  # PNG's flags
+        metrics.update(fine_masks, coarse_masks, gt, unused, unused, is_sentence.to(gt.device), ignore)
+        # Per-query IoU as the metric counts it: ignored pixels belong to neither mask.
+        kept = torch.ones_like(gt) if ignore is None else ~ignore
+        output.pred_masks.append(fine_masks)
+        output.ious.append(mask_iou(fine_masks & kept, gt & kept))
+        output.coarse_masks.append(coarse_masks)
+        output.coarse_ious.append(mask_iou(coarse_masks & kept, gt & kept))
 
     def validation_step(
         self, batch: GroundingBatch, batch_idx: int, dataloader_idx: int = 0

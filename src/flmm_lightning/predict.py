@@ -1,8 +1,10 @@
 """Ground phrases in an image with a trained checkpoint.
 
 CLI: ``python -m flmm_lightning.predict ckpt=<path> image=<file> phrases='[a man, the ball]'`` writes an
-overlay PNG and a JSON (each mask as COCO RLE with its box); ``phrases='a man'`` grounds one phrase. In
-Python: ``Grounder.from_checkpoint(path).ground(image, phrases)``. Photos are grounded as viewers show them
+overlay PNG and a JSON (each mask as COCO RLE with its box); ``phrases='a man'`` grounds one phrase;
+``query='what keeps the rain off'`` instead segments what the LMM's answer to the query names (reasoning
+segmentation; the JSON holds the answer too). In Python: ``Grounder.from_checkpoint(path).ground(image,
+phrases)`` and ``.segment(image, query)``. Photos are grounded as viewers show them
 (EXIF orientation applied), so masks and overlay line up with the displayed image.
 """
 
@@ -29,13 +31,15 @@ from flmm_lightning.boundaries import GroundingSample, PromptBuilder
 from flmm_lightning.builders import ConfigError, build_prompt_builder, module_from_checkpoint, output_dir_of
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.conversation import (
+    ChatInputError,
+    EmptyAnswerError,
     GroundedAnswer,
+    GroundingRunner,
     ReasonedSegmentation,
     answer_and_ground,
     reason_and_segment,
 )
 from flmm_lightning.core import FLMM
-from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.data.images import UnreadableImageError, as_displayed, load_photo
 from flmm_lightning.data.reasonseg import ANSWER_PREFIX
 from flmm_lightning.inspection import AttentionView, read_attention
@@ -59,31 +63,30 @@ class Grounding:
     scores: torch.Tensor
 
     def to_json(self) -> list[dict[str, object]]:
-        records = []
-        for phrase, mask, box, score in zip(self.phrases, self.masks, self.boxes, self.scores, strict=True):
-            rle = mask_utils.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
-            records.append(
-                {
-                    "phrase": phrase,
-                    "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
-                    "bbox_xyxy": [float(v) for v in box],
-                    "area": int(mask.sum()),
-                    "mask_score": float(score),
-                }
-            )
-        return records
+        objects = zip(self.phrases, self.masks, self.boxes, self.scores, strict=True)
+        return [
+            {"phrase": phrase, **mask_record(mask, [float(v) for v in box]), "mask_score": float(score)}
+            for phrase, mask, box, score in objects
+        ]
 
 
-class Grounder:
+def mask_record(mask: torch.Tensor, box: Sequence[float] | None) -> dict[str, object]:
+    """A bool ``[H, W]`` mask for JSON: COCO RLE, its inclusive ``[x0, y0, x1, y1]`` box, its area."""
+    rle = mask_utils.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
+    return {
+        "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
+        "bbox_xyxy": None if box is None else [float(v) for v in box],
+        "area": int(mask.sum()),
+    }
+
+
+class Grounder(GroundingRunner):
     """A trained F-LMM ready to ground phrases in images."""
 
     def __init__(self, model: FLMM, prompt_builder: PromptBuilder, sam_image_size: int, device: str = "auto"):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.encode = EncodedDataset([], prompt_builder, sam_image_size)
-        self.collate = GroundingCollate(prompt_builder)
+        super().__init__(model.to(torch.device(device)).eval(), prompt_builder, sam_image_size)
 
     @classmethod
     def from_checkpoint(
@@ -213,22 +216,47 @@ def phrase_list(phrases: str | Sequence[str]) -> list[str]:
     return result
 
 
+class PredictInputError(ValueError):
+    """A predict command that names neither or both of ``phrases`` and ``query``."""
+
+
 def predict(cfg: DictConfig) -> tuple[Path, Path]:
-    """Grounds ``cfg.phrases`` in ``cfg.image``; returns the paths of the overlay PNG and the masks JSON."""
+    """Grounds ``cfg.phrases`` in ``cfg.image``, or segments what the LMM's answer to ``cfg.query`` names;
+    returns the paths of the overlay PNG and the masks JSON."""
+    if (cfg.get("phrases") is None) == (cfg.get("query") is None):
+        given = "both" if cfg.get("phrases") is not None else "neither"
+        raise PredictInputError(
+            f"give exactly one of phrases=[...] (ground these phrases) and query='...' (reasoning "
+            f"segmentation: the LMM answers, its answer is segmented); {given} given"
+        )
     refuse_checkpoint_groups(chosen_checkpoint_groups(cfg), "predict")
     image_path = Path(cfg.image)
     image = load_photo(image_path)  # before the model loads: a bad file fails in a second
+    phrases = phrase_list(cfg.phrases) if cfg.get("phrases") is not None else None
     output_dir = output_dir_of(cfg)
     claim_run_dir(output_dir)
     patches = {key: cfg[key] for key in CHECKPOINT_GROUPS if cfg.get(key) is not None}
     grounder = Grounder.from_checkpoint(cfg.ckpt, device=cfg.device, paths=cfg.paths, overrides=patches)
-    grounding = grounder.ground(image, cfg.phrases)
+    if phrases is not None:
+        grounding = grounder.ground(image, phrases)
+        overlay = overlay_masks(grounding.image, grounding.masks, grounding.phrases)
+        document = {"image": str(image_path), "objects": grounding.to_json()}
+    else:
+        result = grounder.segment(image, str(cfg.query), max_new_tokens=cfg.max_new_tokens)
+        overlay = overlay_masks(result.image, result.mask[None], [result.answer])
+        document = {
+            "image": str(image_path),
+            "query": result.query,
+            "question": result.question,
+            "answer": result.answer,
+            **mask_record(result.mask, result.box),
+        }
     output_dir.mkdir(parents=True, exist_ok=True)
     mark_latest(output_dir)
     overlay_path = output_dir / f"{image_path.stem}_overlay.png"
-    overlay_masks(grounding.image, grounding.masks, grounding.phrases).save(overlay_path)
+    overlay.save(overlay_path)
     json_path = output_dir / f"{image_path.stem}_masks.json"
-    json_path.write_text(json.dumps({"image": str(image_path), "objects": grounding.to_json()}, indent=2))
+    json_path.write_text(json.dumps(document, indent=2))
     print(f"overlay: {overlay_path}\nmasks:   {json_path}")
     return overlay_path, json_path
 
@@ -238,8 +266,8 @@ def hydra_main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         predict(cfg)
-    except (UnreadableImageError, PhraseError) as error:
-        # A bad input file or phrase list is the user's to fix: one line, no traceback.
+    except (UnreadableImageError, PhraseError, PredictInputError, ChatInputError, EmptyAnswerError) as error:
+        # A bad input file, phrase list or query is the user's to fix: one line, no traceback.
         raise SystemExit(f"predict: {error}") from None
 
 

@@ -67,6 +67,18 @@ def chat_after_fit(
     print(f"chat: {settings.question!r} -> {turn.answer!r} ({len(turn.phrases)} phrases): {overlay_path}")
 
 
+def reasonseg_after_fit(
+    trainer: L.Trainer, module: FLMMModule, prompt_builder: PromptBuilder, cfg: DictConfig, metrics_path: Path
+) -> dict[str, dict[str, float]]:
+    """The test loop over ``cfg.reasonseg_after_fit.data``'s splits: reasoning segmentation, each query
+    answered by the trained model's frozen LMM inside the test step (as ``eval data=reasonseg`` does)."""
+    settings = cfg.reasonseg_after_fit
+    datamodule = build_datamodule(settings.data, prompt_builder, cfg.sam.image_size)
+    module.reasoning_settings = {"max_new_tokens": settings.max_new_tokens}
+    trainer.test(module, datamodule=datamodule, weights_only=True, verbose=False)
+    return test_results(module, metrics_path)
+
+
 def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     check_choices(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -82,10 +94,11 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     datamodule = build_datamodule(cfg.data, prompt_builder, cfg.sam.image_size)
     module = build_module(cfg, stored_config=stored)
     run_test = bool(cfg.get("test_after_fit") and datamodule.test_names)
+    run_reasoning = bool((cfg.get("reasonseg_after_fit") or {}).get("data"))
     callbacks = with_training_guards(
         [*build_callbacks(cfg.get("callbacks")), HyperparameterLogger.from_config(cfg)]
     )
-    if run_test:
+    if run_test or run_reasoning:
         callbacks.append(MetricsJsonWriter(metrics_path))
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.get("logger")) or False
@@ -96,6 +109,8 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if run_test:
         trainer.test(module, datamodule=datamodule, weights_only=True, verbose=False)
         results = test_results(module, metrics_path)
+    if run_reasoning:
+        results.update(reasonseg_after_fit(trainer, module, prompt_builder, cfg, metrics_path))
     words_split = cfg.get("every_word_baseline_split")
     if words_split:
         narratives = datamodule.test_sets[split_name(words_split)]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
-from flmm_lightning.boundaries import SkippedSample
+from flmm_lightning.boundaries import GroundingSample, SkippedSample
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,29 @@ def apply_policy(error: BadSampleError, on_bad_sample: OnBadSample) -> SkippedSa
         raise error
     logger.warning("skipping bad sample: %s", error)
     return error.to_skipped()
+
+
+class IndexedItem(Protocol):
+    """A dataset's index entry: what it found wrong with the sample while indexing, if anything."""
+
+    @property
+    def problem(self) -> BadSampleError | None: ...
+
+
+Item = TypeVar("Item", bound=IndexedItem)
+
+
+def load_or_skip(
+    load: Callable[[Item], GroundingSample], item: Item, on_bad_sample: OnBadSample
+) -> GroundingSample | SkippedSample:
+    """``load(item)`` under the bad-sample policy (``apply_policy``): the problem found while indexing the
+    item, or a ``BadSampleError`` that ``load`` raises, is raised or returned as a ``SkippedSample``."""
+    try:
+        if item.problem is not None:
+            raise item.problem
+        return load(item)
+    except BadSampleError as error:
+        return apply_policy(error, on_bad_sample)
 
 
 class BadSampleSummary:

@@ -17,8 +17,8 @@ from flmm_lightning.data.bad_samples import (
     BadSampleError,
     BadSampleReason,
     OnBadSample,
-    apply_policy,
     check_on_bad_sample,
+    load_or_skip,
 )
 from flmm_lightning.data.images import load_panoptic_ids, load_rgb_image
 
@@ -161,15 +161,9 @@ class PNGDataset(Dataset):
         return len(self._items)
 
     def __getitem__(self, index: int) -> GroundingSample | SkippedSample:
-        item = self._items[index]
-        try:
-            return self._load(item)
-        except BadSampleError as error:
-            return apply_policy(error, self.on_bad_sample)
+        return load_or_skip(self._load, self._items[index], self.on_bad_sample)
 
     def _load(self, item: _Narrative) -> GroundingSample:
-        if item.problem is not None:
-            raise item.problem
         size = (item.width, item.height)
         image = load_rgb_image(
             self.image_dir / item.file_name, dataset=self.name, sample_id=item.sample_id, expected_wh=size

@@ -30,8 +30,8 @@ from flmm_lightning.data.bad_samples import (
     BadSampleError,
     BadSampleReason,
     OnBadSample,
-    apply_policy,
     check_on_bad_sample,
+    load_or_skip,
 )
 from flmm_lightning.data.images import load_rgb_image
 
@@ -63,6 +63,12 @@ def reasoning_prompt(
             f"a reasoning prompt template must contain '{{query}}' exactly once, got {template!r}"
         )
     return template.replace("{query}", query.strip())
+
+
+def is_sentence_query(query: str) -> bool:
+    """Whether a query without the benchmark's ``is_sentence`` flag is a sentence: it ends in ".", "?" or
+    "!"."""
+    return query.strip()[-1:] in (".", "?", "!")
 
 
 def polygon_mask(points: list[tuple[float, float]], width: int, height: int) -> np.ndarray:
@@ -175,6 +181,7 @@ class ReasonSegDataset(Dataset):
 
     ``query_mode``: ``select_first`` evaluates the first query of each image (the benchmark's protocol);
     ``all`` makes one item per query, so an image with several queries counts once per query.
+    ``max_queries``: only the first so many items (a quick look; None: all).
 
     Bad input (malformed JSON, an image without its JSON or the reverse, no target shape, a shape entirely
     outside the image, an unreadable image) raises ``BadSampleError`` naming the file, or is skipped under
@@ -189,7 +196,10 @@ class ReasonSegDataset(Dataset):
         split_dir: str | Path,
         query_mode: QueryMode = "select_first",
         on_bad_sample: OnBadSample = "raise",
+        max_queries: int | None = None,
     ) -> None:
+        if max_queries is not None and max_queries < 1:
+            raise ValueError(f"max_queries must be at least 1 (or None: every query), got {max_queries}")
         if query_mode not in QUERY_MODES:
             raise ValueError(f"query_mode must be one of {QUERY_MODES}, got {query_mode!r}")
         self.on_bad_sample = check_on_bad_sample(on_bad_sample)
@@ -209,6 +219,7 @@ class ReasonSegDataset(Dataset):
                 if item.problem is not None and self.on_bad_sample == "raise":
                     raise item.problem
                 self._items.append(item)
+        self._items = self._items[:max_queries]
 
     def _index(self, stem: str) -> list[_Item]:
         json_path = self.split_dir / f"{stem}.json"
@@ -242,15 +253,9 @@ class ReasonSegDataset(Dataset):
         return len(self._items)
 
     def __getitem__(self, index: int) -> GroundingSample | SkippedSample:
-        item = self._items[index]
-        try:
-            return self._load(item)
-        except BadSampleError as error:
-            return apply_policy(error, self.on_bad_sample)
+        return load_or_skip(self._load, self._items[index], self.on_bad_sample)
 
     def _load(self, item: _Item) -> GroundingSample:
-        if item.problem is not None:
-            raise item.problem
         annotation = item.annotation
         assert annotation is not None  # every item indexed without a problem has one
         image = load_rgb_image(

@@ -17,8 +17,8 @@ from flmm_lightning.data.bad_samples import (
     BadSampleError,
     BadSampleReason,
     OnBadSample,
-    apply_policy,
     check_on_bad_sample,
+    load_or_skip,
 )
 from flmm_lightning.data.images import load_rgb_image
 from flmm_lightning.data.safe_pickle import load_refs
@@ -227,15 +227,9 @@ class RefCocoDataset(Dataset):
         return len(self._items)
 
     def __getitem__(self, index: int) -> GroundingSample | SkippedSample:
-        item = self._items[index]
-        try:
-            return self._load(item)
-        except BadSampleError as error:
-            return apply_policy(error, self.on_bad_sample)
+        return load_or_skip(self._load, self._items[index], self.on_bad_sample)
 
     def _load(self, item: _Item) -> GroundingSample:
-        if item.problem is not None:
-            raise item.problem
         image_path = self.image_root / item.file_name
         image = load_rgb_image(
             image_path, dataset=self.name, sample_id=item.sample_id, expected_wh=(item.width, item.height)

@@ -13,15 +13,14 @@ Layout under ``root`` (all paths in ``SyntheticPaths``)::
     annotations/panoptic_{train,val}/synthetic_000001.png  # panoptic PNGs (id = R + 256*G + 256^2*B)
     reasonseg/{train,val}/synthetic_000001.{jpg,json}      # ReasonSeg: the image (a hard link) + queries
 
-Everything is a function of the parameters: same arguments, same bytes.
+Everything is a function of the parameters: same arguments, same bytes. The shapes and their drawing are in
+``synthetic_shapes``, the ReasonSeg queries in ``synthetic_reasonseg``; this module writes the formats.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
-import math
-import os
 import pickle
 import shutil
 from dataclasses import dataclass
@@ -29,10 +28,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from flmm_lightning.data.images import panoptic_id_to_rgb
+from flmm_lightning.data.synthetic_reasonseg import COLOUR_THINGS, write_reasonseg
+from flmm_lightning.data.synthetic_shapes import (
+    COLOURS,
+    SHAPE_KINDS,
+    SyntheticShape,
+    place_shapes,
+    render_image,
+    shape_mask,
+)
+
+__all__ = [
+    "COLOURS",
+    "COLOUR_THINGS",
+    "REFCOCO_DATASET",
+    "REFCOCO_SPLIT_BY",
+    "SHAPE_KINDS",
+    "SyntheticPaths",
+    "synthetic_paths",
+    "write_synthetic_dataset",
+]
 
 # Part of the marker: bump it whenever the generator's output changes, so existing copies are rebuilt.
 FORMAT_VERSION = 2
@@ -43,15 +62,6 @@ IMAGE_DIR = "images"
 REASONSEG_DIR = "reasonseg"
 SPLITS = ("train", "val")
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35),
-    "green": (40, 165, 55),
-    "blue": (35, 75, 215),
-    "yellow": (235, 210, 35),
-    "purple": (135, 50, 175),
-    "orange": (245, 135, 25),
-}
-SHAPE_KINDS = ("circle", "square", "triangle")
 CATEGORIES: list[dict[str, Any]] = [
     {"id": 1, "name": "circle", "supercategory": "shape", "isthing": 1, "color": [220, 20, 60]},
     {"id": 2, "name": "square", "supercategory": "shape", "isthing": 1, "color": [119, 11, 32]},
@@ -60,8 +70,6 @@ CATEGORIES: list[dict[str, Any]] = [
 ]
 _CATEGORY_ID = {category["name"]: category["id"] for category in CATEGORIES}
 _BACKGROUND_SEGMENT_ID = 5_000_000
-# A stride that spreads the shapes' panoptic ids over all three PNG channels, so decoding is exercised fully.
-_SEGMENT_ID_STRIDE = 40_503
 # "the larger/smaller X" is only said when the sizes differ visibly.
 _SIZE_RATIO_FOR_COMPARISON = 1.25
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
@@ -114,26 +122,6 @@ def synthetic_paths(root: str | Path) -> SyntheticPaths:
         panoptic_dir={split: annotations / f"panoptic_{split}" for split in SPLITS},
         reasonseg_dir={split: root / REASONSEG_DIR / split for split in SPLITS},
     )
-
-
-@dataclass(frozen=True)
-class _Shape:
-    kind: str
-    colour: str
-    cx: float
-    cy: float
-    radius: float
-    segment_id: int
-
-    def draw(self, draw: ImageDraw.ImageDraw, fill: int | tuple[int, int, int]) -> None:
-        r = self.radius
-        x0, y0, x1, y1 = self.cx - r, self.cy - r, self.cx + r, self.cy + r
-        if self.kind == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif self.kind == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=fill)
-        else:
-            draw.polygon([(self.cx, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
 def write_synthetic_dataset(
@@ -200,12 +188,12 @@ def _write(
         rng = np.random.default_rng([seed, index])
         image_id = index + 1
         width, height = image_size if index % 2 == 0 else (image_size[0], image_size[1] * 3 // 4)
-        shapes = _place_shapes(rng, width, height)
+        shapes = place_shapes(rng, width, height)
         stem = f"synthetic_{image_id:06d}"
         image_entry = {"id": image_id, "file_name": f"{stem}.jpg", "height": height, "width": width}
 
-        masks = [_shape_mask(shape, width, height) for shape in shapes]
-        _render_image(rng, shapes, width, height).save(paths.image_dir / f"{stem}.jpg", quality=95)
+        masks = [shape_mask(shape, width, height) for shape in shapes]
+        render_image(rng, shapes, width, height).save(paths.image_dir / f"{stem}.jpg", quality=95)
         coco_images.append(image_entry)
         for number, (shape, mask) in enumerate(zip(shapes, masks, strict=True)):
             ann_id = image_id * 10 + number
@@ -221,7 +209,7 @@ def _write(
         narratives[split].append(_narrative(rng, image_id, shapes))
         # Its own random stream: the other formats' draws (and bytes) stay as they were without it.
         reasonseg_rng = np.random.default_rng([seed, index, 1])
-        _write_reasonseg(reasonseg_rng, paths.reasonseg_dir[split], paths.image_dir / f"{stem}.jpg", shapes)
+        write_reasonseg(reasonseg_rng, paths.reasonseg_dir[split], paths.image_dir / f"{stem}.jpg", shapes)
 
     _renumber_sentences(refs)
     instances = {
@@ -244,49 +232,7 @@ def _write(
         paths.panoptic_json[split].write_text(json.dumps(document))
 
 
-def _place_shapes(rng: np.random.Generator, width: int, height: int) -> list[_Shape]:
-    """2-4 non-overlapping shapes, so that each mask is exactly the shape as drawn (no occlusion)."""
-    count = int(rng.integers(2, 5))
-    colours = rng.permutation(list(COLOURS))[:count]
-    shortest = min(width, height)
-    shapes: list[_Shape] = []
-    for colour in colours:
-        for _ in range(100):
-            radius = float(rng.uniform(0.08, 0.18) * shortest)
-            cx = float(rng.uniform(radius + 2, width - radius - 2))
-            cy = float(rng.uniform(radius + 2, height - radius - 2))
-            if all(np.hypot(cx - s.cx, cy - s.cy) > 1.5 * (radius + s.radius) + 4 for s in shapes):
-                kind = str(rng.choice(SHAPE_KINDS))
-                segment_id = (len(shapes) + 1) * _SEGMENT_ID_STRIDE
-                shapes.append(_Shape(kind, str(colour), cx, cy, radius, segment_id))
-                break
-    return shapes
-
-
-def _shape_mask(shape: _Shape, width: int, height: int) -> np.ndarray:
-    canvas = Image.new("L", (width, height), 0)
-    shape.draw(ImageDraw.Draw(canvas), 1)
-    return np.asarray(canvas, dtype=np.uint8)
-
-
-def _render_image(rng: np.random.Generator, shapes: list[_Shape], width: int, height: int) -> Image.Image:
-    # A desaturated base with stripes and noise: texture to ignore, never a colour a shape could have.
-    base = rng.uniform(80, 180) + rng.uniform(-15, 15, size=3)
-    angle, period = rng.uniform(0, np.pi), rng.uniform(12, 40)
-    phase_x = 2 * np.pi * np.cos(angle) / period * np.arange(width)
-    phase_y = 2 * np.pi * np.sin(angle) / period * np.arange(height)
-    # sin(a + b) from 1-D factors: the same stripes as a full [H, W] sin, at a fraction of the cost.
-    stripes = np.outer(np.sin(phase_y), np.cos(phase_x)) + np.outer(np.cos(phase_y), np.sin(phase_x))
-    background = np.clip(base[None, None, :] + 12 * stripes[..., None], 0, 255).astype(np.uint8)
-    image = Image.fromarray(background)
-    draw = ImageDraw.Draw(image)
-    for shape in shapes:
-        shape.draw(draw, COLOURS[shape.colour])
-    noise = rng.integers(-12, 13, size=(height, width, 3), dtype=np.int16)
-    return Image.fromarray(np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
-
-
-def _coco_annotation(ann_id: int, image_id: int, shape: _Shape, mask: np.ndarray) -> dict[str, Any]:
+def _coco_annotation(ann_id: int, image_id: int, shape: SyntheticShape, mask: np.ndarray) -> dict[str, Any]:
     rle = mask_utils.encode(np.asfortranarray(mask))
     return {
         "id": ann_id,
@@ -299,7 +245,7 @@ def _coco_annotation(ann_id: int, image_id: int, shape: _Shape, mask: np.ndarray
     }
 
 
-def _position(shape: _Shape, shapes: list[_Shape], rng: np.random.Generator) -> str:
+def _position(shape: SyntheticShape, shapes: list[SyntheticShape], rng: np.random.Generator) -> str:
     candidates = []
     xs, ys = [s.cx for s in shapes], [s.cy for s in shapes]
     if shape.cx == min(xs):
@@ -313,7 +259,7 @@ def _position(shape: _Shape, shapes: list[_Shape], rng: np.random.Generator) -> 
     return str(rng.choice(candidates)) if candidates else "in the middle"
 
 
-def _size_word(shape: _Shape, shapes: list[_Shape]) -> str | None:
+def _size_word(shape: SyntheticShape, shapes: list[SyntheticShape]) -> str | None:
     """'larger'/'smaller' when exactly one other shape of the same kind differs visibly in size."""
     others = [s for s in shapes if s.kind == shape.kind and s is not shape]
     if len(others) != 1:
@@ -333,8 +279,8 @@ def _ref(
     image_id: int,
     split: str,
     stem: str,
-    shape: _Shape,
-    shapes: list[_Shape],
+    shape: SyntheticShape,
+    shapes: list[SyntheticShape],
 ) -> dict[str, Any]:
     sentences = [f"the {shape.colour} {shape.kind} {_position(shape, shapes, rng)}"]
     if rng.random() < 0.5:
@@ -371,7 +317,7 @@ def _renumber_sentences(refs: list[dict[str, Any]]) -> None:
 
 
 def _panoptic_segments(
-    shapes: list[_Shape], masks: list[np.ndarray], width: int, height: int
+    shapes: list[SyntheticShape], masks: list[np.ndarray], width: int, height: int
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
     ids = np.full((height, width), _BACKGROUND_SEGMENT_ID, dtype=np.int64)
     for shape, mask in zip(shapes, masks, strict=True):
@@ -393,7 +339,7 @@ def _panoptic_segments(
     return segments_info, ids
 
 
-def _grounded(utterance: str, shapes: list[_Shape], plural: bool) -> dict[str, Any]:
+def _grounded(utterance: str, shapes: list[SyntheticShape], plural: bool) -> dict[str, Any]:
     return {
         "utterance": utterance,
         "segment_ids": [str(shape.segment_id) for shape in shapes],
@@ -406,12 +352,12 @@ def _ungrounded(utterance: str) -> dict[str, Any]:
     return {"utterance": utterance, "segment_ids": [], "plural": False, "noun": False}
 
 
-def _indefinite(shape: _Shape) -> str:
+def _indefinite(shape: SyntheticShape) -> str:
     article = "an" if shape.colour[0] in "aeiou" else "a"
     return f"{article} {shape.colour} {shape.kind}"
 
 
-def _narrative(rng: np.random.Generator, image_id: int, shapes: list[_Shape]) -> dict[str, Any]:
+def _narrative(rng: np.random.Generator, image_id: int, shapes: list[SyntheticShape]) -> dict[str, Any]:
     """'In this picture we can see a red circle, two squares and a blue triangle on a textured background.'"""
     groups: list[dict[str, Any]] = []
     for kind in SHAPE_KINDS:
@@ -438,89 +384,3 @@ def _narrative(rng: np.random.Generator, image_id: int, shapes: list[_Shape]) ->
         "caption": "".join(segment["utterance"] for segment in segments),
         "segments": segments,
     }
-
-
-# ReasonSeg queries name a shape only through a property of it. Per kind: (short phrases, sentences).
-_KIND_QUERIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "circle": (
-        ("the round shape", "the shape with no corners"),
-        ("Which shape in this picture has no corners at all?", "Which shape here could roll like a wheel?"),
-    ),
-    "square": (
-        ("the shape with four equal sides", "the shape with four right angles"),
-        ("Which shape in this picture has four equal sides?", "Which shape here has four right angles?"),
-    ),
-    "triangle": (
-        ("the shape with three corners", "the three-sided shape"),
-        ("Which shape in this picture has exactly three corners?", "Which shape here has only three sides?"),
-    ),
-}
-# Per colour, a thing of that colour.
-COLOUR_THINGS: dict[str, str] = {
-    "red": "a ripe tomato",
-    "green": "fresh grass",
-    "blue": "a clear summer sky",
-    "yellow": "a lemon",
-    "purple": "a violet",
-    "orange": "a carrot",
-}
-_COLOUR_QUERIES: tuple[tuple[str, ...], tuple[str, ...]] = (
-    ("the shape the colour of {thing}", "the shape coloured like {thing}"),
-    ("Which shape in this picture has the colour of {thing}?", "Which shape here is coloured like {thing}?"),
-)
-_CIRCLE_VERTICES = 32
-_IGNORE_PROBABILITY = 0.3
-
-
-def _polygon(shape: _Shape) -> list[list[float]]:
-    """The shape's outline as labelme points ``[[x, y], ...]`` (a circle as a regular 32-gon)."""
-    r = shape.radius
-    if shape.kind == "circle":
-        angles = [2 * math.pi * k / _CIRCLE_VERTICES for k in range(_CIRCLE_VERTICES)]
-        points = [(shape.cx + r * math.cos(a), shape.cy + r * math.sin(a)) for a in angles]
-    elif shape.kind == "square":
-        points = [(shape.cx - r, shape.cy - r), (shape.cx + r, shape.cy - r)]
-        points += [(shape.cx + r, shape.cy + r), (shape.cx - r, shape.cy + r)]
-    else:
-        points = [(shape.cx, shape.cy - r), (shape.cx + r, shape.cy + r), (shape.cx - r, shape.cy + r)]
-    return [[round(x, 2), round(y, 2)] for x, y in points]
-
-
-def _labelme_shape(label: str, shape: _Shape) -> dict[str, Any]:
-    return {"label": label, "points": _polygon(shape), "group_id": None, "shape_type": "polygon", "flags": {}}
-
-
-def _reasonseg_queries(
-    rng: np.random.Generator, target: _Shape, shapes: list[_Shape]
-) -> tuple[list[str], bool]:
-    """One or two phrasings of a query for ``target`` alone, and whether they are sentences. The kind is a
-    property only when no other shape shares it; the colour always is (one colour per shape and image)."""
-    unique_kind = sum(shape.kind == target.kind for shape in shapes) == 1
-    is_sentence = bool(rng.random() < 0.5)
-    if unique_kind and rng.random() < 0.5:
-        phrasings = list(_KIND_QUERIES[target.kind][int(is_sentence)])
-    else:
-        thing = COLOUR_THINGS[target.colour]
-        phrasings = [template.format(thing=thing) for template in _COLOUR_QUERIES[int(is_sentence)]]
-    count = int(rng.integers(1, len(phrasings) + 1))
-    return [phrasings[int(k)] for k in rng.permutation(len(phrasings))[:count]], is_sentence
-
-
-def _write_reasonseg(
-    rng: np.random.Generator, split_dir: Path, image_path: Path, shapes: list[_Shape]
-) -> None:
-    """``<stem>.jpg`` (the image, hard-linked where the file system allows) and ``<stem>.json``: queries for
-    one target shape; sometimes another shape is marked ``ignore``."""
-    target_index = int(rng.integers(len(shapes)))
-    queries, is_sentence = _reasonseg_queries(rng, shapes[target_index], shapes)
-    labelled = [_labelme_shape("target", shapes[target_index])]
-    others = [shape for k, shape in enumerate(shapes) if k != target_index]
-    if others and rng.random() < _IGNORE_PROBABILITY:
-        labelled.append(_labelme_shape("ignore", others[int(rng.integers(len(others)))]))
-    document = {"text": queries, "is_sentence": is_sentence, "shapes": labelled}
-    link = split_dir / image_path.name
-    try:
-        os.link(image_path, link)
-    except OSError:
-        shutil.copyfile(image_path, link)
-    link.with_suffix(".json").write_text(json.dumps(document))

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from flmm_lightning.metrics.functional import _box_iou_compute, _box_iou_update
+from flmm_lightning.metrics.summed import SummedMetric
 
 
-class BoxIoUMetric(Metric):
+class BoxIoUMetric(SummedMetric):
     """IoU of the tight boxes of predicted and true masks.
 
     This project's addition (referring expression comprehension read from masks): neither the official
@@ -28,27 +26,18 @@ class BoxIoUMetric(Metric):
     ``on_validation_epoch_end`` on every rank, ``self.log_dict`` of the floats, then ``reset()``.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-    plot_lower_bound = 0.0
-    plot_upper_bound = 1.0
-
     iou_sum: Tensor
     hits: Tensor
     num_objects: Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("iou_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("hits", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("num_objects", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+    sum_states = {
+        "iou_sum": ((), torch.float64),
+        "hits": ((), torch.int64),
+        "num_objects": ((), torch.int64),
+    }
 
     def update(self, pred_masks: Tensor, gt_masks: Tensor) -> None:
-        iou_sum, hits, num_objects = _box_iou_update(pred_masks, gt_masks)
-        self.iou_sum += iou_sum
-        self.hits += hits
-        self.num_objects += num_objects
+        self.add(_box_iou_update(pred_masks, gt_masks))
 
     def compute(self) -> dict[str, float]:
-        return _box_iou_compute(self.iou_sum, self.hits, self.num_objects)
+        return _box_iou_compute(*self.sums())

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from flmm_lightning.metrics.functional import _keyword_selection_compute, _keyword_selection_update
+from flmm_lightning.metrics.summed import SummedMetric
 
 
-class KeywordSelectionMetric(Metric):
+class KeywordSelectionMetric(SummedMetric):
     """Precision, recall and F1 of selected phrases, per token and per phrase.
 
     ``update(pred_spans, target_spans)`` takes one text's phrases as half-open ``(start, end)`` spans, each
@@ -31,12 +30,6 @@ class KeywordSelectionMetric(Metric):
     :class:`~flmm_lightning.metrics.ReferringSegmentationMetric`.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-    plot_lower_bound = 0.0
-    plot_upper_bound = 1.0
-
     token_hits: Tensor
     token_pred: Tensor
     token_target: Tensor
@@ -44,8 +37,8 @@ class KeywordSelectionMetric(Metric):
     phrase_pred: Tensor
     phrase_target: Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    sum_states = {
+        name: ((), torch.int64)
         for name in (
             "token_hits",
             "token_pred",
@@ -53,26 +46,11 @@ class KeywordSelectionMetric(Metric):
             "phrase_hits",
             "phrase_pred",
             "phrase_target",
-        ):
-            self.add_state(name, torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        )
+    }
 
     def update(self, pred_spans: Sequence[tuple[int, int]], target_spans: Sequence[tuple[int, int]]) -> None:
-        token_hits, token_pred, token_target, phrase_hits, phrase_pred, phrase_target = (
-            count.to(self.device) for count in _keyword_selection_update(pred_spans, target_spans)
-        )
-        self.token_hits += token_hits
-        self.token_pred += token_pred
-        self.token_target += token_target
-        self.phrase_hits += phrase_hits
-        self.phrase_pred += phrase_pred
-        self.phrase_target += phrase_target
+        self.add(_keyword_selection_update(pred_spans, target_spans))
 
     def compute(self) -> dict[str, float]:
-        return _keyword_selection_compute(
-            self.token_hits,
-            self.token_pred,
-            self.token_target,
-            self.phrase_hits,
-            self.phrase_pred,
-            self.phrase_target,
-        )
+        return _keyword_selection_compute(*self.sums())

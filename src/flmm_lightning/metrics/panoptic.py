@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from flmm_lightning.metrics.functional import (
     PNG_SUBSETS,
     _panoptic_narrative_compute,
     _panoptic_narrative_update,
 )
+from flmm_lightning.metrics.summed import SummedMetric
 
 
-class PanopticNarrativeRecall(Metric):
+class PanopticNarrativeRecall(SummedMetric):
     """Average recall of per-object mask IoU, as the PNG benchmark reports it.
 
     ``update(pred_masks, gt_masks, is_thing, is_plural)`` takes boolean ``[n, H, W]`` masks and boolean
@@ -39,35 +37,20 @@ class PanopticNarrativeRecall(Metric):
     ``on_validation_epoch_end`` on every rank, ``self.log_dict`` of the floats, then ``reset()``.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-    plot_lower_bound = 0.0
-    plot_upper_bound = 1.0
-
     recall_counts: Tensor
     num_objects: Tensor
     hits: Tensor
     pixel_acc_sum: Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        num_subsets = len(PNG_SUBSETS)
-        self.add_state("recall_counts", torch.zeros(num_subsets, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("num_objects", torch.zeros(num_subsets, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("hits", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("pixel_acc_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+    sum_states = {
+        "recall_counts": ((len(PNG_SUBSETS),), torch.int64),
+        "num_objects": ((len(PNG_SUBSETS),), torch.int64),
+        "hits": ((), torch.int64),
+        "pixel_acc_sum": ((), torch.float64),
+    }
 
     def update(self, pred_masks: Tensor, gt_masks: Tensor, is_thing: Tensor, is_plural: Tensor) -> None:
-        recall_counts, num_objects, hits, pixel_acc_sum = _panoptic_narrative_update(
-            pred_masks, gt_masks, is_thing, is_plural
-        )
-        self.recall_counts += recall_counts
-        self.num_objects += num_objects
-        self.hits += hits
-        self.pixel_acc_sum += pixel_acc_sum
+        self.add(_panoptic_narrative_update(pred_masks, gt_masks, is_thing, is_plural))
 
     def compute(self) -> dict[str, float]:
-        return _panoptic_narrative_compute(
-            self.recall_counts, self.num_objects, self.hits, self.pixel_acc_sum
-        )
+        return _panoptic_narrative_compute(*self.sums())

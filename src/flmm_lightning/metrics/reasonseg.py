@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from flmm_lightning.metrics.functional import REASONSEG_SUBSETS, _reasonseg_compute, _reasonseg_update
+from flmm_lightning.metrics.summed import SummedMetric
 
 
-class ReasonSegMetric(Metric):
+class ReasonSegMetric(SummedMetric):
     """Mask IoU statistics over every query of a ReasonSeg split.
 
     ``update(pred_masks, gt_masks, is_sentence, ignore_masks=None)`` takes boolean ``[n, H, W]`` masks of
@@ -32,35 +30,22 @@ class ReasonSegMetric(Metric):
     ``on_validation_epoch_end`` on every rank, ``self.log_dict`` of the floats, then ``reset()``.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-    plot_lower_bound = 0.0
-    plot_upper_bound = 1.0
-
     intersection: Tensor
     union: Tensor
     iou_sum: Tensor
     num_queries: Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        num_subsets = len(REASONSEG_SUBSETS)
-        self.add_state("intersection", torch.zeros(num_subsets, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("union", torch.zeros(num_subsets, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("iou_sum", torch.zeros(num_subsets, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("num_queries", torch.zeros(num_subsets, dtype=torch.int64), dist_reduce_fx="sum")
+    sum_states = {
+        "intersection": ((len(REASONSEG_SUBSETS),), torch.int64),
+        "union": ((len(REASONSEG_SUBSETS),), torch.int64),
+        "iou_sum": ((len(REASONSEG_SUBSETS),), torch.float64),
+        "num_queries": ((len(REASONSEG_SUBSETS),), torch.int64),
+    }
 
     def update(
         self, pred_masks: Tensor, gt_masks: Tensor, is_sentence: Tensor, ignore_masks: Tensor | None = None
     ) -> None:
-        intersection, union, iou_sum, num_queries = _reasonseg_update(
-            pred_masks, gt_masks, is_sentence, ignore_masks
-        )
-        self.intersection += intersection
-        self.union += union
-        self.iou_sum += iou_sum
-        self.num_queries += num_queries
+        self.add(_reasonseg_update(pred_masks, gt_masks, is_sentence, ignore_masks))
 
     def compute(self) -> dict[str, float]:
-        return _reasonseg_compute(self.intersection, self.union, self.iou_sum, self.num_queries)
+        return _reasonseg_compute(*self.sums())

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from flmm_lightning.metrics.functional import (
     PR_THRESHOLDS,
     _referring_segmentation_compute,
     _referring_segmentation_update,
 )
+from flmm_lightning.metrics.summed import SummedMetric
 
 
-class ReferringSegmentationMetric(Metric):
+class ReferringSegmentationMetric(SummedMetric):
     """Mask IoU statistics over every object of a split.
 
     ``update(pred_masks, gt_masks)`` takes boolean ``[n, H, W]`` tensors (the objects of one image, or any
@@ -40,35 +38,22 @@ class ReferringSegmentationMetric(Metric):
             self.val_res.reset()
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-    plot_lower_bound = 0.0
-    plot_upper_bound = 1.0
-
     intersection: Tensor
     union: Tensor
     iou_sum: Tensor
     hits: Tensor
     num_objects: Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("intersection", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("union", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("iou_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("hits", torch.zeros(len(PR_THRESHOLDS), dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("num_objects", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+    sum_states = {
+        "intersection": ((), torch.int64),
+        "union": ((), torch.int64),
+        "iou_sum": ((), torch.float64),
+        "hits": ((len(PR_THRESHOLDS),), torch.int64),
+        "num_objects": ((), torch.int64),
+    }
 
     def update(self, pred_masks: Tensor, gt_masks: Tensor) -> None:
-        intersection, union, iou_sum, hits, num_objects = _referring_segmentation_update(pred_masks, gt_masks)
-        self.intersection += intersection
-        self.union += union
-        self.iou_sum += iou_sum
-        self.hits += hits
-        self.num_objects += num_objects
+        self.add(_referring_segmentation_update(pred_masks, gt_masks))
 
     def compute(self) -> dict[str, float]:
-        return _referring_segmentation_compute(
-            self.intersection, self.union, self.iou_sum, self.hits, self.num_objects
-        )
+        return _referring_segmentation_compute(*self.sums())
