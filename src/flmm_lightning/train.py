@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -120,9 +121,17 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if trainer.is_global_zero and said_split:
         grounder = Grounder(module.model, prompt_builder, cfg.sam.image_size)
         narratives = datamodule.test_sets[split_name(said_split)]
-        results["ground_what_you_say"] = ground_what_you_say(
-            grounder, map(narratives.__getitem__, range(len(narratives)))
-        )
+        said = ground_what_you_say(grounder, map(narratives.__getitem__, range(len(narratives))))
+        results["ground_what_you_say"] = said
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {
+                    f"ground_what_you_say/{name}": value
+                    for name, value in said.items()
+                    if not math.isnan(value)
+                },
+                step=trainer.global_step,
+            )
     baseline_split = cfg.get("whole_image_baseline_split")
     if baseline_split:
         results["baseline_whole_image"] = whole_image_baseline(
