@@ -179,6 +179,23 @@ def test_lightning_refuses_a_mismatched_checkpoint_before_loading_anything(parts
         module.on_load_checkpoint({"state_dict": state})
 
 
+def test_the_keyword_selector_trains_at_its_own_learning_rate(parts, tiny_config):
+    module = fresh_module(parts)
+    optimizer = module.optimizer_factory(params=module.parameter_groups())
+    learning_rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert sorted(learning_rates) == sorted(id(p) for p in trainable)  # each once, none frozen
+    selector = {id(p) for p in module.model.lmm.keyword_selector.parameters()}
+    assert selector and tiny_config.module.keyword_selector_lr != tiny_config.module.optimizer.lr
+    for p in trainable:
+        expected = (
+            tiny_config.module.keyword_selector_lr if id(p) in selector else tiny_config.module.optimizer.lr
+        )
+        assert learning_rates[id(p)] == expected
+    module.keyword_selector_lr = None
+    assert [len(group["params"]) for group in module.parameter_groups()] == [len(trainable)]
+
+
 def test_schedule_warms_up_then_decays_to_zero():
     total = 1000
     factors = [warmup_cosine_factor(step, total, 0.03, 1e-5) for step in range(total + 1)]

@@ -75,10 +75,12 @@ class FLMMModule(LightningModule):
         max_consecutive_nonfinite: int = 10,
         eval_heads_fp32: bool = True,
         keyword_selector_weight: float = 1.0,
+        keyword_selector_lr: float | None = None,
     ) -> None:
         """``mask_head`` is called with the LMM's attention channels; the loss weights and
         ``eval_heads_fp32`` are the core's (``core.FLMM``; ``keyword_selector_weight`` weighs the keyword
-        selector's token loss on narrative samples when the LMM adapter has a selector);
+        selector's token loss on narrative samples when the LMM adapter has a selector;
+        ``keyword_selector_lr``, when set, is the selector's own learning rate, the optimizer's for the rest);
         ``max_consecutive_nonfinite`` is read by ``reliability.NonFiniteLossGuard``."""
         super().__init__()
         self.model = FLMM(
@@ -95,6 +97,7 @@ class FLMMModule(LightningModule):
             eval_heads_fp32=eval_heads_fp32,
         )
         self.optimizer_factory = optimizer
+        self.keyword_selector_lr = keyword_selector_lr
         self.warmup_ratio = warmup_ratio
         self.warmup_start_factor = warmup_start_factor
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
@@ -232,8 +235,20 @@ class FLMMModule(LightningModule):
         self._log_split_results("test")
 
     # ----------------------------------------------------------------------------------------- optimisation
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: every trainable parameter at the optimizer's learning rate, the
+        keyword selector's in a group of its own at ``keyword_selector_lr`` when that is set."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if self.keyword_selector_lr is None or not self.model.has_keyword_selector:
+            return [{"params": trainable}]
+        selector = {id(p) for p in self.model.lmm.keyword_selector.parameters()}
+        return [
+            {"params": [p for p in trainable if id(p) not in selector]},
+            {"params": [p for p in trainable if id(p) in selector], "lr": self.keyword_selector_lr},
+        ]
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        optimizer = self.optimizer_factory(params=self.parameter_groups())
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
