@@ -14,7 +14,8 @@ from flmm_lightning.data.bad_samples import ON_BAD_SAMPLE_CHOICES
 from flmm_lightning.data.refcoco import LEGACY_TEXT_MODES, TEXT_MODES
 from flmm_lightning.heads.sam_attention import ENCODER_ATTENTIONS
 from flmm_lightning.lmm.capture import CAPTURES
-from flmm_lightning.lmm.hf import MERGE_MODES, TORCH_DTYPES
+from flmm_lightning.lmm.hf import TORCH_DTYPES
+from flmm_lightning.lmm.readout import MERGE_MODES
 
 _DATASET_GROUPS = ("train_sets", "val_sets", "test_sets")
 # key -> allowed values; ``*`` stands for any dataset's name. Each list is the one the code itself accepts,
