@@ -98,6 +98,22 @@ def tiny_config(compose_config, tmp_path_factory: pytest.TempPathFactory):
     return compose_config(tiny_overrides(tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("run")))
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained model of the demo experiment (tiny Qwen2.5-VL with its keyword selector, tiny SAM), saved
+    the way training saves it: its trainable weights and its config. Shared by the session: read it, never
+    change it."""
+    import torch
+
+    from flmm_lightning.builders import build_module, run_config
+
+    torch.manual_seed(0)
+    module = build_module(tiny_config)
+    path = tmp_path_factory.mktemp("tiny_checkpoint") / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict(), "flmm_config": run_config(tiny_config)}, path)
+    return path
+
+
 def tiny_overrides(data_dir: Path, run_dir: Path) -> list[str]:
     return [
         "+experiment=demo",

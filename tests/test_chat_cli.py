@@ -20,7 +20,6 @@ from rich.console import Console
 from samples import make_sample
 
 from flmm_lightning import chat as chat_entry
-from flmm_lightning.builders import build_module, run_config
 from flmm_lightning.chat import chat
 from flmm_lightning.predict import Grounder
 from flmm_lightning.run_dirs import RunDirectoryInUseError
@@ -39,24 +38,22 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_config: DictConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained tiny model with its keyword selector, saved the way training saves it."""
-    torch.manual_seed(0)
-    module = build_module(tiny_config)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    torch.save({"state_dict": module.state_dict(), "flmm_config": run_config(tiny_config)}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("photo") / "shapes.png"
     make_sample(90, 130, [], 3).image.save(path)
     return path
 
 
-def chat_config(compose_config, checkpoint: Path, photo: Path, output_dir: Path, *extra: str) -> DictConfig:
-    overrides = [f"ckpt={checkpoint}", f"image={photo}", f"paths.output_dir={output_dir}", *SHORT, *extra]
+def chat_config(
+    compose_config, tiny_checkpoint: Path, photo: Path, output_dir: Path, *extra: str
+) -> DictConfig:
+    overrides = [
+        f"ckpt={tiny_checkpoint}",
+        f"image={photo}",
+        f"paths.output_dir={output_dir}",
+        *SHORT,
+        *extra,
+    ]
     return compose_config(overrides, config_name="chat")
 
 
@@ -65,16 +62,18 @@ def recording_console() -> Console:
 
 
 def test_one_question_writes_overlay_and_json_of_the_grounded_phrases(
-    compose_config: Callable[..., DictConfig], checkpoint: Path, photo: Path, tmp_path: Path
+    compose_config: Callable[..., DictConfig], tiny_checkpoint: Path, photo: Path, tmp_path: Path
 ) -> None:
     output_dir = tmp_path / "run"
     console = recording_console()
     (turn,) = chat(
-        chat_config(compose_config, checkpoint, photo, output_dir, f"question='{QUESTION}'"), None, console
+        chat_config(compose_config, tiny_checkpoint, photo, output_dir, f"question='{QUESTION}'"),
+        None,
+        console,
     )
     record = json.loads((output_dir / "turn_01.json").read_text())
     assert record["question"] == QUESTION and record["answer"] == turn.answer and turn.phrases
-    expected = Grounder.from_checkpoint(checkpoint, device="cpu").chat(
+    expected = Grounder.from_checkpoint(tiny_checkpoint, device="cpu").chat(
         photo, QUESTION, max_new_tokens=8, threshold=0.0
     )
     assert expected.answer == turn.answer
@@ -95,11 +94,11 @@ def test_one_question_writes_overlay_and_json_of_the_grounded_phrases(
 
 
 def test_interactive_turns_keep_the_conversation_until_exit(
-    compose_config: Callable[..., DictConfig], checkpoint: Path, photo: Path, tmp_path: Path
+    compose_config: Callable[..., DictConfig], tiny_checkpoint: Path, photo: Path, tmp_path: Path
 ) -> None:
     output_dir = tmp_path / "run"
     typed = io.StringIO(f"{QUESTION}\n\n   \nWhere is it?\nexit\nnever asked\n")
-    turns = chat(chat_config(compose_config, checkpoint, photo, output_dir), typed, recording_console())
+    turns = chat(chat_config(compose_config, tiny_checkpoint, photo, output_dir), typed, recording_console())
     assert [turn.question for turn in turns] == [QUESTION, "Where is it?"]
     assert sorted(path.name for path in output_dir.glob("turn_*")) == [
         "turn_01.json",
@@ -107,40 +106,40 @@ def test_interactive_turns_keep_the_conversation_until_exit(
         "turn_02.json",
         "turn_02_overlay.png",
     ]
-    grounder = Grounder.from_checkpoint(checkpoint, device="cpu")
+    grounder = Grounder.from_checkpoint(tiny_checkpoint, device="cpu")
     second = grounder.chat(photo, "Where is it?", history=turns[:1], max_new_tokens=8, threshold=0.0)
     assert second.answer == turns[1].answer
 
 
 def test_a_bad_turn_is_reported_and_the_chat_goes_on(
-    compose_config: Callable[..., DictConfig], checkpoint: Path, photo: Path, tmp_path: Path
+    compose_config: Callable[..., DictConfig], tiny_checkpoint: Path, photo: Path, tmp_path: Path
 ) -> None:
     console = recording_console()
     typed = io.StringIO(f"{QUESTION}\n")
     cfg = chat_config(
-        compose_config, checkpoint, photo, tmp_path / "run", "selector=given", "phrases=[zebra crossing]"
+        compose_config, tiny_checkpoint, photo, tmp_path / "run", "selector=given", "phrases=[zebra crossing]"
     )
     assert chat(cfg, typed, console) == []
     assert "does not occur in the answer" in console.export_text()
 
 
 def test_chat_refuses_a_folder_of_another_run(
-    compose_config: Callable[..., DictConfig], checkpoint: Path, photo: Path, tmp_path: Path
+    compose_config: Callable[..., DictConfig], tiny_checkpoint: Path, photo: Path, tmp_path: Path
 ) -> None:
     output_dir = tmp_path / "run"
     output_dir.mkdir()
     (output_dir / "metrics.json").write_text("{}")
-    cfg = chat_config(compose_config, checkpoint, photo, output_dir, f"question='{QUESTION}'")
+    cfg = chat_config(compose_config, tiny_checkpoint, photo, output_dir, f"question='{QUESTION}'")
     with pytest.raises(RunDirectoryInUseError):
         chat(cfg)
 
 
 def test_an_empty_question_ends_the_cli_with_one_line(
-    checkpoint: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     argv = [
         "chat",
-        f"ckpt={checkpoint}",
+        f"ckpt={tiny_checkpoint}",
         f"image={photo}",
         "question=' '",
         f"hydra.run.dir={tmp_path / 'run'}",

@@ -22,11 +22,13 @@ from flmm_lightning.assets.sam import TINY_SAM_FILE
 from flmm_lightning.builders import (
     ConfigError,
     build_module,
+    check_resume,
     load_checkpoint,
     module_from_checkpoint,
     run_config,
 )
 from flmm_lightning.config import config_on_this_machine
+from flmm_lightning.core import CheckpointMismatchError
 from flmm_lightning.data.synthetic import REFCOCO_DATASET, REFCOCO_SPLIT_BY, write_synthetic_dataset
 from flmm_lightning.eval import evaluate
 from flmm_lightning.eval import main as eval_main
@@ -221,6 +223,27 @@ def test_checkpoint_config_reading_outside_its_sections_is_refused(
     stored["model"][key] = value
     with pytest.raises(ValueError, match=rf"^x\.ckpt: model\.{key} = "):
         config_on_this_machine(stored, {}, source="x.ckpt")
+
+
+def test_resume_compares_the_pretrained_weights_as_resolved_here(
+    tiny_config: DictConfig, tmp_path: Path
+) -> None:
+    """The checkpoint names its LMM through interpolations (``${paths.checkpoint_dir}/${model.name}``); a
+    resume that spells the same folder out continues it, one that names another folder is refused."""
+    stored = run_config(tiny_config)
+    stored["model"]["pretrained"] = "${paths.checkpoint_dir}/${model.name}"
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}, "flmm_config": stored}, checkpoint)
+    weights = tmp_path / "weights"
+    here = {"checkpoint_dir": str(weights), "cache_dir": str(tmp_path / "cache")}
+
+    def run_with(pretrained: Path) -> dict[str, Any]:
+        return {**stored, "model": {**stored["model"], "pretrained": str(pretrained)}}
+
+    check_resume(checkpoint, run_with(weights / tiny_config.model.name), here)
+    mismatch = rf"model\.pretrained: '{tiny_config.model.name}' in the checkpoint, 'other' in this run"
+    with pytest.raises(CheckpointMismatchError, match=mismatch):
+        check_resume(checkpoint, run_with(weights / "other"), here)
 
 
 def test_a_tiny_sam_checkpoint_from_before_the_move_to_assets_loads_and_builds_its_assets(

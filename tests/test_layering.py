@@ -54,7 +54,7 @@ def test_data_importing_lmm_breaks_the_layers_contract(tmp_path: Path) -> None:
     copy = tmp_path / "src" / "flmm_lightning"
     shutil.copytree(SOURCE, copy, ignore=shutil.ignore_patterns("__pycache__"))
     batch = copy / "data" / "batch.py"
-    batch.write_text(batch.read_text() + "\nfrom flmm_lightning.lmm.hf import ChatPromptBuilder  # noqa\n")
+    batch.write_text(batch.read_text() + "\nfrom flmm_lightning.lmm.hf import HFGroundingAdapter  # noqa\n")
     result = lint_imports(copy.parent)
     assert result.returncode != 0
     assert "BROKEN" in result.stdout and "flmm_lightning.data.batch -> flmm_lightning.lmm.hf" in result.stdout

@@ -18,7 +18,8 @@ from transformers import AutoConfig
 from flmm_lightning.boundaries import ContextOverflowError
 from flmm_lightning.builders import build_datamodule, build_module, build_prompt_builder, load_checkpoint
 from flmm_lightning.config import CONF_DIR
-from flmm_lightning.lmm.hf import ChatPromptBuilder, HFGroundingAdapter
+from flmm_lightning.lmm.hf import HFGroundingAdapter
+from flmm_lightning.lmm.prompting import ChatPromptBuilder
 from flmm_lightning.train import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

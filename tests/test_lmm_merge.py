@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from flmm_lightning.lmm.hf import tokens_by_object
-from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter
+from flmm_lightning.lmm.readout import merge_object_tokens, tokens_by_object
 
 
 @pytest.mark.parametrize("merge", ["mean", "max"])
@@ -20,7 +17,7 @@ def test_merge_equals_the_per_object_loop(merge: str):
     assert counts == [2, 3, 1]
     assert order.tolist() == [1, 4, 0, 2, 5, 3]  # grouped by object, sequence order within one
 
-    merged = Qwen2VLAdapter._merge_tokens(SimpleNamespace(merge=merge), attn, order, counts)  # [n, L, H, N]
+    merged = merge_object_tokens(attn, order, counts, merge)  # [n, L, H, N]
     for k in range(3):
         tokens = attn[:, :, token_objects == k]  # [L, H, t_k, N]
         expected = tokens.mean(dim=2) if merge == "mean" else tokens.amax(dim=2)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from samples import make_sample, png_like
 
-from flmm_lightning.assets import ensure_tiny_qwen3_vl, tiny_qwen3_vl_config
+from flmm_lightning.assets import build_tiny_qwen3_vl_processor, ensure_tiny_qwen3_vl, tiny_qwen3_vl_config
 from flmm_lightning.lmm.qwen3_vl import Qwen3VLAdapter, Qwen3VLPromptBuilder
 
 IMAGE_PAD, VISION_START, VISION_END = 151655, 151652, 151653
@@ -67,6 +67,24 @@ def test_attention_channels_are_layers_times_heads(tiny_dir):
     text = tiny_qwen3_vl_config().text_config
     assert adapter.attention_channels == text.num_hidden_layers * text.num_attention_heads == 16
     assert type(adapter.model).__name__ == "Qwen3VLForConditionalGeneration"
+
+
+def test_tiny_config_has_what_the_family_needs():
+    """What Qwen3-VL differs in from Qwen2.5-VL, on the tiny variant: the processor's 16-px patches and 2x2
+    merge are the vision tower's, DeepStack feeds the first decoder layers from vision blocks, the
+    interleaved M-RoPE sections cover head_dim/2 frequencies, the merged tokens have the decoder's width."""
+    config = tiny_qwen3_vl_config()
+    text, vision = config.text_config, config.vision_config
+    image_processor = build_tiny_qwen3_vl_processor().image_processor
+    assert vision.patch_size == image_processor.patch_size == PATCH
+    assert vision.spatial_merge_size == image_processor.merge_size == MERGE
+    assert vision.temporal_patch_size == image_processor.temporal_patch_size
+    assert all(0 <= i < vision.depth for i in vision.deepstack_visual_indexes)
+    assert len(vision.deepstack_visual_indexes) <= text.num_hidden_layers
+    assert text.rope_parameters["mrope_interleaved"]
+    assert sum(text.rope_parameters["mrope_section"]) * 2 == text.head_dim
+    assert vision.out_hidden_size == text.hidden_size
+    assert not hasattr(vision, "fullatt_block_indexes")  # no windowed attention, unlike Qwen2.5-VL
 
 
 def test_adapter_refuses_another_family(tmp_path):

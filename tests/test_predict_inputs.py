@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from flmm_lightning.builders import build_module, run_config
 from flmm_lightning.data import RefCocoDataset
 from flmm_lightning.data.images import UnreadableImageError, as_displayed, load_photo, to_rgb
 from flmm_lightning.masks import mask_scores
@@ -44,18 +43,8 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_config: DictConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained tiny model saved the way training saves it (its weights and its config)."""
-    torch.manual_seed(0)
-    module = build_module(tiny_config)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    torch.save({"state_dict": module.state_dict(), "flmm_config": run_config(tiny_config)}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def grounder(checkpoint: Path) -> Grounder:
-    return Grounder.from_checkpoint(checkpoint, device="cpu")
+def grounder(tiny_checkpoint: Path) -> Grounder:
+    return Grounder.from_checkpoint(tiny_checkpoint, device="cpu")
 
 
 @pytest.fixture
@@ -91,7 +80,7 @@ def test_sideways_phone_photo_is_grounded_as_displayed(
     grounder: Grounder,
     sideways_photo: tuple[Path, np.ndarray],
     compose_config,
-    checkpoint: Path,
+    tiny_checkpoint: Path,
     tmp_path: Path,
 ) -> None:
     path, stored = sideways_photo
@@ -108,7 +97,7 @@ def test_sideways_phone_photo_is_grounded_as_displayed(
     assert torch.equal(from_path.masks, from_pil.masks)
 
     overlay_path, json_path = predict(
-        predict_config(compose_config, checkpoint, path, tmp_path / "run", "[the man]")
+        predict_config(compose_config, tiny_checkpoint, path, tmp_path / "run", "[the man]")
     )
     with Image.open(overlay_path) as overlay:
         assert overlay.size == (width, height)
@@ -200,7 +189,7 @@ def test_sixteen_bit_photo_is_grounded_in_its_range(grounder: Grounder, tmp_path
 
 # ---- phrases -----------------------------------------------------------------------------------------------
 def test_a_plain_string_is_one_phrase(
-    grounder: Grounder, compose_config, checkpoint: Path, tmp_path: Path
+    grounder: Grounder, compose_config, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     image = Image.new("RGB", (64, 48), (120, 90, 60))
     grounding = grounder.ground(image, "a person")
@@ -210,7 +199,7 @@ def test_a_plain_string_is_one_phrase(
     image.save(image_path)
     # what the shell passes for phrases='a person'
     _, json_path = predict(
-        predict_config(compose_config, checkpoint, image_path, tmp_path / "run", "a person")
+        predict_config(compose_config, tiny_checkpoint, image_path, tmp_path / "run", "a person")
     )
     assert [record["phrase"] for record in json.loads(json_path.read_text())["objects"]] == ["a person"]
 
@@ -249,12 +238,12 @@ def test_unreadable_image_is_named_by_grounder(grounder: Grounder, broken_image:
 
 
 def test_unreadable_image_ends_predict_with_one_line(
-    broken_image: Path, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    broken_image: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The CLI (Hydra's main) exits with one line naming the file, before the model is loaded."""
     argv = [
         "predict",
-        f"ckpt={checkpoint}",
+        f"ckpt={tiny_checkpoint}",
         f"image={broken_image}",
         "phrases=a man",
         f"hydra.run.dir={tmp_path / 'run'}",

@@ -197,26 +197,30 @@ def _upgraded(stored: dict[str, Any]) -> dict[str, Any]:
     return stored
 
 
-def model_identity(config: dict[str, Any]) -> dict[str, Any]:
+def model_identity(config: DictConfig) -> dict[str, Any]:
     """What makes two runs the same model beyond tensor shapes: the LMM adapter (family), the model's name,
     its pretrained weights (the last path component: a hub id and a local copy of it agree) and the SAM
-    variant. (Layers x heads are the U-Net's input channels: loading the weights compares those shapes.)"""
-    pretrained = str(config["model"].get("pretrained", "")).rstrip("/")
-    if pretrained.startswith("${flmm_asset:"):  # a tiny asset, stored portably: its name
-        pretrained = pretrained.removeprefix("${flmm_asset:").split(",", 1)[0]
+    variant. (Layers x heads are the U-Net's input channels: loading the weights compares those shapes.)
+    ``config``: a model-defining config on this machine (``config.config_on_this_machine``), so values are
+    compared resolved, however they are written (a tiny asset's resolver, ``${paths.*}``, another key)."""
+    pretrained = str(OmegaConf.select(config, "model.pretrained", default="")).rstrip("/")
     return {
-        "model.lmm._target_": config["model"].get("lmm", {}).get("_target_"),
-        "model.name": config["model"].get("name"),
+        "model.lmm._target_": OmegaConf.select(config, "model.lmm._target_"),
+        "model.name": OmegaConf.select(config, "model.name"),
         "model.pretrained": pretrained.rsplit("/", 1)[-1],
-        "sam.name": config["sam"].get("name"),
+        "sam.name": OmegaConf.select(config, "sam.name"),
     }
 
 
-def check_resume(path: str | Path, config: dict[str, Any]) -> None:
+def check_resume(
+    path: str | Path, config: dict[str, Any], paths: DictConfig | Mapping[str, Any] | None = None
+) -> None:
     """A resume must continue the same model: the checkpoint's stored config must pass ``safe_config`` and
-    name the LMM and SAM of this run (``config``: its ``run_config``). Lightning then loads its state."""
+    name the LMM and SAM of this run (``config``: its ``run_config``), both read with this machine's
+    ``paths`` (the defaults when None). Lightning then loads its state."""
     stored = _stored_config(load_checkpoint(path), path)
-    stored_identity, identity = model_identity(stored), model_identity(config)
+    stored_identity = model_identity(config_on_this_machine(stored, paths, source=str(path)))
+    identity = model_identity(config_on_this_machine(config, paths, source="this run"))
     mismatches = [
         f"{key}: {stored_identity[key]!r} in the checkpoint, {identity[key]!r} in this run"
         for key in identity

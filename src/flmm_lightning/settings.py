@@ -11,10 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from flmm_lightning.builders import ConfigError
 from flmm_lightning.data.bad_samples import ON_BAD_SAMPLE_CHOICES
-from flmm_lightning.data.refcoco import LEGACY_TEXT_MODES, TEXT_MODES
+from flmm_lightning.data.refcoco import ACCEPTED_TEXT_MODES
 from flmm_lightning.heads.sam_attention import ENCODER_ATTENTIONS
 from flmm_lightning.lmm.capture import CAPTURES
-from flmm_lightning.lmm.hf import MERGE_MODES, TORCH_DTYPES
+from flmm_lightning.lmm.hf import TORCH_DTYPES
+from flmm_lightning.lmm.readout import MERGE_MODES
 
 _DATASET_GROUPS = ("train_sets", "val_sets", "test_sets")
 # key -> allowed values; ``*`` stands for any dataset's name. Each list is the one the code itself accepts,
@@ -25,7 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.lmm.merge": MERGE_MODES,
     "model.lmm.torch_dtype": ("auto", *TORCH_DTYPES),
     "sam.refiner.encoder_attention": ENCODER_ATTENTIONS,
-    **{f"data.{group}.*.text_mode": (*TEXT_MODES, *LEGACY_TEXT_MODES) for group in _DATASET_GROUPS},
+    **{f"data.{group}.*.text_mode": ACCEPTED_TEXT_MODES for group in _DATASET_GROUPS},
     **{f"data.{group}.*.on_bad_sample": ON_BAD_SAMPLE_CHOICES for group in _DATASET_GROUPS},
 }
 

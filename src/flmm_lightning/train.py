@@ -88,7 +88,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     claim_run_dir(output_dir, ckpt_path)
     stored = run_config(cfg)
     if ckpt_path:
-        check_resume(ckpt_path, stored)
+        check_resume(ckpt_path, stored, cfg.paths)
     mark_latest(output_dir)
     metrics_path = output_dir / "metrics.json"
     prompt_builder = build_prompt_builder(cfg)

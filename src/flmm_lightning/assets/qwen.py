@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from transformers import (
     Qwen2_5_VLConfig,
@@ -20,6 +21,7 @@ from flmm_lightning.assets.store import DEFAULT_INITIALIZER_RANGE, DEFAULT_SEED,
 from flmm_lightning.assets.text_tokenizers import build_qwen2_5_vl_tokenizer, build_qwen3_vl_tokenizer
 
 QWEN2_5_VL_VOCAB_SIZE = 151936  # embedding rows of the released checkpoints (padded beyond the tokenizer)
+TINY_TEXT_HIDDEN, TINY_TEXT_HEADS = 64, 4
 
 QWEN2_5_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
@@ -55,48 +57,43 @@ def build_tiny_qwen2_5_vl_processor() -> Qwen2_5_VLProcessor:
     )
 
 
-def tiny_qwen2_5_vl_config(initializer_range: float = DEFAULT_INITIALIZER_RANGE) -> Qwen2_5_VLConfig:
-    """Qwen2.5-VL-3B's architecture scaled down: 4 decoder layers, 4 heads on 2 kv heads (GQA), hidden 64."""
-    text_hidden, text_heads = 64, 4
-    head_dim = text_hidden // text_heads
-    # M-RoPE splits head_dim/2 rotary frequencies into (temporal, height, width) like the released 16:24:24.
-    mrope_section = [2, 3, 3]
-    assert sum(mrope_section) == head_dim // 2
+def tiny_qwen_vl_config(
+    config_class: type[Qwen2_5_VLConfig] | type[Qwen3VLConfig],
+    initializer_range: float,
+    text: dict[str, Any],
+    vision: dict[str, Any],
+) -> Qwen2_5_VLConfig | Qwen3VLConfig:
+    """The scaled-down layout the Qwen2.5-VL and Qwen3-VL families share, with a family's own ``text`` and
+    ``vision`` settings added: 4 decoder layers, 4 heads on 2 kv heads (GQA), hidden 64, the released
+    vocabulary and token ids; a vision tower 64 wide that merges 2x2 patches into one token of the decoder's
+    width."""
     text_config = dict(
         vocab_size=QWEN2_5_VL_VOCAB_SIZE,
-        hidden_size=text_hidden,
+        hidden_size=TINY_TEXT_HIDDEN,
         intermediate_size=128,
         num_hidden_layers=4,
-        num_attention_heads=text_heads,
+        num_attention_heads=TINY_TEXT_HEADS,
         num_key_value_heads=2,
         hidden_act="silu",
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
-        use_sliding_window=False,
-        max_window_layers=4,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section},
         initializer_range=initializer_range,
         bos_token_id=151643,
         eos_token_id=151645,
         dtype="float32",
+        **text,
     )
     vision_config = dict(
-        depth=2,
         hidden_size=64,
         intermediate_size=128,
         num_heads=4,
-        hidden_act="silu",
-        patch_size=14,
         spatial_merge_size=2,
         temporal_patch_size=2,
-        # 56 px = 2x2 merged tokens per window; the last block attends over the whole image, as in the release
-        window_size=56,
-        fullatt_block_indexes=[1],
-        out_hidden_size=text_hidden,
-        tokens_per_second=2,
+        out_hidden_size=TINY_TEXT_HIDDEN,
         initializer_range=initializer_range,
+        **vision,
     )
-    return Qwen2_5_VLConfig(
+    return config_class(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=151655,
@@ -106,6 +103,29 @@ def tiny_qwen2_5_vl_config(initializer_range: float = DEFAULT_INITIALIZER_RANGE)
         tie_word_embeddings=True,
         dtype="float32",
     )
+
+
+def tiny_qwen2_5_vl_config(initializer_range: float = DEFAULT_INITIALIZER_RANGE) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-3B's architecture scaled down (``tiny_qwen_vl_config``): 2 vision blocks over 14-px patches
+    attending within windows, the last over the whole image."""
+    # M-RoPE splits head_dim/2 rotary frequencies into (temporal, height, width) like the released 16:24:24.
+    mrope_section = [2, 3, 3]
+    assert sum(mrope_section) == TINY_TEXT_HIDDEN // TINY_TEXT_HEADS // 2
+    text = dict(
+        use_sliding_window=False,
+        max_window_layers=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section},
+    )
+    vision = dict(
+        depth=2,
+        hidden_act="silu",
+        patch_size=14,
+        # 56 px = 2x2 merged tokens per window; the last block attends over the whole image, as in the release
+        window_size=56,
+        fullatt_block_indexes=[1],
+        tokens_per_second=2,
+    )
+    return tiny_qwen_vl_config(Qwen2_5_VLConfig, initializer_range, text, vision)
 
 
 def build_tiny_qwen2_5_vl(
@@ -164,58 +184,29 @@ def build_tiny_qwen3_vl_processor() -> Qwen3VLProcessor:
 
 
 def tiny_qwen3_vl_config(initializer_range: float = DEFAULT_INITIALIZER_RANGE) -> Qwen3VLConfig:
-    """Qwen3-VL-2B's architecture scaled down: 4 decoder layers, 4 heads on 2 kv heads (GQA), head_dim 16;
-    a 3-block vision tower whose first two blocks feed the first two decoder layers (DeepStack)."""
-    text_hidden, text_heads, head_dim = 64, 4, 16
+    """Qwen3-VL-2B's architecture scaled down (``tiny_qwen_vl_config``), head_dim 16; a 3-block vision tower
+    over 16-px patches whose first two blocks feed the first two decoder layers (DeepStack)."""
+    head_dim = 16
     # Interleaved M-RoPE over head_dim/2 frequencies, (temporal, height, width) like the released 24:20:20.
     mrope_section = [4, 2, 2]
     assert sum(mrope_section) == head_dim // 2
-    text_config = dict(
-        vocab_size=QWEN2_5_VL_VOCAB_SIZE,
-        hidden_size=text_hidden,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=text_heads,
-        num_key_value_heads=2,
+    text = dict(
         head_dim=head_dim,
-        hidden_act="silu",
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 5000000.0,
             "mrope_section": mrope_section,
             "mrope_interleaved": True,
         },
-        initializer_range=initializer_range,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        dtype="float32",
     )
-    vision_config = dict(
+    vision = dict(
         depth=3,
-        hidden_size=64,
-        intermediate_size=128,
-        num_heads=4,
         hidden_act="gelu_pytorch_tanh",
         patch_size=16,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        out_hidden_size=text_hidden,
         num_position_embeddings=144,  # a 12x12 learned position grid, resampled to each image
         deepstack_visual_indexes=[0, 1],
-        initializer_range=initializer_range,
     )
-    return Qwen3VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=151655,
-        video_token_id=151656,
-        vision_start_token_id=151652,
-        vision_end_token_id=151653,
-        tie_word_embeddings=True,
-        dtype="float32",
-    )
+    return tiny_qwen_vl_config(Qwen3VLConfig, initializer_range, text, vision)
 
 
 def build_tiny_qwen3_vl(

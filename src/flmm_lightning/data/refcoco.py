@@ -28,6 +28,8 @@ TextMode = Literal["random_once", "random_per_epoch", "first", "all"]
 TEXT_MODES: tuple[str, ...] = ("random_once", "random_per_epoch", "first", "all")
 # Earlier names, still read from the configs stored in older checkpoints: same behaviour as before.
 LEGACY_TEXT_MODES: dict[str, str] = {"select_first": "first", "random": "random_per_epoch"}
+# Every value a config may hold: the current names and the earlier ones.
+ACCEPTED_TEXT_MODES: tuple[str, ...] = (*TEXT_MODES, *LEGACY_TEXT_MODES)
 
 
 def decode_segmentation(segmentation: list | dict, height: int, width: int) -> np.ndarray:
@@ -115,10 +117,10 @@ class RefCocoDataset(Dataset):
         seed: int = 0,
         strip_sentences: bool = False,
     ) -> None:
-        text_mode = LEGACY_TEXT_MODES.get(text_mode, text_mode)
-        if text_mode not in TEXT_MODES:
+        if text_mode not in ACCEPTED_TEXT_MODES:
             hint = " (the reference's concat mode is group_by_image=True)" if text_mode == "concat" else ""
             raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}{hint}")
+        text_mode = LEGACY_TEXT_MODES.get(text_mode, text_mode)
         self.on_bad_sample = check_on_bad_sample(on_bad_sample)
         self.text_mode = text_mode
         self.strip_sentences = strip_sentences

@@ -12,7 +12,7 @@ from typing import Any
 from flmm_lightning.lmm.base import FrozenLMM
 
 _LAZY = {
-    "ChatPromptBuilder": "flmm_lightning.lmm.hf",
+    "ChatPromptBuilder": "flmm_lightning.lmm.prompting",
     "HFGroundingAdapter": "flmm_lightning.lmm.hf",
     "Qwen2VLAdapter": "flmm_lightning.lmm.qwen2_vl",
     "Qwen2VLPromptBuilder": "flmm_lightning.lmm.qwen2_vl",

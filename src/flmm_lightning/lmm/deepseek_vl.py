@@ -13,7 +13,8 @@ import math
 from typing import Any
 
 from flmm_lightning.boundaries import GroundingSample
-from flmm_lightning.lmm.hf import ChatPromptBuilder, EncodedImage, HFGroundingAdapter
+from flmm_lightning.lmm.hf import HFGroundingAdapter
+from flmm_lightning.lmm.prompting import ChatPromptBuilder, EncodedImage
 
 HIGH_RES_PIXELS = "high_res_pixel_values"
 

@@ -12,7 +12,8 @@ row-major cells of the ``crop_size / patch_size`` grid (24x24 for LLaVA-1.5), CL
 from __future__ import annotations
 
 from flmm_lightning.boundaries import GroundingSample
-from flmm_lightning.lmm.hf import ChatPromptBuilder, EncodedImage, HFGroundingAdapter
+from flmm_lightning.lmm.hf import HFGroundingAdapter
+from flmm_lightning.lmm.prompting import ChatPromptBuilder, EncodedImage
 
 
 class LlavaPromptBuilder(ChatPromptBuilder):

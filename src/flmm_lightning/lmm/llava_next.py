@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from flmm_lightning.boundaries import GroundingSample
 from flmm_lightning.lmm.compat import select_best_resolution, unpadded_features
-from flmm_lightning.lmm.hf import ChatPromptBuilder, EncodedImage, HFGroundingAdapter
+from flmm_lightning.lmm.hf import HFGroundingAdapter
+from flmm_lightning.lmm.prompting import ChatPromptBuilder, EncodedImage
 
 
 class LlavaNextPromptBuilder(ChatPromptBuilder):

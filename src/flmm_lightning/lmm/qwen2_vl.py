@@ -11,8 +11,9 @@ from torch import nn
 
 from flmm_lightning.boundaries import GroundingSample, LMMBatch
 from flmm_lightning.lmm import compat
-from flmm_lightning.lmm.hf import DEFAULT_INSTRUCTION, ChatPromptBuilder, EncodedImage, HFGroundingAdapter
+from flmm_lightning.lmm.hf import HFGroundingAdapter
 from flmm_lightning.lmm.packed_attention import PackedVisionAttention
+from flmm_lightning.lmm.prompting import DEFAULT_INSTRUCTION, ChatPromptBuilder, EncodedImage
 
 
 class Qwen2VLPromptBuilder(ChatPromptBuilder):
