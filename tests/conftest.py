@@ -124,17 +124,3 @@ def tiny_overrides(data_dir: Path, run_dir: Path) -> list[str]:
         "data.num_workers=0",
         "logger=csv",
     ]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_config, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained tiny model with its keyword selector, saved the way training saves it."""
-    import torch
-
-    from flmm_lightning.builders import build_module, run_config
-
-    torch.manual_seed(0)
-    module = build_module(tiny_config)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    torch.save({"state_dict": module.state_dict(), "flmm_config": run_config(tiny_config)}, path)
-    return path

@@ -17,7 +17,6 @@ from omegaconf import DictConfig
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from flmm_lightning.builders import build_module, run_config
 from flmm_lightning.data import ReasonSegDataset
 from flmm_lightning.eval import evaluate
 from flmm_lightning.predict import Grounder, PredictInputError, main, predict
@@ -37,18 +36,8 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_config: DictConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained tiny model (keyword selector included) saved the way training saves it."""
-    torch.manual_seed(0)
-    module = build_module(tiny_config)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    torch.save({"state_dict": module.state_dict(), "flmm_config": run_config(tiny_config)}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def grounder(checkpoint: Path) -> Grounder:
-    return Grounder.from_checkpoint(checkpoint, device="cpu")
+def grounder(tiny_checkpoint: Path) -> Grounder:
+    return Grounder.from_checkpoint(tiny_checkpoint, device="cpu")
 
 
 def reasonseg_figures(ious: list[tuple[int, int, bool]]) -> dict[str, float]:
@@ -63,7 +52,7 @@ def reasonseg_figures(ious: list[tuple[int, int, bool]]) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_eval_answers_each_query_and_scores_it_as_grounder_segment_does(
-    checkpoint: Path,
+    tiny_checkpoint: Path,
     grounder: Grounder,
     tiny_config: DictConfig,
     compose_config: Callable[..., DictConfig],
@@ -72,7 +61,7 @@ def test_eval_answers_each_query_and_scores_it_as_grounder_segment_does(
 ) -> None:
     data_dir = tiny_config.paths.data_dir
     overrides = [
-        f"ckpt={checkpoint}",
+        f"ckpt={tiny_checkpoint}",
         "data=synthetic_reasonseg",
         f"paths.data_dir={data_dir}",
         f"data.synthetic.num_train={tiny_config.data.synthetic.num_train}",
@@ -121,7 +110,7 @@ def test_eval_answers_each_query_and_scores_it_as_grounder_segment_does(
 
 @pytest.mark.slow
 def test_ddp_spawn_evaluation_of_reasoning_splits_equals_a_single_process(
-    checkpoint: Path,
+    tiny_checkpoint: Path,
     tiny_config: DictConfig,
     compose_config: Callable[..., DictConfig],
     tmp_path: Path,
@@ -133,7 +122,7 @@ def test_ddp_spawn_evaluation_of_reasoning_splits_equals_a_single_process(
 
     def evaluate_in(folder: Path, *extra: str) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
         overrides = [
-            f"ckpt={checkpoint}",
+            f"ckpt={tiny_checkpoint}",
             "data=synthetic_reasonseg",
             f"paths.data_dir={tiny_config.paths.data_dir}",
             f"data.synthetic.num_train={tiny_config.data.synthetic.num_train}",
@@ -157,7 +146,7 @@ def test_ddp_spawn_evaluation_of_reasoning_splits_equals_a_single_process(
 
 
 def test_predict_query_writes_the_answer_and_its_mask(
-    checkpoint: Path,
+    tiny_checkpoint: Path,
     grounder: Grounder,
     compose_config: Callable[..., DictConfig],
     fixtures_dir: Path,
@@ -166,7 +155,7 @@ def test_predict_query_writes_the_answer_and_its_mask(
     photo = fixtures_dir / PHOTO
     query = "the thing people stand on"
     overrides = [
-        f"ckpt={checkpoint}",
+        f"ckpt={tiny_checkpoint}",
         f"image={photo}",
         f"query={query}",
         f"max_new_tokens={MAX_NEW_TOKENS}",
