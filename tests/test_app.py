@@ -366,6 +366,9 @@ def browser_page(server: Server) -> Iterator:
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"], headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
+        # Every wait may span a model request, and a small shared machine can be slow to answer one.
+        page.set_default_timeout(120_000)
+        sync_api.expect.set_options(timeout=120_000)
         page.goto(server.url)
         yield page
         browser.close()

@@ -213,7 +213,9 @@ def test_wandb_offline_run_holds_metrics_and_overlay_panels(demo_run: DemoRun) -
             for item in record.history.item:
                 history.setdefault(item.key or "/".join(item.nested_key), []).append(item.value_json)
 
-    assert len(history["train/loss"]) == STEPS and "lr-AdamW" in history
+    # the learning rate of each parameter group (the heads', the keyword selector's)
+    assert len(history["train/loss"]) == STEPS
+    assert {"lr-AdamW/heads", "lr-AdamW/keyword_selector"} <= set(history)
     for split, values in demo_run.results.items():
         if not split.startswith("baseline_"):
             for name, value in values.items():

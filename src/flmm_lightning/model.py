@@ -242,9 +242,14 @@ class FLMMModule(LightningModule):
         if self.keyword_selector_lr is None or not self.model.has_keyword_selector:
             return [{"params": trainable}]
         selector = {id(p) for p in self.model.lmm.keyword_selector.parameters()}
+        # Named groups: the learning-rate monitor logs each under its name.
         return [
-            {"params": [p for p in trainable if id(p) not in selector]},
-            {"params": [p for p in trainable if id(p) in selector], "lr": self.keyword_selector_lr},
+            {"params": [p for p in trainable if id(p) not in selector], "name": "heads"},
+            {
+                "params": [p for p in trainable if id(p) in selector],
+                "lr": self.keyword_selector_lr,
+                "name": SELECTOR_TERM,
+            },
         ]
 
     def configure_optimizers(self) -> dict[str, Any]:
