@@ -14,7 +14,7 @@ from lightning import LightningModule
 from torch import nn
 
 from flmm_lightning.boundaries import GroundingSample
-from flmm_lightning.conversation import EmptyAnswerError, GroundingRunner, reason_and_segment
+from flmm_lightning.conversation import GroundingRunner
 from flmm_lightning.core import FLMM, SELECTOR_TERM, GroundingPrediction
 from flmm_lightning.data.batch import GroundingBatch
 from flmm_lightning.data.reasonseg import is_sentence_query
@@ -23,6 +23,7 @@ from flmm_lightning.heads.unet import UNetMaskHead
 from flmm_lightning.lmm.base import FrozenLMM
 from flmm_lightning.masks import mask_iou
 from flmm_lightning.metrics import SplitMetrics
+from flmm_lightning.reasoning import EmptyAnswerError, reason_and_segment
 from flmm_lightning.selection.targets import narrative_selection_spans
 
 # The core's state-dict keys inside this module's (``self.model``); checkpoints written before the core
@@ -107,7 +108,7 @@ class FLMMModule(LightningModule):
         self.eval_metrics = nn.ModuleDict()
         self._narrative_tokenizer: Any = None  # the LMM's tokenizer, to score the selector on narratives
         # Reasoning (``"reasonseg"``) splits: each query is answered by the frozen LMM through
-        # ``conversation.reason_and_segment`` (``Grounder.segment``'s path) with these keyword arguments
+        # ``reasoning.reason_and_segment`` (``Grounder.segment``'s path) with these keyword arguments
         # (``max_new_tokens``, ``tokens``, ``answer_prefix``, generation settings); the entry points set them.
         self.reasoning_settings: dict[str, Any] = {}
         self._reasoner: GroundingRunner | None = None

@@ -30,20 +30,13 @@ from torchvision.ops import masks_to_boxes
 from flmm_lightning.boundaries import GroundingSample, PromptBuilder
 from flmm_lightning.builders import ConfigError, build_prompt_builder, module_from_checkpoint, output_dir_of
 from flmm_lightning.config import CONF_DIR, register_resolvers
-from flmm_lightning.conversation import (
-    ChatInputError,
-    EmptyAnswerError,
-    GroundedAnswer,
-    GroundingRunner,
-    ReasonedSegmentation,
-    answer_and_ground,
-    reason_and_segment,
-)
+from flmm_lightning.conversation import ChatInputError, GroundedAnswer, GroundingRunner, answer_and_ground
 from flmm_lightning.core import FLMM
 from flmm_lightning.data.images import UnreadableImageError, as_displayed, load_photo
 from flmm_lightning.data.reasonseg import ANSWER_PREFIX
 from flmm_lightning.inspection import AttentionView, read_attention
 from flmm_lightning.masks import mask_scores
+from flmm_lightning.reasoning import EmptyAnswerError, ReasonedSegmentation, reason_and_segment
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
 from flmm_lightning.selection import KEYWORD_THRESHOLD
 from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups
