@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,19 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def intra_op_threads() -> int:
     """Intra-op threads for the tests that pin them (training runs): FLMM_TEST_THREADS, default 1."""
     return int(os.environ.get("FLMM_TEST_THREADS", "1"))
+
+
+@pytest.fixture(scope="module")
+def pinned_threads() -> Iterator[None]:
+    """``intra_op_threads()`` for the tests of a module that marks itself with
+    ``pytestmark = pytest.mark.usefixtures("pinned_threads")``: on a small machine shared with other jobs, two
+    spinning OpenMP threads made a CPU step several times slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(intra_op_threads())
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---- data fixtures ---------------------------------------------------------------------------------------

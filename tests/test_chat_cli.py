@@ -6,13 +6,11 @@ from __future__ import annotations
 import io
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import intra_op_threads
 from omegaconf import DictConfig
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -29,12 +27,7 @@ QUESTION = "What is in the image?"
 SHORT = ["generation.max_new_tokens=8", "threshold=0.0", "device=cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(intra_op_threads())
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("pinned_threads")
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,9 @@ from __future__ import annotations
 import copy
 import re
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import intra_op_threads
 from samples import make_sample
 
 from flmm_lightning.boundaries import ContextOverflowError
@@ -24,12 +22,7 @@ QUESTION = "What is in the image?"
 SHORT = {"max_new_tokens": 16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(intra_op_threads())
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("pinned_threads")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import intra_op_threads, tiny_overrides
+from conftest import tiny_overrides
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
@@ -63,14 +63,7 @@ def assert_same_results(actual: Results, expected: Results, tolerance: float = 1
             )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread unless FLMM_TEST_THREADS says otherwise: on a small machine shared with other
-    jobs, two spinning OpenMP threads made a CPU step several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(intra_op_threads())
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("pinned_threads")
 
 
 @dataclass

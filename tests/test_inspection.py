@@ -3,13 +3,12 @@ attention maps, the heat-map over the displayed image, the answer's words ranked
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import intra_op_threads, tiny_overrides
+from conftest import tiny_overrides
 from PIL import Image
 from samples import make_sample
 
@@ -28,12 +27,7 @@ FAMILIES = ["demo", "tiny_llava", "tiny_llava_next", "tiny_deepseek_vl"]
 PADDED = {"tiny_llava", "tiny_deepseek_vl"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(intra_op_threads())
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("pinned_threads")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -8,13 +8,12 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import intra_op_threads
 from fontTools.ttLib import TTFont
 from omegaconf import DictConfig
 from PIL import Image
@@ -34,12 +33,7 @@ EXIF_ORIENTATION = 0x0112
 ROTATE_CLOCKWISE = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(intra_op_threads())
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("pinned_threads")
 
 
 @pytest.fixture(scope="module")

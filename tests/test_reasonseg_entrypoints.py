@@ -6,13 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import intra_op_threads
 from omegaconf import DictConfig
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -27,12 +26,7 @@ MAX_NEW_TOKENS = 4
 SPLIT = "synthetic_reasonseg_val"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(intra_op_threads())
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("pinned_threads")
 
 
 @pytest.fixture(scope="module")
