@@ -11,7 +11,6 @@ span, score, box and COCO RLE mask) into the run folder. In Python: ``Grounder.c
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from flmm_lightning.builders import ConfigError, output_dir_of
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.conversation import ChatInputError, Conversation, GroundedAnswer
 from flmm_lightning.data.images import ImageLimits, UnreadableImageError, load_photo
+from flmm_lightning.outputs import empty_mask_notices, json_document
 from flmm_lightning.predict import Grounder, Grounding, PhraseError, phrase_list
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
 from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups
@@ -86,7 +86,8 @@ def write_turn(turn: GroundedAnswer, output_dir: Path, number: int) -> tuple[Pat
     overlay_path = output_dir / f"turn_{number:02d}_overlay.png"
     overlay_masks(turn.image, turn.masks, [phrase.text for phrase in turn.phrases]).save(overlay_path)
     json_path = output_dir / f"turn_{number:02d}.json"
-    json_path.write_text(json.dumps(turn_record(turn), indent=2, ensure_ascii=False) + "\n")
+    record = turn_record(turn)
+    json_path.write_text(json_document(record, empty_mask_notices(record["phrases"], label="text"))[0])
     return overlay_path, json_path
 
 

@@ -10,7 +10,6 @@ phrases)`` and ``.segment(image, query)``. Photos are grounded as viewers show t
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ from flmm_lightning.data.images import (
 from flmm_lightning.data.reasonseg import ANSWER_PREFIX
 from flmm_lightning.inspection import AttentionView, read_attention
 from flmm_lightning.masks import mask_scores
+from flmm_lightning.outputs import empty_mask_notices, json_document
 from flmm_lightning.reasoning import EmptyAnswerError, ReasonedSegmentation, reason_and_segment
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
 from flmm_lightning.selection import KEYWORD_THRESHOLD
@@ -56,7 +56,7 @@ register_resolvers()
 class Grounding:
     phrases: list[str]
     masks: torch.Tensor  # bool [n, H, W]
-    boxes: torch.Tensor  # float [n, 4] inclusive [x0, y0, x1, y1]; all -1 for an empty mask
+    boxes: torch.Tensor  # float [n, 4] inclusive [x0, y0, x1, y1]; all -1 for an empty mask (null in JSON)
     attention_maps: torch.Tensor  # [n, C, h, w] the merged LMM attention each mask was decoded from
     image: Image.Image  # the RGB image the masks belong to (EXIF orientation applied)
     # float [n]: the model's confidence in each mask, the mean SAM probability over its pixels; 0 when empty
@@ -71,11 +71,13 @@ class Grounding:
 
 
 def mask_record(mask: torch.Tensor, box: Sequence[float] | None) -> dict[str, object]:
-    """A bool ``[H, W]`` mask for JSON: COCO RLE, its inclusive ``[x0, y0, x1, y1]`` box, its area."""
+    """A bool ``[H, W]`` mask for JSON: COCO RLE, its inclusive ``[x0, y0, x1, y1]`` box (null when the mask
+    is empty, whatever ``box`` says), its area."""
     rle = mask_utils.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
+    empty = box is None or not bool(mask.any())
     return {
         "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
-        "bbox_xyxy": None if box is None else [float(v) for v in box],
+        "bbox_xyxy": None if empty else [float(v) for v in box],
         "area": int(mask.sum()),
     }
 
@@ -255,6 +257,7 @@ def predict(cfg: DictConfig) -> tuple[Path, Path]:
         grounding = grounder.ground(image, phrases)
         overlay = overlay_masks(grounding.image, grounding.masks, grounding.phrases)
         document = {"image": str(image_path), "objects": grounding.to_json()}
+        notices = empty_mask_notices(document["objects"])
     else:
         result = grounder.segment(image, str(cfg.query), max_new_tokens=cfg.max_new_tokens)
         overlay = overlay_masks(result.image, result.mask[None], [result.answer])
@@ -265,12 +268,16 @@ def predict(cfg: DictConfig) -> tuple[Path, Path]:
             "answer": result.answer,
             **mask_record(result.mask, result.box),
         }
+        notices = empty_mask_notices([document], label="query")
     output_dir.mkdir(parents=True, exist_ok=True)
     mark_latest(output_dir)
     overlay_path = output_dir / f"{image_path.stem}_overlay.png"
     overlay.save(overlay_path)
     json_path = output_dir / f"{image_path.stem}_masks.json"
-    json_path.write_text(json.dumps(document, indent=2))
+    text, notices = json_document(document, notices)
+    json_path.write_text(text)
+    for notice in notices:
+        print(f"notice: {notice}")
     print(f"overlay: {overlay_path}\nmasks:   {json_path}")
     return overlay_path, json_path
 
