@@ -13,7 +13,6 @@ INTRO = (
     "## flmm-lightning\nAsk about a photo: the frozen LMM answers, and the phrases of its answer that name "
     "things in the photo are segmented, each in its own colour. *Look inside* shows where each word looks."
 )
-PHOTO_TYPES = ["image"]
 DOWNLOADS = "Downloads (overlay PNG, JSON)"
 RANKING = "Answer words by their attention's share in the box"
 # Every request that runs the model waits in one queue: one model per process, and Gradio's concurrency
@@ -21,7 +20,7 @@ RANKING = "Answer words by their attention's share in the box"
 MODEL = {"concurrency_id": "model"}
 
 
-def chat_tab(service: AppService, photo: gr.File, session: gr.State) -> None:
+def chat_tab(service: AppService, photo: gr.Image, session: gr.State) -> None:
     with gr.Row():
         with gr.Column():
             question = gr.Textbox(label="Question", placeholder="What is in the photo?", elem_id="question")
@@ -46,7 +45,7 @@ def chat_tab(service: AppService, photo: gr.File, session: gr.State) -> None:
     photo.change(lambda: (None, [], None, None), None, [session, history, answer, overlay], queue=False)
 
 
-def ground_tab(service: AppService, photo: gr.File) -> None:
+def ground_tab(service: AppService, photo: gr.Image) -> None:
     with gr.Row():
         with gr.Column():
             phrases = gr.Textbox(label="Phrases (one per line)", lines=4, placeholder="a man\nthe ball")
@@ -64,7 +63,7 @@ def ground_tab(service: AppService, photo: gr.File) -> None:
     run.click(service.ground, [photo, phrases], outputs, api_name="ground", **MODEL)
 
 
-def look_inside_tab(service: AppService, photo: gr.File, chat_session: gr.State) -> None:
+def look_inside_tab(service: AppService, photo: gr.Image, chat_session: gr.State) -> None:
     session, corner = gr.State(None), gr.State(None)
     with gr.Row():
         with gr.Column():
@@ -109,7 +108,12 @@ def build_app(service: AppService, upload_ttl_s: int = 900) -> gr.Blocks:
     gr.set_static_paths([str(service.folders.sessions)])
     with gr.Blocks(title="flmm-lightning", analytics_enabled=False, delete_cache=cleaning) as app:
         gr.Markdown(INTRO)
-        photo = gr.File(label="Photo", file_types=PHOTO_TYPES, elem_id="photo")
+        # Shown as a picture; handed to the handlers as the cached upload's path (image_mode=None: Gradio
+        # neither decodes nor converts it, the handlers measure it first).
+        photo = gr.Image(
+            label="Photo", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="photo"
+        )
+        photo.upload(service.keep_upload, photo, None, queue=False, api_visibility="private")
         chat_session = gr.State(None)
         with gr.Tab("Chat"):
             chat_tab(service, photo, chat_session)
