@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image
 
-from flmm_lightning.data.images import ImageLimits, load_photo
+from flmm_lightning.data.images import ImageLimits, UnreadableImageError, load_photo
 from flmm_lightning.predict import phrase_list
 
 
@@ -54,7 +54,11 @@ def read_photo(path: str | Path | None, limits: Limits) -> tuple[Image.Image, st
             f"the file is {size / 2**20:.1f} MB; the limit is {limits.max_file_mb:g} MB: "
             "upload a smaller photo"
         )
-    image = load_photo(path, limits.image)
+    try:
+        image = load_photo(path, limits.image)
+    except UnreadableImageError as error:
+        # The file is the session's copy of the upload: its name is the person's, its folder the server's.
+        raise type(error)(str(error).replace(str(path), path.name)) from None
     width, height = image.size
     if width * height <= limits.max_pixels:
         return image, ""

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import gradio as gr
 
 from flmm_lightning.app.handlers import AppService, last_turn_texts, pick_corner
@@ -18,6 +20,23 @@ RANKING = "Answer words by their attention's share in the box"
 # Every request that runs the model waits in one queue: one model per process, and Gradio's concurrency
 # limit (queue.concurrency) counts per event unless events share an id.
 MODEL = {"concurrency_id": "model"}
+
+
+def uploaded_path(payload: Any) -> str | None:
+    """The photo's value for the handlers: the uploaded file's path, not opened (they check first that it is
+    this session's upload and that its header is within limits)."""
+    return None if payload is None else payload.path
+
+
+def photo_input() -> gr.Image:
+    """The photo, shown as a picture. ``gr.Image`` would open the file before the handlers run (and fail with
+    a raw error once the upload has expired); this one hands over its path. (Not a subclass: Gradio writes
+    a ``.pyi`` stub beside the module of every component subclass.)"""
+    photo = gr.Image(
+        label="Photo", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="photo"
+    )
+    photo.preprocess = uploaded_path
+    return photo
 
 
 def chat_tab(service: AppService, photo: gr.Image, session: gr.State) -> None:
@@ -108,11 +127,7 @@ def build_app(service: AppService, upload_ttl_s: int = 900) -> gr.Blocks:
     gr.set_static_paths([str(service.folders.sessions)])
     with gr.Blocks(title="flmm-lightning", analytics_enabled=False, delete_cache=cleaning) as app:
         gr.Markdown(INTRO)
-        # Shown as a picture; handed to the handlers as the cached upload's path (image_mode=None: Gradio
-        # neither decodes nor converts it, the handlers measure it first).
-        photo = gr.Image(
-            label="Photo", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="photo"
-        )
+        photo = photo_input()
         photo.upload(service.keep_upload, photo, None, queue=False, api_visibility="private")
         chat_session = gr.State(None)
         with gr.Tab("Chat"):
