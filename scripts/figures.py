@@ -108,7 +108,7 @@ def pipeline_figure(grounder: Grounder, data_root: Path, out: Path, candidates: 
     photo = np.asarray(sample.image.convert("RGB"), dtype=np.float32)
     color = object_color(0)
     panels = [
-        ("photo + phrase", photo),
+        (f"photo + phrase\n\u201c{sample.phrases[k].strip()}\u201d", photo),
         ("frozen LMM: the phrase's\nattention over the image", 0.45 * photo + 0.55 * heat_colors(attention)),
         (
             f"U-Net: coarse mask\nIoU {mask_iou(coarse_mask, truth):.0%}",
@@ -123,7 +123,6 @@ def pipeline_figure(grounder: Grounder, data_root: Path, out: Path, candidates: 
         axis.set_title(title, fontsize=9)
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.suptitle(f"\u201c{sample.phrases[k].strip()}\u201d", fontsize=11)
     for left, right in zip(axes[:-2], axes[1:-1], strict=True):
         figure.patches.append(
             matplotlib.patches.FancyArrowPatch(
