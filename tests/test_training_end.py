@@ -73,9 +73,7 @@ def test_full_disk_names_the_folder_the_bytes_needed_and_free(tmp_path: Path) ->
 
 
 def test_test_after_fit_false_runs_no_extra(compose_config, tmp_path: Path) -> None:
-    cfg = compose_config(
-        [*run_overrides(tmp_path), *FAST, *QUIET[:2], "trainer.max_steps=1"]
-    )
+    cfg = compose_config([*run_overrides(tmp_path), *FAST, *QUIET[:2], "trainer.max_steps=1"])
     assert cfg.chat_after_fit.split and cfg.whole_image_baseline_split and cfg.reasonseg_after_fit.data
     assert train(cfg) == {}
     run = tmp_path / "run"
