@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,17 @@ def test_real_refs_files_stay_within_the_bounds(fixtures_dir: Path) -> None:
     ):
         refs = load_refs(path)
         assert refs and all("sentences" in ref for ref in refs)
+
+
+def test_broken_json_names_the_file_and_where_it_breaks(coco_sample: Path) -> None:
+    path = coco_sample / "annotations" / "png_sample.json"
+    path.write_text('[\n  {"image_id": "142238",\n   "segments": [}\n]')
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not valid JSON at line 3, column 17")):
+        png(coco_sample)
+
+
+def test_deeply_nested_json_is_refused_with_a_message(coco_sample: Path) -> None:
+    path = coco_sample / "refcoco" / "instances.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: refused: its JSON is nested deeper")):
+        refcoco(coco_sample)

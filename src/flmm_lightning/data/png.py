@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from flmm_lightning.data.bad_samples import (
     load_or_skip,
 )
 from flmm_lightning.data.images import load_panoptic_ids, load_rgb_image
-from flmm_lightning.data.records import parse_id, read_field, read_records
+from flmm_lightning.data.records import parse_id, read_field, read_json, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +83,11 @@ class PNGDataset(Dataset):
         self.image_dir = Path(image_dir)
         self.name = self.narratives_path.stem
 
-        with self.narratives_path.open() as file:
-            narratives = json.load(file)
+        narratives = read_json(self.narratives_path)
         if not isinstance(narratives, list):
             found = type(narratives).__name__
             raise ValueError(f"{self.narratives_path}: expected a list of narratives, found a {found}")
-        with self.panoptic_path.open() as file:
-            panoptic = json.load(file)
+        panoptic = read_json(self.panoptic_path)
         images, annotations, isthing = self._index_panoptic(panoptic)
 
         self._items: list[_Narrative] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,24 @@ class RecordError(ValueError):
         self.record = record
         self.field = field
         super().__init__(f"{path}: {record}: field {field!r} {problem}")
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON annotation file; one that is not valid JSON (or nests deeper than the parser can follow) raises
+    ``ValueError`` naming the file and where it breaks."""
+    try:
+        with Path(path).open("rb") as file:
+            return json.load(file)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path}: not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not valid JSON: not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    except RecursionError:
+        raise ValueError(f"{path}: refused: its JSON is nested deeper than the parser follows") from None
 
 
 def _kind_names(kinds: tuple[type, ...]) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +20,7 @@ from flmm_lightning.data.bad_samples import (
     load_or_skip,
 )
 from flmm_lightning.data.images import load_rgb_image
-from flmm_lightning.data.records import read_field, read_records
+from flmm_lightning.data.records import read_field, read_json, read_records
 from flmm_lightning.data.safe_pickle import load_refs
 
 TextMode = Literal["random_once", "random_per_epoch", "first", "all"]
@@ -153,8 +152,7 @@ class RefCocoDataset(Dataset):
         if split not in splits:
             raise ValueError(f"{self.refs_path}: no split {split!r}; splits in this file: {splits}")
         refs = [ref for ref in all_refs if ref["split"] == split]
-        with self.instances_path.open() as file:
-            instances = json.load(file)
+        instances = read_json(self.instances_path)
         images, annotations = self._index_instances(instances)
         # Only the annotations this split uses are kept: a full instances.json is large, and every
         # dataloader worker holds a copy of the dataset.
