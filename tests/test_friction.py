@@ -130,7 +130,9 @@ def test_a_folder_given_as_the_image_says_it_is_a_folder(
         ["ckpt=model.ckpt", f"image={tmp_path}", "phrases=[a ball]", f"paths.output_dir={tmp_path / 'run'}"],
         config_name="predict",
     )
-    with pytest.raises(UnreadableImageError, match=re.escape(f"{tmp_path} is a folder: give one image file in it")):
+    with pytest.raises(
+        UnreadableImageError, match=re.escape(f"{tmp_path} is a folder: give one image file in it")
+    ):
         predict(cfg)
 
 
