@@ -234,7 +234,14 @@ def run_with_only(distributions: set[str], script: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-5000:]
 
 
-@pytest.mark.parametrize(("extras", "script"), [((), PLAIN_INSTALL_CHECK), (("app",), APP_INSTALL_CHECK)])
+@pytest.mark.parametrize(
+    ("extras", "script"),
+    [
+        pytest.param((), PLAIN_INSTALL_CHECK, id="plain"),
+        # importing gradio takes half a minute on a busy 2-core machine
+        pytest.param(("app",), APP_INSTALL_CHECK, id="app", marks=pytest.mark.slow),
+    ],
+)
 def test_declared_dependencies_run_the_demo_predict_chat_and_with_app_the_app(
     extras: tuple[str, ...], script: str, tmp_path: Path
 ) -> None:
