@@ -72,7 +72,7 @@ def test_empty_masks_have_a_null_box_and_a_notice_in_predict(
 
     # query=: the same record, the same null box and notice
     overrides = [*predict_overrides(blank_checkpoint, fixtures_dir / PHOTO, tmp_path / "q")]
-    overrides += ["query=who is playing", "max_new_tokens=4"]
+    overrides += ["query=who is playing", "generation.max_new_tokens=4"]
     _, json_path = predict(compose_config(overrides, config_name="predict"))
     document = strict_json(json_path.read_text())
     assert document["area"] == 0 and document["bbox_xyxy"] is None

@@ -127,7 +127,7 @@ def open_image_checked(path: str | Path, limits: ImageLimits | None = None) -> I
     or undecodable, and ``ImageTooLargeError`` (a subclass) when it is over a limit."""
     path = Path(path)
     if path.is_dir():
-        raise UnreadableImageError(f"image is a folder, not a file: {path}")
+        raise UnreadableImageError(f"{path} is a folder: give one image file in it (image=<file>)")
     if not path.is_file():
         raise UnreadableImageError(f"image not found: {path}")
     try:
