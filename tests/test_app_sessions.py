@@ -70,3 +70,8 @@ def test_idle_sessions_are_swept(folders: SessionFolders) -> None:
     assert folders.sweep() == ["idle"]
     assert not (folders.sessions / "idle").exists() and (folders.sessions / "busy").exists()
     assert cached.exists()
+    # a session in the middle of a request is not idle, however old its folder
+    os.utime(folders.sessions / "busy", (old, old))
+    with folders.in_use("busy"):
+        assert folders.sweep() == []
+    assert folders.sweep() == ["busy"] and not cached.exists()

@@ -197,7 +197,7 @@ class AppService:
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's way of asking for a progress bar)
     ) -> tuple[Any, ...]:
         """One turn about ``photo``; the earlier turns about the same photo are its history."""
-        with shown_to_user():
+        with self.folders.in_use(request.session_hash), shown_to_user():
             source = self.folders.own_copy(request.session_hash, photo)
             question = checked_question(question, self.limits)
             given = checked_phrases(phrases, self.limits) if selector == "given" else None
@@ -251,7 +251,7 @@ class AppService:
         progress: gr.Progress = gr.Progress(),  # noqa: B008
     ) -> tuple[Any, ...]:
         """Masks, scores, boxes and areas of the typed phrases (referring segmentation)."""
-        with shown_to_user():
+        with self.folders.in_use(request.session_hash), shown_to_user():
             source = self.folders.own_copy(request.session_hash, photo)
             phrases = checked_phrases(phrases, self.limits)
             image, notice = read_photo(source, self.limits)
@@ -297,7 +297,7 @@ class AppService:
         answer's words ranked by the share of their attention inside it. The attention is read once per
         photo, question and answer (an empty answer: the LMM answers first); the chat's last turn is read
         with the chat's earlier turns as history."""
-        with shown_to_user():
+        with self.folders.in_use(request.session_hash), shown_to_user():
             source = self.folders.own_copy(request.session_hash, photo)
             question = checked_question(question, self.limits)
             answer = (answer or "").strip()

@@ -11,6 +11,7 @@ sent it, at the latest after Gradio's own time-to-live.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -18,6 +19,8 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 # Gradio's session ids are short random strings; anything else is refused rather than turned into a path.
@@ -38,6 +41,7 @@ class SessionFolders:
         self.sessions.mkdir()
         self.max_idle_s = max_idle_s
         self._uploads_of: dict[str, set[Path]] = {}
+        self._requests: Counter[str] = Counter()  # requests running per session: never swept meanwhile
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._sweeper = threading.Thread(
@@ -53,6 +57,19 @@ class SessionFolders:
         folder.mkdir(exist_ok=True)
         os.utime(folder)
         return folder
+
+    @contextlib.contextmanager
+    def in_use(self, session_id: str | None) -> Iterator[None]:
+        """Marks the session as busy (a request is reading its photo) so that ``sweep`` leaves it alone."""
+        with self._lock:
+            self._requests[session_id or ""] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._requests[session_id or ""] -= 1
+                if self._requests[session_id or ""] <= 0:
+                    del self._requests[session_id or ""]
 
     def own_copy(self, session_id: str | None, photo: str | Path | None) -> Path | None:
         """The session's own copy of the uploaded ``photo`` (a path in the upload cache), made on first use;
@@ -100,6 +117,9 @@ class SessionFolders:
         deadline = time.time() - self.max_idle_s
         idle = []
         for folder in self.sessions.iterdir():
+            with self._lock:
+                if self._requests[folder.name] > 0:
+                    continue
             try:
                 if folder.stat().st_mtime < deadline:
                     idle.append(folder.name)
