@@ -18,8 +18,8 @@ from test_app import PHOTO, QUESTION, Server, running_app
 gradio_client = pytest.importorskip("gradio_client", reason="the app extra (gradio) is not installed")
 pytestmark = pytest.mark.slow
 
-SESSION_IDLE_S = 6
-UPLOAD_TTL_S = 6
+SESSION_IDLE_S = 25  # longer than an upload lives (UPLOAD_TTL_S), as in the defaults (3600 vs 900)
+UPLOAD_TTL_S = 8  # long enough for an upload to reach its request on a busy machine
 OVERRIDES = [
     f"session_idle_s={SESSION_IDLE_S}",
     f"upload_ttl_s={UPLOAD_TTL_S}",
