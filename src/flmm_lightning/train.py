@@ -24,6 +24,7 @@ from flmm_lightning.builders import (
     build_prompt_builder,
     check_resume,
     finish_wandb,
+    initialize_from,
     output_dir_of,
     run_config,
     test_results,
@@ -94,6 +95,9 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     prompt_builder = build_prompt_builder(cfg)
     datamodule = build_datamodule(cfg.data, prompt_builder, cfg.sam.image_size)
     module = build_module(cfg, stored_config=stored)
+    init_from = cfg.get("init_from")
+    if init_from and not ckpt_path:
+        print(f"fine-tuning from the weights of {initialize_from(module, init_from, stored, cfg.paths)}")
     run_test = bool(cfg.get("test_after_fit") and datamodule.test_names)
     run_reasoning = bool((cfg.get("reasonseg_after_fit") or {}).get("data"))
     callbacks = with_training_guards(
