@@ -12,11 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import DictConfig
 from pycocotools import mask as mask_utils
 
 from flmm_lightning.boundaries import NOT_GROUNDED, GroundingSample, SkippedSample
-from flmm_lightning.builders import ConfigError, build_module, initialize_from, load_checkpoint, run_config
+from flmm_lightning.builders import (
+    ConfigError,
+    build_datamodule,
+    build_module,
+    build_prompt_builder,
+    initialize_from,
+    load_checkpoint,
+    run_config,
+)
 from flmm_lightning.core import CheckpointMismatchError
 from flmm_lightning.data import BadSampleError, PNGDataset, RefCocoDataset
 from flmm_lightning.data import check as check_cli
@@ -128,7 +135,9 @@ BAD_RECORDS = {
 
 @pytest.fixture
 def good_records(coco_sample: Path) -> list[dict]:
-    records = sorted(convert_coco(coco_sample, coco_sample / "own.jsonl"), key=lambda record: record["height"])
+    records = sorted(
+        convert_coco(coco_sample, coco_sample / "own.jsonl"), key=lambda record: record["height"]
+    )
     # the second record is the photo the cases spoil: 640x427, more than one object
     assert records[1]["width"] == 640 and records[1]["height"] == 427 and len(records[1]["objects"]) > 1
     return records
@@ -190,7 +199,8 @@ def test_check_prints_a_summary_of_a_good_file(good_records: list[dict], coco_sa
     assert "images of 640x427       1" in printed and "images of 640x360       1" in printed
     # the largest mask's share of its image, computed here from the annotation itself
     largest = max(
-        100 * mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(o["mask"], r["height"], r["width"])))
+        100
+        * mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(o["mask"], r["height"], r["width"])))
         / (r["width"] * r["height"])
         for r in good_records
         for o in r["objects"]
@@ -245,8 +255,12 @@ def test_png_round_trip_keeps_phrases_masks_and_caption(fixtures_dir: Path, tmp_
         "--panoptic-dir": root / "panoptic",
         "--images": root / "images",
     }
-    assert convert_cli.main(["png", *(str(v) for pair in paths.items() for v in pair), "--out", str(out)]) == 0
-    narratives = PNGDataset(*(paths[key] for key in ("--narratives", "--panoptic-json", "--panoptic-dir", "--images")))
+    assert (
+        convert_cli.main(["png", *(str(v) for pair in paths.items() for v in pair), "--out", str(out)]) == 0
+    )
+    narratives = PNGDataset(
+        *(paths[key] for key in ("--narratives", "--panoptic-json", "--panoptic-dir", "--images"))
+    )
     own = CustomDataset(out)
     assert own.eval_kind == narratives.eval_kind == "png"
     assert len(own) == len(narratives) > 0
@@ -254,8 +268,12 @@ def test_png_round_trip_keeps_phrases_masks_and_caption(fixtures_dir: Path, tmp_
         expected, actual = narratives[index], own[index]
         assert actual.narrative and actual.phrases == expected.phrases
         assert torch.equal(actual.masks, expected.masks)
-        assert torch.equal(actual.is_thing, expected.is_thing) and torch.equal(actual.is_plural, expected.is_plural)
-        assert "".join(text for text, _ in actual.utterances) == "".join(text for text, _ in expected.utterances)
+        assert torch.equal(actual.is_thing, expected.is_thing) and torch.equal(
+            actual.is_plural, expected.is_plural
+        )
+        assert "".join(text for text, _ in actual.utterances) == "".join(
+            text for text, _ in expected.utterances
+        )
         grounded = [(text, k) for text, k in actual.utterances if k != NOT_GROUNDED]
         assert grounded == [(text, k) for text, k in expected.utterances if k != NOT_GROUNDED]
 
@@ -268,8 +286,22 @@ def test_coco_converter_reads_caption_and_phrase_fields(coco_sample: Path, tmp_p
     second["phrase"] = ["a man", "the man on the left"]
     annotations = tmp_path / "instances.json"
     annotations.write_text(json.dumps(instances))
-    convert_cli.main(["coco", "--annotations", str(annotations), "--images", str(coco_sample / "images"), "--out", str(tmp_path / "o.jsonl")])
-    objects = {o["id"]: o for r in map(json.loads, (tmp_path / "o.jsonl").read_text().splitlines()) for o in r["objects"]}
+    convert_cli.main(
+        [
+            "coco",
+            "--annotations",
+            str(annotations),
+            "--images",
+            str(coco_sample / "images"),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ]
+    )
+    objects = {
+        o["id"]: o
+        for r in map(json.loads, (tmp_path / "o.jsonl").read_text().splitlines())
+        for o in r["objects"]
+    }
     assert objects[first["id"]]["phrases"] == ["the player in the air"]
     assert objects[second["id"]]["phrases"] == ["a man", "the man on the left"]
     names = {c["id"]: c["name"] for c in instances["categories"]}
@@ -283,7 +315,12 @@ def test_labelme_converter_groups_shapes_and_refuses_what_is_no_mask(coco_sample
         "imageWidth": 640,
         "imageHeight": 427,
         "shapes": [
-            {"label": "ball", "points": [[100, 100], [140, 100], [120, 130]], "shape_type": "polygon", "group_id": None},
+            {
+                "label": "ball",
+                "points": [[100, 100], [140, 100], [120, 130]],
+                "shape_type": "polygon",
+                "group_id": None,
+            },
             {"label": "sign", "points": [[10, 20], [50, 60]], "shape_type": "rectangle", "group_id": 1},
             {"label": "sign", "points": [[300, 20], [340, 60]], "shape_type": "rectangle", "group_id": 1},
         ],
@@ -330,19 +367,23 @@ def test_a_bad_record_stops_training_before_it_starts(
     bad["objects"][0]["mask"] = [[600.0, 10.0, 700.0, 10.0, 650.0, 50.0]]
     train_file = write_jsonl(coco_sample / "train.jsonl", [good_records[0], bad])
     run_dir = tmp_path / "run"
-    cfg = compose_config(custom_overrides(train_file, coco_sample / "own.jsonl", run_dir, "trainer.max_steps=1"))
-    with pytest.raises(ConfigError, match=rf"data\.train_sets\.custom_train: (.|\n)*{train_file}:2: objects\[0\]\.mask: "):
+    cfg = compose_config(
+        custom_overrides(train_file, coco_sample / "own.jsonl", run_dir, "trainer.max_steps=1")
+    )
+    with pytest.raises(
+        ConfigError, match=rf"data\.train_sets\.custom_train: (.|\n)*{train_file}:2: objects\[0\]\.mask: "
+    ):
         train(cfg)
     assert not (run_dir / "checkpoints").exists()
 
 
-@pytest.mark.slow
 def test_own_photos_train_evaluate_predict_and_fine_tune(
     good_records: list[dict],
     coco_sample: Path,
     compose_config,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The converted fixture photos, one bad record among them under the skip policy: training skips exactly
     it and reports it; the checkpoint evaluates (RES figures) and predicts; init_from fine-tunes from it."""
@@ -352,28 +393,49 @@ def test_own_photos_train_evaluate_predict_and_fine_tune(
     val_file = coco_sample / "own.jsonl"
     run_dir = tmp_path / "run"
     overrides = custom_overrides(
-        train_file, val_file, run_dir, "data.custom.on_bad_sample=skip", "trainer.max_epochs=1", "trainer.limit_val_batches=0"
+        train_file,
+        val_file,
+        run_dir,
+        "data.custom.on_bad_sample=skip",
+        "trainer.max_epochs=1",
+        "trainer.limit_val_batches=0",
     )
     results = train(compose_config(overrides))
     printed = capsys.readouterr().out
     assert "skipped samples (on_bad_sample=skip)" in printed
     table = printed.split("skipped samples (on_bad_sample=skip)")[1]
-    assert f"train  malformed annotation  1      {train_file}" in table
+    rows = [line.split() for line in table.splitlines() if line.startswith("train ")]
+    assert rows == [["train", "malformed", "annotation", "1", str(train_file)]], table
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping bad sample")]
+    assert skipped == [
+        f"skipping bad sample: train: sample line 2: malformed annotation: objects[0].phrases[0]: "
+        f"must be a non-empty string, got '' (file: {train_file})"
+    ]
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     assert load_checkpoint(checkpoint)["global_step"] == 3  # three records, one of them skipped (zero loss)
     test = results["custom_test"]
     assert 0.0 <= test["cIoU"] <= 1.0 and 0.0 <= test["mIoU"] <= 1.0
-    assert json.loads((run_dir / "metrics.json").read_text())["custom_test"]["cIoU"] == pytest.approx(test["cIoU"])
+    assert json.loads((run_dir / "metrics.json").read_text())["custom_test"]["cIoU"] == pytest.approx(
+        test["cIoU"]
+    )
 
     eval_dir = tmp_path / "eval"
     evaluated = evaluate(
-        compose_config([f"ckpt={checkpoint}", f"paths.output_dir={eval_dir}", f"hydra.run.dir={eval_dir}"], "eval")
+        compose_config(
+            [f"ckpt={checkpoint}", f"paths.output_dir={eval_dir}", f"hydra.run.dir={eval_dir}"], "eval"
+        )
     )
     assert evaluated["custom_test"]["cIoU"] == pytest.approx(test["cIoU"], abs=1e-6)
 
     overlay, answer = predict(
         compose_config(
-            [f"ckpt={checkpoint}", f"image={coco_sample / PHOTO}", "phrases=[person]", "device=cpu", f"paths.output_dir={tmp_path / 'predict'}"],
+            [
+                f"ckpt={checkpoint}",
+                f"image={coco_sample / PHOTO}",
+                "phrases=[person]",
+                "device=cpu",
+                f"paths.output_dir={tmp_path / 'predict'}",
+            ],
             "predict",
         )
     )
@@ -381,17 +443,40 @@ def test_own_photos_train_evaluate_predict_and_fine_tune(
 
     # Fine-tuning: the run folder's trained weights, not the optimizer state.
     finetune = compose_config(
-        custom_overrides(train_file, val_file, tmp_path / "ft", "+experiment=finetune_custom", f"init_from={run_dir}", "data.custom.on_bad_sample=skip")
+        custom_overrides(
+            train_file,
+            val_file,
+            tmp_path / "ft",
+            f"init_from={run_dir}",
+            "module.optimizer.lr=1.0e-5",
+            "data.custom.on_bad_sample=skip",
+            "trainer.max_steps=1",
+            "test_after_fit=false",
+        )
     )
-    assert finetune.module.optimizer.lr == pytest.approx(1e-5)
+    capsys.readouterr()
+    train(finetune)
+    assert f"fine-tuning from the weights of {checkpoint}" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.ckpt")["global_step"] == 1
     torch.manual_seed(1)
     module = build_module(finetune)
     assert initialize_from(module, finetune.init_from, run_config(finetune), finetune.paths) == checkpoint
     trained = load_checkpoint(checkpoint)["state_dict"]
-    for key, value in module.state_dict().items():
-        if key in trained:
-            assert torch.equal(value, trained[key]), key
+    loaded = {key: value for key, value in module.state_dict().items() if key in trained}
+    assert loaded.keys() == trained.keys()
+    for key, value in loaded.items():
+        assert torch.equal(value, trained[key]), key
 
-    other = compose_config(custom_overrides(train_file, val_file, tmp_path / "other", "model=tiny_llava", f"init_from={checkpoint}"))
+    other = compose_config(
+        custom_overrides(
+            train_file, val_file, tmp_path / "other", "model=tiny_llava", f"init_from={checkpoint}"
+        )
+    )
     with pytest.raises(CheckpointMismatchError, match=r"cannot fine-tune from .*model\.lmm\._target_"):
         initialize_from(module, checkpoint, run_config(other), other.paths)
+
+
+def test_data_custom_without_files_names_the_settings(compose_config, tmp_path: Path) -> None:
+    cfg = compose_config(["data=custom", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"data\.train_sets\.custom_train: no file given: .*data\.custom\.train="):
+        build_datamodule(cfg.data, build_prompt_builder(cfg), cfg.sam.image_size)

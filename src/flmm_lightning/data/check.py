@@ -94,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m flmm_lightning.data.check", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("files", nargs="+", type=Path, help="JSON Lines (or JSON array) files")
-    parser.add_argument("--image-root", type=Path, default=None, help="base of relative image paths (default: each file's folder)")
+    parser.add_argument(
+        "--image-root",
+        type=Path,
+        default=None,
+        help="base of relative image paths (default: each file's folder)",
+    )
     args = parser.parse_args(argv)
     failed = False
     for path in args.files:

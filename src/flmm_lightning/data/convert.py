@@ -43,7 +43,9 @@ def _phrases_of(annotation: dict[str, Any], category: str, source: str) -> list[
             value = annotation[key]
             phrases = [value] if isinstance(value, str) else list(value)
             if not phrases or not all(isinstance(p, str) and p.strip() for p in phrases):
-                raise ConversionError(f"{source}: annotation {annotation.get('id')}: {key}: no non-empty phrase")
+                raise ConversionError(
+                    f"{source}: annotation {annotation.get('id')}: {key}: no non-empty phrase"
+                )
             return phrases
     return [category]
 
@@ -186,7 +188,9 @@ def refcoco_records(
 ) -> Iterator[dict[str, Any]]:
     from flmm_lightning.data.refcoco import RefCocoDataset
 
-    refs = RefCocoDataset(data_root, dataset, split_by, split, image_dir, text_mode="all", group_by_image=True)
+    refs = RefCocoDataset(
+        data_root, dataset, split_by, split, image_dir, text_mode="all", group_by_image=True
+    )
     return dataset_records(refs, refs.image_root, out_dir)
 
 
@@ -237,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.source == "labelme":
         records = labelme_records(_labelme_files(args.inputs), out_dir)
     elif args.source == "refcoco":
-        records = refcoco_records(args.data_root, args.dataset, args.split_by, args.split, args.image_dir, out_dir)
+        records = refcoco_records(
+            args.data_root, args.dataset, args.split_by, args.split, args.image_dir, out_dir
+        )
     else:
         records = png_records(args.narratives, args.panoptic_json, args.panoptic_dir, args.images, out_dir)
     try:

@@ -63,7 +63,7 @@ class CustomDataset(Dataset):
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | None,
         image_root: str | Path | None = None,
         text_mode: TextMode = "first",
         on_bad_sample: OnBadSample = "raise",
@@ -72,6 +72,8 @@ class CustomDataset(Dataset):
     ) -> None:
         if text_mode not in TEXT_MODES:
             raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
+        if not path:
+            raise ValueError("no file given: data=custom needs data.custom.train=<file> and data.custom.val=<file>")
         self.on_bad_sample = check_on_bad_sample(on_bad_sample)
         self.path = Path(path)
         self.image_root = Path(image_root) if image_root else self.path.parent
@@ -94,7 +96,8 @@ class CustomDataset(Dataset):
                 f"line {min(by_line)}",
                 str(self.path),
                 BadSampleReason.MALFORMED_ANNOTATION,
-                f"{len(by_line)} bad record(s) (python -m flmm_lightning.data.check {self.path}):\n{listed}{more}",
+                f"{len(by_line)} bad record(s) (python -m flmm_lightning.data.check {self.path}):\n"
+                f"{listed}{more}",
             )
         good = {record.line: record for record in records if record.line not in by_line}
         self._items = [
@@ -135,14 +138,19 @@ class CustomDataset(Dataset):
         record = item.record
         assert record is not None  # an item without a record carries its problem
         image = load_rgb_image(
-            image_path(record, self.image_root), dataset=self.name, sample_id=item.sample_id, expected_wh=record.size
+            image_path(record, self.image_root),
+            dataset=self.name,
+            sample_id=item.sample_id,
+            expected_wh=record.size,
         )
         masks = []
         for k, obj in enumerate(record.objects):
             mask, message = decode_object_mask(obj, image.width, image.height)
             if mask is None:
                 reason = BadSampleReason.MALFORMED_ANNOTATION
-                raise BadSampleError(self.name, item.sample_id, str(self.path), reason, f"objects[{k}]: {message}")
+                raise BadSampleError(
+                    self.name, item.sample_id, str(self.path), reason, f"objects[{k}]: {message}"
+                )
             masks.append(mask)
         if record.narrative:
             return self._narrative_sample(record, image, masks)

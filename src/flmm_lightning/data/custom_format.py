@@ -105,7 +105,9 @@ def _raw_records(path: Path) -> Iterator[tuple[int, Any]]:
         try:
             yield number, json.loads(content)
         except json.JSONDecodeError as error:
-            raise FormatError(f"{path}:{number}: not valid JSON ({error.msg}); each line holds one record") from None
+            raise FormatError(
+                f"{path}:{number}: not valid JSON ({error.msg}); each line holds one record"
+            ) from None
 
 
 def _is_number(value: Any) -> bool:
@@ -145,7 +147,9 @@ class _RecordParser:
         if not isinstance(objects, list) or not objects:
             self.problem("objects", "must be a non-empty list (a record grounds at least one object)")
             objects = []
-        parsed = [self._object(f"objects[{k}]", raw_object, k, caption) for k, raw_object in enumerate(objects)]
+        parsed = [
+            self._object(f"objects[{k}]", raw_object, k, caption) for k, raw_object in enumerate(objects)
+        ]
         self._check_ids_and_spans(parsed)
         if self.problems:
             return None
@@ -159,7 +163,9 @@ class _RecordParser:
         width, height = raw.get("width"), raw.get("height")
         for name, value in (("width", width), ("height", height)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                self.problem(name, f"must be a positive integer (give both width and height or neither), got {value!r}")
+                self.problem(
+                    name, f"must be a positive integer (give both width and height or neither), got {value!r}"
+                )
                 return None
         return width, height
 
@@ -188,7 +194,11 @@ class _RecordParser:
         self._mask(f"{field}.mask", raw.get("mask"))
         box = raw.get("box")
         if box is not None and not (
-            isinstance(box, list) and len(box) == 4 and all(map(_is_number, box)) and box[2] > 0 and box[3] > 0
+            isinstance(box, list)
+            and len(box) == 4
+            and all(map(_is_number, box))
+            and box[2] > 0
+            and box[3] > 0
         ):
             self.problem(f"{field}.box", f"must be [x, y, width, height] with width, height > 0, got {box!r}")
         flags = {}
@@ -225,7 +235,9 @@ class _RecordParser:
             and 0 <= span[0] < span[1] <= len(caption)
         )
         if not valid:
-            self.problem(field, f"must be [start, end) with 0 <= start < end <= {len(caption)} (the caption's length)")
+            self.problem(
+                field, f"must be [start, end) with 0 <= start < end <= {len(caption)} (the caption's length)"
+            )
             return None
         if not caption[span[0] : span[1]].strip():
             self.problem(field, f"{span} covers only whitespace of the caption")
@@ -283,7 +295,12 @@ def read_records(path: str | Path) -> tuple[list[ImageRecord], list[Problem]]:
             continue
         if record.id in first_line:
             problems.append(
-                Problem(str(path), line, "id", f"{record.id!r} is also the id of the record on line {first_line[record.id]}")
+                Problem(
+                    str(path),
+                    line,
+                    "id",
+                    f"{record.id!r} is also the id of the record on line {first_line[record.id]}",
+                )
             )
             continue
         first_line[record.id] = line
@@ -300,7 +317,8 @@ def _polygon_outside(polygons: list, width: int, height: int) -> str | None:
     for k, polygon in enumerate(polygons):
         xs, ys = np.asarray(polygon[0::2], dtype=float), np.asarray(polygon[1::2], dtype=float)
         if xs.min() < 0 or ys.min() < 0 or xs.max() > width or ys.max() > height:
-            return f"polygon {k} reaches ({xs.min():g}..{xs.max():g}, {ys.min():g}..{ys.max():g}), outside the {width}x{height} (WxH) image"
+            reach = f"x {xs.min():g}..{xs.max():g}, y {ys.min():g}..{ys.max():g}"
+            return f"polygon {k} reaches {reach}, outside the {width}x{height} (WxH) image"
     return None
 
 
@@ -344,7 +362,10 @@ def check_pixels(record: ImageRecord, image_root: Path, path: str, dataset: str)
 
     try:
         image = load_rgb_image(
-            image_path(record, image_root), dataset=dataset, sample_id=f"line {record.line}", expected_wh=record.size
+            image_path(record, image_root),
+            dataset=dataset,
+            sample_id=f"line {record.line}",
+            expected_wh=record.size,
         )
     except BadSampleError as error:
         problem("image", f"{error.reason}: {error.detail} ({error.path})")
