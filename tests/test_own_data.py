@@ -478,5 +478,6 @@ def test_own_photos_train_evaluate_predict_and_fine_tune(
 
 def test_data_custom_without_files_names_the_settings(compose_config, tmp_path: Path) -> None:
     cfg = compose_config(["data=custom", f"paths.output_dir={tmp_path}"])
-    with pytest.raises(ConfigError, match=r"data\.train_sets\.custom_train: no file given: .*data\.custom\.train="):
+    named = r"data\.train_sets\.custom_train: no file given: .*data\.custom\.train="
+    with pytest.raises(ConfigError, match=named):
         build_datamodule(cfg.data, build_prompt_builder(cfg), cfg.sam.image_size)

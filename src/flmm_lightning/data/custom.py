@@ -73,7 +73,9 @@ class CustomDataset(Dataset):
         if text_mode not in TEXT_MODES:
             raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
         if not path:
-            raise ValueError("no file given: data=custom needs data.custom.train=<file> and data.custom.val=<file>")
+            raise ValueError(
+                "no file given: data=custom needs data.custom.train=<file> and data.custom.val=<file>"
+            )
         self.on_bad_sample = check_on_bad_sample(on_bad_sample)
         self.path = Path(path)
         self.image_root = Path(image_root) if image_root else self.path.parent
