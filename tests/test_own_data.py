@@ -20,6 +20,7 @@ from flmm_lightning.builders import (
     build_datamodule,
     build_module,
     build_prompt_builder,
+    check_init_from,
     initialize_from,
     load_checkpoint,
     run_config,
@@ -460,7 +461,8 @@ def test_own_photos_train_evaluate_predict_and_fine_tune(
     assert load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.ckpt")["global_step"] == 1
     torch.manual_seed(1)
     module = build_module(finetune)
-    assert initialize_from(module, finetune.init_from, run_config(finetune), finetune.paths) == checkpoint
+    assert check_init_from(finetune.init_from, run_config(finetune), finetune.paths) == checkpoint
+    initialize_from(module, checkpoint)
     trained = load_checkpoint(checkpoint)["state_dict"]
     loaded = {key: value for key, value in module.state_dict().items() if key in trained}
     assert loaded.keys() == trained.keys()
@@ -473,7 +475,8 @@ def test_own_photos_train_evaluate_predict_and_fine_tune(
         )
     )
     with pytest.raises(CheckpointMismatchError, match=r"cannot fine-tune from .*model\.lmm\._target_"):
-        initialize_from(module, checkpoint, run_config(other), other.paths)
+        train(other)
+    assert not (tmp_path / "other" / "checkpoints").exists()
 
 
 def test_data_custom_without_files_names_the_settings(compose_config, tmp_path: Path) -> None:

@@ -245,25 +245,25 @@ def trained_checkpoint_path(source: str | Path) -> Path:
     return path / "checkpoints" / "last.ckpt" if path.is_dir() else path
 
 
-def initialize_from(
-    module: FLMMModule,
-    source: str | Path,
-    config: dict[str, Any],
-    paths: DictConfig | Mapping[str, Any] | None = None,
+def check_init_from(
+    source: str | Path, config: dict[str, Any], paths: DictConfig | Mapping[str, Any] | None = None
 ) -> Path:
-    """Fine-tuning: loads the trainable weights of a trained model (a checkpoint, or a run folder) into
-    ``module``; its optimizer state, step and schedule are not taken. The checkpoint must be of this run's
-    LMM and SAM (``config``: its ``run_config``). Returns the checkpoint's path."""
+    """Fine-tuning's source, checked before anything is built: a checkpoint written by this project (or a
+    run folder holding one) of this run's LMM and SAM (``config``: its ``run_config``). Returns its path."""
     path = trained_checkpoint_path(source)
-    checkpoint = load_checkpoint(path)
-    mismatches = _identity_mismatches(_stored_config(checkpoint, path), config, paths, path)
+    mismatches = _identity_mismatches(_stored_config(load_checkpoint(path), path), config, paths, path)
     if mismatches:
         raise CheckpointMismatchError(
             f"cannot fine-tune from {path}: it was trained with another model ({'; '.join(mismatches)}). "
             "Choose the checkpoint's own model= and sam=, or train from scratch without init_from."
         )
-    module.load_checkpoint_weights(checkpoint["state_dict"])
     return path
+
+
+def initialize_from(module: FLMMModule, path: str | Path) -> None:
+    """Fine-tuning: loads the trainable weights of checkpoint ``path`` (``check_init_from``) into
+    ``module``; its optimizer state, step and schedule are not taken."""
+    module.load_checkpoint_weights(load_checkpoint(path)["state_dict"])
 
 
 def module_from_checkpoint(
