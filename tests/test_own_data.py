@@ -88,6 +88,14 @@ def _caption_span_outside(record: dict, folder: Path) -> None:
     record["objects"][0]["span"] = [2, 40]
 
 
+def _caption_span_cuts_a_word(record: dict, folder: Path) -> None:
+    record["caption"] = "a woman and a man"
+    record["objects"] = record["objects"][:2]
+    for obj, span in zip(record["objects"], ([2, 7], [15, 17]), strict=True):
+        obj.pop("phrases")
+        obj["span"] = span
+
+
 def _broken_image(record: dict, folder: Path) -> None:
     data = (folder / record["image"]).read_bytes()
     (folder / "broken.jpg").write_bytes(data[: len(data) // 3])
@@ -116,6 +124,7 @@ BAD_RECORDS = {
     "no phrases": (_set_object("phrases", []), "objects[0].phrases", "non-empty list of phrases"),
     "object ids not unique": (_duplicate_object_id, "objects[1].id", "also the id of objects[0]"),
     "span outside the caption": (_caption_span_outside, "objects[0].span", "[start, end)"),
+    "span cutting a word": (_caption_span_cuts_a_word, "objects[1].span", "cuts a word: 'an'"),
     "malformed polygon": (_set_object("mask", [[1, 2, 3]]), "objects[0].mask[0]", "at least 3"),
     "RLE without size": (_set_object("mask", {"counts": "PP"}), "objects[0].mask.size", "size"),
     "bad box": (_set_object("box", [1, 2, 0, 4]), "objects[0].box", "width, height > 0"),

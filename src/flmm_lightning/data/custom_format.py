@@ -239,8 +239,16 @@ class _RecordParser:
                 field, f"must be [start, end) with 0 <= start < end <= {len(caption)} (the caption's length)"
             )
             return None
-        if not caption[span[0] : span[1]].strip():
+        start, end = span
+        if not caption[start:end].strip():
             self.problem(field, f"{span} covers only whitespace of the caption")
+            return None
+        cuts_start = start > 0 and caption[start - 1].isalnum() and caption[start].isalnum()
+        cuts_end = end < len(caption) and caption[end - 1].isalnum() and caption[end].isalnum()
+        if cuts_start or cuts_end:
+            self.problem(
+                field, f"{span} cuts a word: {caption[start:end]!r} (spans are [start, end), from 0)"
+            )
             return None
         return span[0], span[1]
 
