@@ -37,6 +37,7 @@ from flmm_lightning.predict import predict
 from flmm_lightning.train import train
 
 PHOTO = "images/000000142238.jpg"
+NARRATIVE_SET_TARGET = "flmm_lightning.data.custom.CustomDataset"
 
 
 def convert_coco(coco_sample: Path, out: Path) -> list[dict]:
@@ -54,6 +55,22 @@ def convert_coco(coco_sample: Path, out: Path) -> list[dict]:
     )
     assert code == 0
     return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def png_paths(root: Path) -> dict[str, Path]:
+    return {
+        "--narratives": root / "annotations" / "png_sample.json",
+        "--panoptic-json": root / "annotations" / "panoptic_sample.json",
+        "--panoptic-dir": root / "panoptic",
+        "--images": root / "images",
+    }
+
+
+def convert_png(root: Path, out: Path) -> Path:
+    """The fixture photos' Panoptic Narrative Grounding annotations as narrative records."""
+    arguments = [str(value) for pair in png_paths(root).items() for value in pair]
+    assert convert_cli.main(["png", *arguments, "--out", str(out)]) == 0
+    return out
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -258,19 +275,8 @@ def test_refcoco_round_trip_gives_the_refcoco_loaders_samples(
 
 def test_png_round_trip_keeps_phrases_masks_and_caption(fixtures_dir: Path, tmp_path: Path) -> None:
     root = fixtures_dir / "coco_sample"
-    out = tmp_path / "png.jsonl"
-    paths = {
-        "--narratives": root / "annotations" / "png_sample.json",
-        "--panoptic-json": root / "annotations" / "panoptic_sample.json",
-        "--panoptic-dir": root / "panoptic",
-        "--images": root / "images",
-    }
-    assert (
-        convert_cli.main(["png", *(str(v) for pair in paths.items() for v in pair), "--out", str(out)]) == 0
-    )
-    narratives = PNGDataset(
-        *(paths[key] for key in ("--narratives", "--panoptic-json", "--panoptic-dir", "--images"))
-    )
+    out = convert_png(root, tmp_path / "png.jsonl")
+    narratives = PNGDataset(*png_paths(root).values())
     own = CustomDataset(out)
     assert own.eval_kind == narratives.eval_kind == "png"
     assert len(own) == len(narratives) > 0
@@ -396,7 +402,9 @@ def test_own_photos_train_evaluate_predict_and_fine_tune(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The converted fixture photos, one bad record among them under the skip policy: training skips exactly
-    it and reports it; the checkpoint evaluates (RES figures) and predicts; init_from fine-tunes from it."""
+    it and reports it; the checkpoint evaluates (RES figures; PNG figures for a file of narratives) and
+    predicts; init_from fine-tunes from it."""
+    narratives = convert_png(coco_sample, coco_sample / "narratives.jsonl")
     bad = copy.deepcopy(good_records[1])
     bad["objects"][0]["phrases"] = [""]
     train_file = write_jsonl(coco_sample / "train.jsonl", [good_records[0], bad, good_records[1]])
@@ -409,6 +417,7 @@ def test_own_photos_train_evaluate_predict_and_fine_tune(
         "data.custom.on_bad_sample=skip",
         "trainer.max_epochs=1",
         "trainer.limit_val_batches=0",
+        f"+data.test_sets.own_narratives={{_target_: {NARRATIVE_SET_TARGET}, path: {narratives}}}",
     )
     results = train(compose_config(overrides))
     printed = capsys.readouterr().out
@@ -425,6 +434,8 @@ def test_own_photos_train_evaluate_predict_and_fine_tune(
     assert load_checkpoint(checkpoint)["global_step"] == 3  # three records, one of them skipped (zero loss)
     test = results["custom_test"]
     assert 0.0 <= test["cIoU"] <= 1.0 and 0.0 <= test["mIoU"] <= 1.0
+    assert set(results["own_narratives"]) >= {"AR", "AR_things", "AR_stuff", "AR_singulars", "AR_plurals"}
+    assert 0.0 <= results["own_narratives"]["AR"] <= 1.0
     assert json.loads((run_dir / "metrics.json").read_text())["custom_test"]["cIoU"] == pytest.approx(
         test["cIoU"]
     )
@@ -436,6 +447,7 @@ def test_own_photos_train_evaluate_predict_and_fine_tune(
         )
     )
     assert evaluated["custom_test"]["cIoU"] == pytest.approx(test["cIoU"], abs=1e-6)
+    assert evaluated["own_narratives"]["AR"] == pytest.approx(results["own_narratives"]["AR"], abs=1e-6)
 
     overlay, answer = predict(
         compose_config(
