@@ -357,6 +357,12 @@ def test_labelme_converter_groups_shapes_and_refuses_what_is_no_mask(coco_sample
     with pytest.raises(ConversionError, match=r"photo\.json: shapes\[3\] \('whistle'\): shape_type 'circle'"):
         list(convert_cli.labelme_records([source], coco_sample))
 
+    labelme["shapes"].pop()
+    labelme["imagePath"] = None
+    source.write_text(json.dumps(labelme))
+    with pytest.raises(ConversionError, match=r"photo\.json: imagePath: missing"):
+        list(convert_cli.labelme_records([source], coco_sample))
+
 
 # ---------------------------------------------------------------------------------------------- end to end
 def custom_overrides(train_file: Path, val_file: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Any
 from tqdm import tqdm
 
 from flmm_lightning.boundaries import NOT_GROUNDED, GroundingSample, SkippedSample
+from flmm_lightning.data.bad_samples import BadSampleError
 from flmm_lightning.data.custom_format import encode_mask, write_records
 
 
@@ -122,9 +123,15 @@ def labelme_records(files: Iterable[Path], out_dir: Path) -> Iterator[dict[str, 
             obj["mask"].append(_labelme_polygon(shape, source, index))
         if not objects:
             raise ConversionError(f"{source}: shapes: no shape to convert")
+        image = data.get("imagePath")
+        if not isinstance(image, str) or not image:
+            raise ConversionError(
+                f"{source}: imagePath: missing (an image only embedded as imageData is not read)"
+            )
         yield {
             "id": path.stem,
-            "image": _relative(path.parent / data["imagePath"], out_dir),
+            # LabelMe on Windows writes backslashes
+            "image": _relative(path.parent / image.replace("\\", "/"), out_dir),
             "width": int(data["imageWidth"]),
             "height": int(data["imageHeight"]),
             "objects": list(objects.values()),
@@ -248,8 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         records = png_records(args.narratives, args.panoptic_json, args.panoptic_dir, args.images, out_dir)
     try:
         listed = list(records)
-    except ConversionError as error:
+    except (ConversionError, BadSampleError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(
+            f"error: {args.source}: cannot read the input: {type(error).__name__}: {error}", file=sys.stderr
+        )
         return 1
     count = write_records(listed, args.out)
     objects = sum(len(record["objects"]) for record in listed)
