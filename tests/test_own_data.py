@@ -208,6 +208,13 @@ def test_a_file_that_is_not_json_lines_is_named_with_its_line(good_records: list
         CustomDataset(path)
 
 
+def test_a_deeply_nested_line_is_refused_naming_its_line(good_records: list[dict], coco_sample: Path):
+    path = coco_sample / "deep.jsonl"
+    path.write_text(json.dumps(good_records[0]) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(FormatError, match=f"{path}:2: refused: nested deeper"):
+        CustomDataset(path)
+
+
 def test_a_json_array_file_names_the_line_of_each_record(good_records: list[dict], coco_sample: Path):
     bad = copy.deepcopy(good_records[1])
     bad["objects"][0]["phrases"] = [""]

@@ -81,7 +81,10 @@ class ImageRecord:
 
 def _raw_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line, parsed value) of each record: a JSON array's elements or a JSON Lines file's lines."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise FormatError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     start = len(text) - len(text.lstrip())
     if text[start : start + 1] == "[":
         decoder = json.JSONDecoder()
@@ -98,6 +101,8 @@ def _raw_records(path: Path) -> Iterator[tuple[int, Any]]:
                 value, position = decoder.raw_decode(text, position)
             except json.JSONDecodeError as error:
                 raise FormatError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from None
+            except RecursionError:
+                raise FormatError(f"{path}:{line}: refused: nested deeper than the parser follows") from None
             yield line, value
     for number, content in enumerate(text.splitlines(), start=1):
         if not content.strip():
@@ -108,6 +113,8 @@ def _raw_records(path: Path) -> Iterator[tuple[int, Any]]:
             raise FormatError(
                 f"{path}:{number}: not valid JSON ({error.msg}); each line holds one record"
             ) from None
+        except RecursionError:
+            raise FormatError(f"{path}:{number}: refused: nested deeper than the parser follows") from None
 
 
 def _is_number(value: Any) -> bool:
