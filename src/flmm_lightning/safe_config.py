@@ -36,6 +36,7 @@ ALLOWED_TARGETS = frozenset(
         "flmm_lightning.lmm.qwen3_vl.Qwen3VLAdapter",
         "flmm_lightning.lmm.qwen3_vl.Qwen3VLPromptBuilder",
         "flmm_lightning.data.datamodule.GroundingDataModule",
+        "flmm_lightning.data.custom.CustomDataset",
         "flmm_lightning.data.png.PNGDataset",
         "flmm_lightning.data.reasonseg.ReasonSegDataset",
         "flmm_lightning.data.refcoco.RefCocoDataset",
