@@ -220,7 +220,10 @@ def test_bad_inputs_become_error_lines_and_the_exit_status_says_so(
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["ok.png", "query.png"]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["inputs"], summary["done"], summary["failed"]) == (6, 2, 4)
-    assert "failed 4" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "failed 4" in printed
+    # the progress bar counts images (6 on this one process), at a rate in images/s
+    assert "6/6" in printed and "img/s" in printed
 
 
 def test_folder_and_coco_manifests_name_the_inputs_a_jsonl_would(image_dir: Path, tmp_path: Path) -> None:

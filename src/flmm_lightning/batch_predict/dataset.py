@@ -115,6 +115,7 @@ class BatchPredictionData(LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pending: list[ManifestEntry] = []
+        self.shard_size = 0  # the inputs this rank predicts (set with its dataloader)
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None and self.trainer.is_global_zero:
@@ -123,6 +124,9 @@ class BatchPredictionData(LightningDataModule):
             self.trainer.strategy.barrier("batch_predict.setup")
         done = self.output.completed_ids()
         self.pending = [entry for entry in self.entries if entry.id not in done]
+        # The LMM's processor loads lazily (seconds: its vocabulary); loaded here, before the dataloader forks
+        # its workers, they inherit it instead of each loading its own at the first image.
+        getattr(self.prompt_builder, "processor", None)
 
     def transfer_batch_to_device(
         self, batch: PredictionBatch, device: torch.device, dataloader_idx: int
@@ -136,6 +140,7 @@ class BatchPredictionData(LightningDataModule):
         sampler = (
             UnpaddedDistributedSampler(dataset) if dist.is_available() and dist.is_initialized() else None
         )
+        self.shard_size = len(dataset) if sampler is None else len(sampler)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 class ImagesProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar for ``trainer.predict``, counting the images of this rank (its total is this
-    rank's share), so that its rate reads images/s and its ETA follows from it."""
+    rank's share, ``BatchPredictionData.shard_size``), so that its rate reads images/s and its ETA follows
+    from it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -32,10 +33,8 @@ class ImagesProgressBar(TQDMProgressBar):
     ) -> None:
         super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
         if batch_idx == 0 and self._predict_progress_bar is not None:
-            loaders = trainer.predict_dataloaders
-            loader = loaders[dataloader_idx] if isinstance(loaders, list) else loaders
             self._images = 0
-            self.predict_progress_bar.total = len(loader.sampler)
+            self.predict_progress_bar.total = trainer.datamodule.shard_size
             self.predict_progress_bar.set_description("Predicting")
 
     def on_predict_batch_end(
