@@ -16,7 +16,13 @@ from omegaconf import DictConfig
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from flmm_lightning.batch_predict import ManifestError, predict_batch, read_manifest
+from flmm_lightning.batch_predict import (
+    ManifestError,
+    OutputMismatchError,
+    PredictionOutput,
+    predict_batch,
+    read_manifest,
+)
 from flmm_lightning.batch_predict.output import PREDICTIONS
 from flmm_lightning.predict import Grounder, main
 
@@ -257,6 +263,16 @@ def test_folder_and_coco_manifests_name_the_inputs_a_jsonl_would(image_dir: Path
         tmp_path,
         ['{"image": "a.png", "phrases": "one phrase"}', '{"image": "a.png", "query": "x", "id": "line1"}'],
     )
+    with pytest.raises(ManifestError, match="its own phrases"):
+        read_manifest(jsonl, phrases=["a dog"])
     first, second = read_manifest(jsonl)
     assert first.phrases == ("one phrase",) and first.image == str(tmp_path / "a.png")
     assert second.error is not None and "already used on line 1" in second.error
+
+
+def test_an_output_folder_of_another_checkpoint_is_refused(tmp_path: Path) -> None:
+    output = PredictionOutput(tmp_path / "out", {})
+    output.claim({"ckpt": "/models/a.ckpt", "inputs": "/data/m.jsonl"})
+    output.claim({"ckpt": "/models/a.ckpt", "inputs": "/data/m.jsonl"})  # the same run resumes
+    with pytest.raises(OutputMismatchError, match="ckpt: /models/a.ckpt there, /models/b.ckpt now"):
+        output.claim({"ckpt": "/models/b.ckpt", "inputs": "/data/m.jsonl"})

@@ -64,6 +64,11 @@ def read_manifest(
         return _folder_entries(path, shared)
     root = Path(image_dir) if image_dir is not None else path.parent
     if path.suffix.lower() == ".jsonl":
+        if shared != (None, None):
+            raise ManifestError(
+                f"inputs={path}: each line of a JSONL manifest names its own phrases or query; phrases= and "
+                "query= are for a folder of images or a COCO-style file"
+            )
         return _jsonl_entries(path, root)
     if path.suffix.lower() == ".json":
         return _coco_entries(path, root, shared)

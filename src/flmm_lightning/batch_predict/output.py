@@ -45,9 +45,10 @@ class InputResult:
 def complete_lines(path: Path) -> list[dict[str, Any]]:
     """The records of ``path``'s complete lines; a trailing line without its newline (a write cut short)
     and a line that is not a JSON object are left out (with a warning)."""
-    if not path.is_file():
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:  # none yet, or a shard that global rank 0 has just folded in
         return []
-    text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.split("\n")
     if lines[-1]:
         warnings.warn(f"{path}: dropped a half-written last line (the run was cut short)", stacklevel=2)
