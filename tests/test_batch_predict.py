@@ -145,13 +145,16 @@ def grounder_logits(grounder: Grounder, image: Path, phrases: list[str]) -> torc
 
 
 class StopAfter(Callback):
-    """Ends the prediction loop with an error after ``batches`` batches have been written."""
+    """Ends the prediction loop with an error once ``batches`` batches have been written (it runs after the
+    writer, which is the first callback)."""
 
     def __init__(self, batches: int) -> None:
         self.batches = batches
+        self.seen = 0
 
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args, **kwargs) -> None:
-        if trainer.predict_loop.batch_progress.current.completed + 1 >= self.batches:
+        self.seen += 1
+        if self.seen == self.batches:
             raise RuntimeError("simulated crash")
 
 
