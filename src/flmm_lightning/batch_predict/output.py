@@ -15,7 +15,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,27 +42,37 @@ class InputResult:
     overlay: Image.Image | None = None
 
 
-def complete_lines(path: Path) -> list[dict[str, Any]]:
-    """The records of ``path``'s complete lines; a trailing line without its newline (a write cut short)
-    and a line that is not a JSON object are left out (with a warning)."""
+@dataclass(frozen=True)
+class OutputLine:
+    """One input's line as written (its text without the newline; kept as text, not parsed, so that the
+    lines of a large run fit in memory) and whether it reports a failure."""
+
+    text: str
+    failed: bool
+
+
+def complete_lines(path: Path) -> Iterator[tuple[str, OutputLine]]:
+    """``(id, line)`` of every complete line of ``path``, read line by line; a trailing line without its
+    newline (a write cut short) and a line that is not a JSON object with an id are left out (warned)."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        file = path.open(encoding="utf-8", errors="replace")
     except FileNotFoundError:  # none yet, or a shard that global rank 0 has just folded in
-        return []
-    lines = text.split("\n")
-    if lines[-1]:
-        warnings.warn(f"{path}: dropped a half-written last line (the run was cut short)", stacklevel=2)
-    records = []
-    for number, line in enumerate(lines[:-1], start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict) and "id" in record:
-            records.append(record)
-        elif line.strip():
-            warnings.warn(f"{path} line {number}: not a prediction line, left out", stacklevel=2)
-    return records
+        return
+    with file:
+        for number, line in enumerate(file, start=1):
+            if not line.endswith("\n"):
+                warnings.warn(
+                    f"{path}: dropped a half-written last line (the run was cut short)", stacklevel=2
+                )
+                return
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict) and "id" in record:
+                yield str(record["id"]), OutputLine(line[:-1], "error" in record)
+            elif line.strip():
+                warnings.warn(f"{path} line {number}: not a prediction line, left out", stacklevel=2)
 
 
 class PredictionOutput:
@@ -103,38 +113,35 @@ class PredictionOutput:
         self.folder.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(dict(identity), indent=2) + "\n")
 
-    def records(self) -> dict[str, dict[str, Any]]:
+    def lines(self) -> dict[str, OutputLine]:
         """Every input's newest line, from ``predictions.jsonl`` and the shards, by id."""
-        by_id: dict[str, dict[str, Any]] = {}
+        by_id: dict[str, OutputLine] = {}
         for path in [self.predictions, *sorted(self.folder.glob(_SHARD_PATTERN))]:
-            for record in complete_lines(path):
-                by_id[str(record["id"])] = record
+            by_id.update(complete_lines(path))
         return by_id
 
     def completed_ids(self) -> set[str]:
         """Inputs with a prediction line (an error line does not count: the input is tried again)."""
-        return {entry_id for entry_id, record in self.records().items() if "error" not in record}
+        return {entry_id for entry_id, line in self.lines().items() if not line.failed}
 
-    def consolidate(self) -> dict[str, dict[str, Any]]:
+    def consolidate(self) -> dict[str, OutputLine]:
         """Folds the shards into ``predictions.jsonl`` in manifest order (inputs the manifest no longer
-        names go last, kept); returns the records. One process at a time (global rank 0)."""
-        records = self.records()
+        names go last, kept); returns the lines by id. One process at a time (global rank 0)."""
+        lines = self.lines()
         shards = sorted(self.folder.glob(_SHARD_PATTERN))
         if not shards and self.predictions.is_file():
-            return records
-        ordered = sorted(
-            records.values(), key=lambda r: (self.order.get(str(r["id"]), len(self.order)), str(r["id"]))
-        )
+            return lines
+        ordered = sorted(lines, key=lambda entry_id: (self.order.get(entry_id, len(self.order)), entry_id))
         self.folder.mkdir(parents=True, exist_ok=True)
         temporary = self.predictions.with_suffix(".jsonl.tmp")
         with temporary.open("w", encoding="utf-8") as file:
-            file.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in ordered)
+            file.writelines(lines[entry_id].text + "\n" for entry_id in ordered)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, self.predictions)
         for shard in shards:
             shard.unlink()
-        return records
+        return lines
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -99,14 +99,14 @@ def predict_batch(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> BatchS
     seconds = time.perf_counter() - start
     # Under torchrun every rank returns here: rank 0 folds the shards once all have written theirs.
     trainer.strategy.barrier("batch_predict.end")
-    records = output.consolidate() if rank_zero_only.rank == 0 else output.records()
-    lines = [records[entry.id] for entry in entries if entry.id in records]
-    failed = sum(1 for record in lines if "error" in record)
+    lines = output.consolidate() if rank_zero_only.rank == 0 else output.lines()
+    known = [lines[entry.id] for entry in entries if entry.id in lines]
+    failed = sum(1 for line in known if line.failed)
     summary = BatchSummary(
         inputs=len(entries),
-        done=len(lines) - failed,
+        done=len(known) - failed,
         failed=failed,
-        processed=sum(1 for entry in entries if entry.id not in done_before and entry.id in records),
+        processed=sum(1 for entry in entries if entry.id not in done_before and entry.id in lines),
         seconds=seconds,
         output=str(output.predictions),
     )
