@@ -219,7 +219,9 @@ def test_bad_inputs_become_error_lines_and_the_exit_status_says_so(
     manifest = write_manifest(tmp_path, lines)
     out = tmp_path / "out"
     overrides = [f"ckpt={tiny_checkpoint}", f"inputs={manifest}", f"output={out}", "batch.num_workers=0"]
-    monkeypatch.setattr("sys.argv", ["flmm-predict", *overrides, "max_new_tokens=4", "batch.overlays=true"])
+    monkeypatch.setattr(
+        "sys.argv", ["flmm-predict", *overrides, "generation.max_new_tokens=4", "batch.overlays=true"]
+    )
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main()

@@ -3,6 +3,7 @@ line (masks as COCO RLE, boxes, areas, mask scores; a query's answer; a failed i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ class BatchPredictor(LightningModule):
     """Grounds a ``PredictionBatch`` with the model core: the inputs with phrases in one batched forward
     (the evaluation's path), each query answered by the frozen LMM and segmented
     (``reasoning.reason_and_segment``, ``Grounder.segment``'s path). ``overlays``: also draw each input's
-    masks on its image."""
+    masks on its image; ``generation``: how the LMM answers a query (``generate``'s keyword arguments)."""
 
     def __init__(
         self,
@@ -48,14 +49,14 @@ class BatchPredictor(LightningModule):
         prompt_builder: PromptBuilder,
         sam_image_size: int,
         overlays: bool = False,
-        max_new_tokens: int = 32,
+        generation: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model.eval()
         self.prompt_builder = prompt_builder
         self.sam_image_size = sam_image_size
         self.overlays = overlays
-        self.max_new_tokens = max_new_tokens
+        self.generation = dict(generation or {})
 
     @torch.no_grad()
     def predict_step(self, batch: PredictionBatch, batch_idx: int = 0) -> list[InputResult]:
@@ -86,7 +87,7 @@ class BatchPredictor(LightningModule):
 
     def _reasoned(self, runner: GroundingRunner, entry: ManifestEntry, photo: Any) -> InputResult:
         try:
-            result = reason_and_segment(runner, photo, entry.query, max_new_tokens=self.max_new_tokens)
+            result = reason_and_segment(runner, photo, entry.query, **self.generation)
         except (EmptyAnswerError, ChatInputError, ContextOverflowError) as error:
             return InputResult(_error_record(entry, f"{type(error).__name__}: {error}"))
         record = {

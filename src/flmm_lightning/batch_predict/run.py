@@ -20,7 +20,12 @@ from flmm_lightning.batch_predict.output import PredictionOutput, PredictionWrit
 from flmm_lightning.batch_predict.predictor import BatchPredictor
 from flmm_lightning.batch_predict.progress import ImagesProgressBar
 from flmm_lightning.builders import build_prompt_builder, module_from_checkpoint
-from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups
+from flmm_lightning.settings import (
+    CHECKPOINT_GROUPS,
+    chosen_checkpoint_groups,
+    generation_settings,
+    refuse_checkpoint_groups,
+)
 
 SUMMARY = "summary.json"
 
@@ -83,7 +88,7 @@ def predict_batch(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> BatchS
     module, config = module_from_checkpoint(cfg.ckpt, paths=cfg.paths, overrides=patches)
     prompt_builder = build_prompt_builder(config)
     predictor = BatchPredictor(
-        module.model, prompt_builder, config.sam.image_size, settings.overlays, cfg.max_new_tokens
+        module.model, prompt_builder, config.sam.image_size, settings.overlays, generation_settings(cfg)
     )
     data = BatchPredictionData(
         entries, output, prompt_builder, config.sam.image_size, settings.size, settings.num_workers
