@@ -261,7 +261,9 @@ class Node:
             problems.append(f"{key}: a {type(value).__name__}, not a mapping with a _target_")
             return
         target = value.get("_target_")
-        if not (target in self.targets or (self.optimizer and _is_optimizer(target))):
+        if not isinstance(target, str) or not (
+            target in self.targets or (self.optimizer and _is_optimizer(target))
+        ):
             allowed = ", ".join(sorted(self.targets)) + (
                 ", torch.optim.<Optimizer>" if self.optimizer else ""
             )
