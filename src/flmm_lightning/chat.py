@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.text import Text
 
@@ -31,7 +31,13 @@ from flmm_lightning.conversation import ChatInputError, Conversation, GroundedAn
 from flmm_lightning.data.images import UnreadableImageError, load_photo
 from flmm_lightning.predict import Grounder, Grounding, PhraseError, phrase_list
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
-from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups
+from flmm_lightning.settings import (
+    CHECKPOINT_GROUPS,
+    chosen_checkpoint_groups,
+    generation_settings,
+    refuse_checkpoint_groups,
+    refuse_renamed,
+)
 from flmm_lightning.visualize import object_color, overlay_masks
 
 register_resolvers()
@@ -103,20 +109,20 @@ def print_turn(console: Console, turn: GroundedAnswer, overlay_path: Path, json_
 
 
 def read_questions(stream: TextIO, console: Console) -> Iterator[str]:
-    """Questions typed one per line, until the end of input or an exit word; blank lines are skipped."""
+    """Questions typed one per line, until the end of input, an exit word or Ctrl-C at the prompt; blank lines
+    are skipped."""
     console.print(f"Ask about the image; {' or '.join(EXIT_WORDS)} (or end of input) ends the chat.")
     while True:
         console.print("[bold]you>[/bold] ", end="")
-        line = stream.readline()
+        try:
+            line = stream.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt ends the chat like an exit word
+            console.print()
+            return
         if not line or line.strip().lower() in EXIT_WORDS:
             return
         if line.strip():
             yield line.strip()
-
-
-def generation_settings(cfg: DictConfig) -> dict[str, Any]:
-    settings = OmegaConf.to_container(cfg.get("generation") or {})
-    return {key: value for key, value in settings.items() if value is not None}
 
 
 def chat(
@@ -147,6 +153,15 @@ def chat(
                 raise
             console.print(f"[red]{type(error).__name__}: {error}[/red]")
             continue
+        except KeyboardInterrupt:
+            # Ctrl-C while the LMM answers: the turn in flight is dropped, the earlier ones stay.
+            if one_shot:
+                raise
+            console.print(
+                f"[yellow]answer cancelled; the conversation keeps its {len(conversation.turns)} turns "
+                "(Ctrl-C at the prompt or exit ends it)[/yellow]"
+            )
+            continue
         print_turn(console, turn, *write_turn(turn, output_dir, len(conversation.turns)))
     return conversation.turns
 
@@ -159,12 +174,15 @@ def hydra_main(cfg: DictConfig) -> None:
     except (UnreadableImageError, *TURN_ERRORS) as error:
         # A bad image, question or phrase list is the user's to fix: one line, no traceback.
         raise SystemExit(f"chat: {error}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("chat: cancelled") from None
 
 
 def main() -> None:
     """The CLI: a model, SAM or module override is refused before Hydra composes anything."""
     try:
         refuse_checkpoint_groups(sys.argv[1:], "chat")
+        refuse_renamed(sys.argv[1:], "chat")
     except ConfigError as error:
         raise SystemExit(f"error: {error}") from None
     hydra_main()

@@ -39,7 +39,13 @@ from flmm_lightning.masks import mask_scores
 from flmm_lightning.reasoning import EmptyAnswerError, ReasonedSegmentation, reason_and_segment
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
 from flmm_lightning.selection import KEYWORD_THRESHOLD
-from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups
+from flmm_lightning.settings import (
+    CHECKPOINT_GROUPS,
+    chosen_checkpoint_groups,
+    generation_settings,
+    refuse_checkpoint_groups,
+    refuse_renamed,
+)
 from flmm_lightning.visualize import overlay_masks
 
 register_resolvers()
@@ -235,7 +241,7 @@ def predict(cfg: DictConfig) -> tuple[Path, Path]:
         overlay = overlay_masks(grounding.image, grounding.masks, grounding.phrases)
         document = {"image": str(image_path), "objects": grounding.to_json()}
     else:
-        result = grounder.segment(image, str(cfg.query), max_new_tokens=cfg.max_new_tokens)
+        result = grounder.segment(image, str(cfg.query), **generation_settings(cfg))
         overlay = overlay_masks(result.image, result.mask[None], [result.answer])
         document = {
             "image": str(image_path),
@@ -268,6 +274,7 @@ def main() -> None:
     """The CLI: a model, SAM or module override is refused before Hydra composes anything."""
     try:
         refuse_checkpoint_groups(sys.argv[1:], "predict")
+        refuse_renamed(sys.argv[1:], "predict")
     except ConfigError as error:
         raise SystemExit(f"error: {error}") from None
     hydra_main()

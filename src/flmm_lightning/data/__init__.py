@@ -19,6 +19,8 @@ _LAZY = {
     "reasoning_prompt": "flmm_lightning.data.reasonseg",
     "RefCocoDataset": "flmm_lightning.data.refcoco",
     "UnsafePickleError": "flmm_lightning.data.safe_pickle",
+    "PickleLimitError": "flmm_lightning.data.safe_pickle",
+    "RecordError": "flmm_lightning.data.records",
     "load_refs": "flmm_lightning.data.safe_pickle",
     "SyntheticPaths": "flmm_lightning.data.synthetic",
     "write_synthetic_dataset": "flmm_lightning.data.synthetic",

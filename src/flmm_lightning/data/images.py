@@ -86,6 +86,8 @@ def load_photo(path: str | Path) -> Image.Image:
     """Reads a person's photo fully, oriented as viewers show it (``as_displayed``); a missing, truncated or
     undecodable file raises ``UnreadableImageError`` naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise UnreadableImageError(f"{path} is a folder: give one image file in it (image=<file>)")
     if not path.is_file():
         raise UnreadableImageError(f"image not found: {path}")
     try:
