@@ -461,6 +461,7 @@ def machine(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     max_examples=40,
     deadline=None,
     derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(data=st.data())
