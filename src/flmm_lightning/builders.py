@@ -215,18 +215,51 @@ def check_resume(
     name the LMM and SAM of this run (``config``: its ``run_config``), both read with this machine's
     ``paths`` (the defaults when None). Lightning then loads its state."""
     stored = _stored_config(load_checkpoint(path), path)
-    stored_identity = model_identity(config_on_this_machine(stored, paths, source=str(path)))
-    identity = model_identity(config_on_this_machine(config, paths, source="this run"))
-    mismatches = [
-        f"{key}: {stored_identity[key]!r} in the checkpoint, {identity[key]!r} in this run"
-        for key in identity
-        if stored_identity[key] != identity[key]
-    ]
+    mismatches = _identity_mismatches(stored, config, paths, path)
     if mismatches:
         raise CheckpointMismatchError(
             f"cannot resume from {path}: it was trained with another model ({'; '.join(mismatches)}). "
             "Resume with the checkpoint's own model and SAM, or start a new run."
         )
+
+
+def _identity_mismatches(
+    stored: dict[str, Any], config: dict[str, Any], paths: DictConfig | Mapping[str, Any] | None, path: Path
+) -> list[str]:
+    stored_identity = model_identity(config_on_this_machine(stored, paths, source=str(path)))
+    identity = model_identity(config_on_this_machine(config, paths, source="this run"))
+    return [
+        f"{key}: {stored_identity[key]!r} in the checkpoint, {identity[key]!r} in this run"
+        for key in identity
+        if stored_identity[key] != identity[key]
+    ]
+
+
+def trained_checkpoint_path(source: str | Path) -> Path:
+    """``init_from``'s checkpoint: the file itself, or the ``checkpoints/last.ckpt`` of a run folder."""
+    path = Path(source)
+    return path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+
+
+def check_init_from(
+    source: str | Path, config: dict[str, Any], paths: DictConfig | Mapping[str, Any] | None = None
+) -> Path:
+    """Fine-tuning's source, checked before anything is built: a checkpoint written by this project (or a
+    run folder holding one) of this run's LMM and SAM (``config``: its ``run_config``). Returns its path."""
+    path = trained_checkpoint_path(source)
+    mismatches = _identity_mismatches(_stored_config(load_checkpoint(path), path), config, paths, path)
+    if mismatches:
+        raise CheckpointMismatchError(
+            f"cannot fine-tune from {path}: it was trained with another model ({'; '.join(mismatches)}). "
+            "Choose the checkpoint's own model= and sam=, or train from scratch without init_from."
+        )
+    return path
+
+
+def initialize_from(module: FLMMModule, path: str | Path) -> None:
+    """Fine-tuning: loads the trainable weights of checkpoint ``path`` (``check_init_from``) into
+    ``module``; its optimizer state, step and schedule are not taken."""
+    module.load_checkpoint_weights(load_checkpoint(path)["state_dict"])
 
 
 def module_from_checkpoint(

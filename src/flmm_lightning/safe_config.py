@@ -54,6 +54,7 @@ SAM_BUILDERS = frozenset(
 )
 DATASETS = frozenset(
     {
+        "flmm_lightning.data.custom.CustomDataset",
         "flmm_lightning.data.png.PNGDataset",
         "flmm_lightning.data.reasonseg.ReasonSegDataset",
         "flmm_lightning.data.refcoco.RefCocoDataset",
@@ -374,6 +375,9 @@ SETTINGS: dict[str, Check] = {
     "panoptic_dir": path(),
     "split_dir": path(),
     "query_mode": text(QUERY_MODES),
+    "path": path(optional=True),
+    "image_root": path(optional=True),
+    "check_images": flag(),
     "max_queries": number(1, 1 << 20, integer=True, optional=True),
 }
 
@@ -385,6 +389,18 @@ _SYNTHETIC = Section(
         "root": path(),
     },
     required=("num_train", "num_val", "root"),
+)
+
+# The own-data files a data config names (``data.custom``, docs/own-data.md).
+_CUSTOM = Section(
+    {
+        "train": path(optional=True),
+        "val": path(optional=True),
+        "test": path(optional=True),
+        "image_root": path(optional=True),
+        "on_bad_sample": text(ON_BAD_SAMPLE_CHOICES),
+        "check_images": flag(),
+    }
 )
 
 STORED_SCHEMA = Section(
@@ -409,7 +425,7 @@ STORED_SCHEMA = Section(
             required=("image_size", "refiner"),
         ),
         "module": Node(frozenset({MODULE})),
-        "data": Node(frozenset({DATAMODULE}), extra={"synthetic": _SYNTHETIC}),
+        "data": Node(frozenset({DATAMODULE}), extra={"synthetic": _SYNTHETIC, "custom": _CUSTOM}),
     },
     required=("model", "sam", "module"),
 )
