@@ -99,7 +99,7 @@ def _text_problem(value: Any, allow_placeholder: bool) -> str | None:
         rest = value[match.end() :]
         if rest and not rest.startswith("/"):
             return f"{value!r}: a path placeholder is followed by '/' or nothing"
-    if "${" in rest or "$(" in rest:
+    if "${" in rest:
         where = "only a path may start with ${paths.<key>}" if allow_placeholder else "text is plain"
         return f"{value!r}: an interpolation or resolver ({where}; a stored config is data)"
     if allow_placeholder and ".." in Path(rest).parts:
