@@ -27,9 +27,10 @@ from flmm_lightning.callbacks import (
     MetricsJsonWriter,
     PerObjectRecorder,
 )
-from flmm_lightning.config import CONF_DIR, paths_read, register_resolvers
+from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.reporting import print_metrics
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
+from flmm_lightning.safe_config import paths_read
 from flmm_lightning.settings import (
     check_choices,
     chosen_checkpoint_groups,
@@ -61,7 +62,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     try:
         datamodule = build_datamodule(data_cfg, prompt_builder, config.sam.image_size)
     except ConfigError as error:
-        read = [] if data_chosen else paths_read(OmegaConf.to_container(data_cfg, resolve=False))
+        read = [] if data_chosen else paths_read(module.run_config.get("data"))
         if not read:
             raise
         here = ", ".join(f"{key} = {OmegaConf.select(config, key)}" for key in read)

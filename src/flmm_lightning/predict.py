@@ -3,9 +3,11 @@
 CLI: ``python -m flmm_lightning.predict ckpt=<path> image=<file> phrases='[a man, the ball]'`` writes an
 overlay PNG and a JSON (each mask as COCO RLE with its box); ``phrases='a man'`` grounds one phrase;
 ``query='what keeps the rain off'`` instead segments what the LMM's answer to the query names (reasoning
-segmentation; the JSON holds the answer too). In Python: ``Grounder.from_checkpoint(path).ground(image,
-phrases)`` and ``.segment(image, query)``. Photos are grounded as viewers show them
-(EXIF orientation applied), so masks and overlay line up with the displayed image.
+segmentation; the JSON holds the answer too). ``inputs=<manifest>`` instead of ``image=`` grounds every
+input of a manifest in batches (``batch_predict``; docs/batch-prediction.md). In Python:
+``Grounder.from_checkpoint(path).ground(image, phrases)`` and ``.segment(image, query)``. Photos are
+grounded as viewers show them (EXIF orientation applied), so masks and overlay line up with the displayed
+image.
 """
 
 from __future__ import annotations
@@ -18,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from pycocotools import mask as mask_utils
 from torchvision.ops import masks_to_boxes
 
+from flmm_lightning.batch_predict import ManifestError, OutputMismatchError, predict_batch
 from flmm_lightning.boundaries import GroundingSample, PromptBuilder
 from flmm_lightning.builders import ConfigError, build_prompt_builder, module_from_checkpoint, output_dir_of
 from flmm_lightning.config import CONF_DIR, register_resolvers
@@ -41,7 +42,7 @@ from flmm_lightning.data.images import (
 )
 from flmm_lightning.data.reasonseg import ANSWER_PREFIX
 from flmm_lightning.inspection import AttentionView, read_attention
-from flmm_lightning.masks import mask_scores
+from flmm_lightning.masks import mask_record, mask_scores
 from flmm_lightning.outputs import empty_mask_notices, json_document
 from flmm_lightning.reasoning import EmptyAnswerError, ReasonedSegmentation, reason_and_segment
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
@@ -74,18 +75,6 @@ class Grounding:
             {"phrase": phrase, **mask_record(mask, [float(v) for v in box]), "mask_score": float(score)}
             for phrase, mask, box, score in objects
         ]
-
-
-def mask_record(mask: torch.Tensor, box: Sequence[float] | None) -> dict[str, object]:
-    """A bool ``[H, W]`` mask for JSON: COCO RLE, its inclusive ``[x0, y0, x1, y1]`` box (null when the mask
-    is empty, whatever ``box`` says), its area."""
-    rle = mask_utils.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
-    empty = box is None or not bool(mask.any())
-    return {
-        "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
-        "bbox_xyxy": None if empty else [float(v) for v in box],
-        "area": int(mask.sum()),
-    }
 
 
 class Grounder(GroundingRunner):
@@ -292,7 +281,14 @@ def predict(cfg: DictConfig) -> tuple[Path, Path]:
 def hydra_main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if cfg.get("inputs") is not None:
+            summary = predict_batch(cfg)
+            if summary.failed:
+                raise SystemExit(f"predict: {summary.failed} of {summary.inputs} inputs failed (error lines)")
+            return
         predict(cfg)
+    except (ManifestError, OutputMismatchError) as error:
+        raise SystemExit(f"predict: {error}") from None
     except (UnreadableImageError, PhraseError, PredictInputError, ChatInputError, EmptyAnswerError) as error:
         # A bad input file, phrase list or query is the user's to fix: one line, no traceback.
         raise SystemExit(f"predict: {error}") from None

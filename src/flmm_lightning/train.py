@@ -24,8 +24,10 @@ from flmm_lightning.builders import (
     build_loggers,
     build_module,
     build_prompt_builder,
+    check_init_from,
     check_resume,
     finish_wandb,
+    initialize_from,
     output_dir_of,
     run_config,
     test_results,
@@ -125,11 +127,17 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     stored = run_config(cfg)
     if ckpt_path:
         check_resume(ckpt_path, stored, cfg.paths)
+    init_from = (
+        check_init_from(cfg.init_from, stored, cfg.paths) if cfg.get("init_from") and not ckpt_path else None
+    )
     mark_latest(output_dir)
     metrics_path = output_dir / "metrics.json"
     prompt_builder = build_prompt_builder(cfg)
     datamodule = build_datamodule(cfg.data, prompt_builder, cfg.sam.image_size)
     module = build_module(cfg, stored_config=stored)
+    if init_from:
+        initialize_from(module, init_from)
+        print(f"fine-tuning from the weights of {init_from}")
     # test_after_fit=false: neither the test nor any of the after-training extras
     after_fit = bool(cfg.get("test_after_fit"))
     run_test = after_fit and bool(datamodule.test_names)

@@ -1,4 +1,4 @@
-"""Datasets (RefCOCO family, Panoptic Narrative Grounding, ReasonSeg, synthetic shapes).
+"""Datasets (RefCOCO family, Panoptic Narrative Grounding, ReasonSeg, your own data, synthetic shapes).
 
 Their items are ``flmm_lightning.boundaries.GroundingSample``s. The bad-sample handling imports eagerly;
 the datasets (which need pycocotools) load on first access, so that code which only batches samples (the
@@ -14,6 +14,7 @@ from flmm_lightning.data.bad_samples import BadSampleError, BadSampleReason, Bad
 
 _LAZY = {
     "load_rgb_image": "flmm_lightning.data.images",
+    "CustomDataset": "flmm_lightning.data.custom",
     "PNGDataset": "flmm_lightning.data.png",
     "ReasonSegDataset": "flmm_lightning.data.reasonseg",
     "reasoning_prompt": "flmm_lightning.data.reasonseg",
