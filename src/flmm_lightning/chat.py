@@ -11,7 +11,6 @@ span, score, box and COCO RLE mask) into the run folder. In Python: ``Grounder.c
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -28,7 +27,8 @@ from flmm_lightning.boundaries import ContextOverflowError
 from flmm_lightning.builders import ConfigError, output_dir_of
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.conversation import ChatInputError, Conversation, GroundedAnswer
-from flmm_lightning.data.images import UnreadableImageError, load_photo
+from flmm_lightning.data.images import ImageLimits, UnreadableImageError, load_photo
+from flmm_lightning.outputs import empty_mask_notices, json_document
 from flmm_lightning.predict import Grounder, Grounding, PhraseError, phrase_list
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
 from flmm_lightning.settings import (
@@ -92,7 +92,8 @@ def write_turn(turn: GroundedAnswer, output_dir: Path, number: int) -> tuple[Pat
     overlay_path = output_dir / f"turn_{number:02d}_overlay.png"
     overlay_masks(turn.image, turn.masks, [phrase.text for phrase in turn.phrases]).save(overlay_path)
     json_path = output_dir / f"turn_{number:02d}.json"
-    json_path.write_text(json.dumps(turn_record(turn), indent=2, ensure_ascii=False) + "\n")
+    record = turn_record(turn)
+    json_path.write_text(json_document(record, empty_mask_notices(record["phrases"], label="text"))[0])
     return overlay_path, json_path
 
 
@@ -132,7 +133,8 @@ def chat(
     ``stream``, standard input by default); returns its turns."""
     refuse_checkpoint_groups(chosen_checkpoint_groups(cfg), "chat")
     console = console or Console()
-    image = load_photo(Path(cfg.image))  # before the model loads: a bad file fails in a second
+    image_limits = ImageLimits.from_config(cfg.get("image_limits") or {})
+    image = load_photo(Path(cfg.image), image_limits)  # before the model loads: a bad file fails in a second
     phrases = phrase_list(cfg.phrases) if cfg.get("phrases") is not None else None
     options = dict(selector=cfg.get("selector"), threshold=cfg.threshold, phrases=phrases)
     options.update(generation_settings(cfg))
@@ -140,6 +142,7 @@ def chat(
     claim_run_dir(output_dir)
     patches = {key: cfg[key] for key in CHECKPOINT_GROUPS if cfg.get(key) is not None}
     grounder = Grounder.from_checkpoint(cfg.ckpt, device=cfg.device, paths=cfg.paths, overrides=patches)
+    grounder.image_limits = image_limits
     output_dir.mkdir(parents=True, exist_ok=True)
     mark_latest(output_dir)
     conversation = Conversation(grounder, image)

@@ -41,10 +41,12 @@ def mask_scores(logits: Tensor, masks: Tensor) -> Tensor:
 
 
 def mask_record(mask: Tensor, box: Sequence[float] | None) -> dict[str, object]:
-    """A bool ``[H, W]`` mask for JSON: COCO RLE, its inclusive ``[x0, y0, x1, y1]`` box, its area."""
+    """A bool ``[H, W]`` mask for JSON: COCO RLE, its inclusive ``[x0, y0, x1, y1]`` box (null when the mask
+    is empty, whatever ``box`` says), its area."""
     rle = mask_utils.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
+    empty = box is None or not bool(mask.any())
     return {
         "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
-        "bbox_xyxy": None if box is None else [float(v) for v in box],
+        "bbox_xyxy": None if empty else [float(v) for v in box],
         "area": int(mask.sum()),
     }
