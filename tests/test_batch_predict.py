@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hostile_images import rgb_bomb
 from lightning import Callback, LightningModule, Trainer
 from omegaconf import DictConfig
 from PIL import Image
@@ -24,7 +25,7 @@ from flmm_lightning.batch_predict import (
     predict_batch,
     read_manifest,
 )
-from flmm_lightning.batch_predict.output import PREDICTIONS
+from flmm_lightning.batch_predict.output import PREDICTIONS, prediction_line
 from flmm_lightning.predict import Grounder, main
 
 pytestmark = pytest.mark.usefixtures("pinned_threads")
@@ -215,6 +216,7 @@ def test_bad_inputs_become_error_lines_and_the_exit_status_says_so(
         json.dumps({"id": "no-phrases", "image": str(good), "phrases": []}),
         '{"id": "broken", "image": ',
         json.dumps({"id": "query", "image": str(good), "query": "what is the man holding"}),
+        json.dumps({"id": "huge", "image": str(rgb_bomb(tmp_path)), "phrases": ["the man"]}),
     ]
     manifest = write_manifest(tmp_path, lines)
     out = tmp_path / "out"
@@ -225,9 +227,11 @@ def test_bad_inputs_become_error_lines_and_the_exit_status_says_so(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main()
-    assert "4 of 6 inputs failed" in str(exit_info.value)
+    assert "5 of 7 inputs failed" in str(exit_info.value)
     records = {record["id"]: record for record in read_lines(out)}
-    assert list(records) == ["ok", "missing", "truncated", "no-phrases", "line5", "query"]
+    assert list(records) == ["ok", "missing", "truncated", "no-phrases", "line5", "query", "huge"]
+    # measured before it is decoded: refused by the default image_limits, naming the file and its size
+    assert "rgb_9000.png" in records["huge"]["error"] and "9000" in records["huge"]["error"]
     assert "image not found" in records["missing"]["error"] and "nowhere.png" in records["missing"]["error"]
     assert "truncated.png" in records["truncated"]["error"]
     assert "line 4" in records["no-phrases"]["error"] and "non-empty" in records["no-phrases"]["error"]
@@ -236,11 +240,11 @@ def test_bad_inputs_become_error_lines_and_the_exit_status_says_so(
     assert [obj["phrase"] for obj in records["ok"]["objects"]] == ["the man"]
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["ok.png", "query.png"]
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["inputs"], summary["done"], summary["failed"]) == (6, 2, 4)
+    assert (summary["inputs"], summary["done"], summary["failed"]) == (7, 2, 5)
     printed = capsys.readouterr().out
-    assert "failed 4" in printed
-    # the progress bar counts images (6 on this one process), at a rate in images/s
-    assert "6/6" in printed and "img/s" in printed
+    assert "failed 5" in printed
+    # the progress bar counts images (7 on this one process), at a rate in images/s
+    assert "7/7" in printed and "img/s" in printed
 
 
 def test_folder_and_coco_manifests_name_the_inputs_a_jsonl_would(image_dir: Path, tmp_path: Path) -> None:
@@ -287,3 +291,14 @@ def test_an_output_folder_of_another_checkpoint_is_refused(tmp_path: Path) -> No
     output.claim({"ckpt": "/models/a.ckpt", "inputs": "/data/m.jsonl"})  # the same run resumes
     with pytest.raises(OutputMismatchError, match="ckpt: /models/a.ckpt there, /models/b.ckpt now"):
         output.claim({"ckpt": "/models/b.ckpt", "inputs": "/data/m.jsonl"})
+
+
+def test_a_prediction_line_is_valid_json_even_for_a_non_finite_score() -> None:
+    record = {"id": "a", "objects": [{"phrase": "x", "mask_score": float("nan"), "area": 3}], "notices": []}
+    line = prediction_line(record)
+    assert line.endswith("\n") and line.count("\n") == 1
+    parsed = json.loads(line)  # the standard parser; allow_nan=False wrote it
+    assert parsed["objects"][0]["mask_score"] is None
+    assert parsed["notices"] == [
+        "objects[0].mask_score was not a finite number (NaN or infinity): written as null"
+    ]

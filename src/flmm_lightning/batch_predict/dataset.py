@@ -18,7 +18,7 @@ from flmm_lightning.batch_predict.manifest import ManifestEntry
 from flmm_lightning.batch_predict.output import PredictionOutput
 from flmm_lightning.boundaries import GroundingSample, PromptBuilder
 from flmm_lightning.data.batch import EncodedDataset, EncodedSample, GroundingBatch, GroundingCollate
-from flmm_lightning.data.images import load_photo
+from flmm_lightning.data.images import ImageLimits, load_photo
 from flmm_lightning.data.sampler import UnpaddedDistributedSampler
 from flmm_lightning.reliability import dataloader_worker_init
 
@@ -51,8 +51,15 @@ class PredictionDataset(Dataset):
     unreadable or truncated image, or phrases that do not fit the LMM's context, make an item with the
     reason instead of stopping the run."""
 
-    def __init__(self, entries: Sequence[ManifestEntry], prompt_builder: PromptBuilder, sam_image_size: int):
+    def __init__(
+        self,
+        entries: Sequence[ManifestEntry],
+        prompt_builder: PromptBuilder,
+        sam_image_size: int,
+        image_limits: ImageLimits | None = None,
+    ):
         self.entries = list(entries)
+        self.image_limits = image_limits
         self.encoder = EncodedDataset([], prompt_builder, sam_image_size)
 
     def __len__(self) -> int:
@@ -63,7 +70,7 @@ class PredictionDataset(Dataset):
         if entry.error is not None:
             return PredictionItem(entry, error=entry.error)
         try:
-            photo = load_photo(entry.image)
+            photo = load_photo(entry.image, self.image_limits)
             if entry.query is not None:
                 return PredictionItem(entry, photo=photo)
             sample = GroundingSample.for_inference(
@@ -104,6 +111,7 @@ class BatchPredictionData(LightningDataModule):
         sam_image_size: int,
         batch_size: int = 8,
         num_workers: int = 2,
+        image_limits: ImageLimits | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -114,6 +122,7 @@ class BatchPredictionData(LightningDataModule):
         self.sam_image_size = sam_image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.image_limits = image_limits
         self.pending: list[ManifestEntry] = []
         self.shard_size = 0  # the inputs this rank predicts (set with its dataloader)
 
@@ -136,7 +145,7 @@ class BatchPredictionData(LightningDataModule):
         return batch
 
     def predict_dataloader(self) -> DataLoader:
-        dataset = PredictionDataset(self.pending, self.prompt_builder, self.sam_image_size)
+        dataset = PredictionDataset(self.pending, self.prompt_builder, self.sam_image_size, self.image_limits)
         sampler = (
             UnpaddedDistributedSampler(dataset) if dist.is_available() and dist.is_initialized() else None
         )

@@ -24,6 +24,8 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
+from flmm_lightning.outputs import finite_values
+
 PREDICTIONS = "predictions.jsonl"
 RUN_RECORD = "run.json"
 OVERLAYS = "overlays"
@@ -40,6 +42,17 @@ class InputResult:
 
     record: dict[str, Any]
     overlay: Image.Image | None = None
+
+
+def prediction_line(record: Mapping[str, Any]) -> str:
+    """One line of ``predictions.jsonl``: valid JSON, a non-finite number written as null with a notice."""
+    cleaned, places = finite_values(dict(record))
+    if places:
+        cleaned["notices"] = [
+            *cleaned.get("notices", []),
+            *(f"{place} was not a finite number (NaN or infinity): written as null" for place in places),
+        ]
+    return json.dumps(cleaned, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 @dataclass(frozen=True)
@@ -169,7 +182,7 @@ class PredictionWriter(BasePredictionWriter):
                 result.overlay.save(path)
         if self._file is None:
             self._file = self.output.shard(trainer.global_rank).open("a", encoding="utf-8")
-        self._file.write("".join(json.dumps(r.record, ensure_ascii=False) + "\n" for r in prediction))
+        self._file.write("".join(prediction_line(r.record) for r in prediction))
         self._file.flush()
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -17,6 +17,7 @@ from flmm_lightning.boundaries import ContextOverflowError, GroundingSample, Pro
 from flmm_lightning.conversation import ChatInputError, GroundingRunner
 from flmm_lightning.core import FLMM, GroundingPrediction
 from flmm_lightning.masks import mask_record, mask_scores
+from flmm_lightning.outputs import empty_mask_notices
 from flmm_lightning.reasoning import EmptyAnswerError, reason_and_segment
 from flmm_lightning.visualize import overlay_masks
 
@@ -81,7 +82,13 @@ class BatchPredictor(LightningModule):
             {"phrase": phrase, **mask_record(mask, box), "mask_score": float(score)}
             for phrase, mask, box, score in zip(sample.phrases, masks, boxes, scores, strict=True)
         ]
-        record = {"index": entry.index, "id": entry.id, "image": entry.image, "objects": objects}
+        record = {
+            "index": entry.index,
+            "id": entry.id,
+            "image": entry.image,
+            "objects": objects,
+            "notices": empty_mask_notices(objects),
+        }
         overlay = overlay_masks(sample.image, masks, sample.phrases) if self.overlays else None
         return InputResult(record, overlay)
 
@@ -99,6 +106,7 @@ class BatchPredictor(LightningModule):
             "answer": result.answer,
             **mask_record(result.mask, result.box),
         }
+        record["notices"] = empty_mask_notices([record], label="answer")
         overlay = overlay_masks(result.image, result.mask[None], [result.answer]) if self.overlays else None
         return InputResult(record, overlay)
 

@@ -20,6 +20,7 @@ from flmm_lightning.batch_predict.output import PredictionOutput, PredictionWrit
 from flmm_lightning.batch_predict.predictor import BatchPredictor
 from flmm_lightning.batch_predict.progress import ImagesProgressBar
 from flmm_lightning.builders import build_prompt_builder, module_from_checkpoint
+from flmm_lightning.data.images import ImageLimits
 from flmm_lightning.settings import (
     CHECKPOINT_GROUPS,
     chosen_checkpoint_groups,
@@ -91,7 +92,13 @@ def predict_batch(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> BatchS
         module.model, prompt_builder, config.sam.image_size, settings.overlays, generation_settings(cfg)
     )
     data = BatchPredictionData(
-        entries, output, prompt_builder, config.sam.image_size, settings.size, settings.num_workers
+        entries,
+        output,
+        prompt_builder,
+        config.sam.image_size,
+        settings.size,
+        settings.num_workers,
+        ImageLimits.from_config(cfg.get("image_limits") or {}),
     )
     trainer = hydra.utils.instantiate(
         cfg.trainer,
