@@ -42,12 +42,14 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     ``torch.load(weights_only=True)``) and portable (``config.portable_container``: paths stay
     ``${paths.*}``).
 
-    The SAM embedding cache is this machine's choice, not part of the model: it is stored as off (a stored
-    config never names a directory to write to, ``safe_config``)."""
+    The SAM embedding cache and the LMM feature cache are this machine's choice, not part of the model: they
+    are stored as off (a stored config never names a directory to write to, ``safe_config``)."""
     keys = [*MODEL_KEYS, "data"] if cfg.get("data") is not None else list(MODEL_KEYS)
     stored = portable_container(cfg, keys)
     if "refiner" in stored["sam"]:
         stored["sam"]["refiner"]["embedding_cache"] = None
+    if stored.get("data") is not None and "feature_cache" in stored["data"]:
+        stored["data"]["feature_cache"] = None
     return stored
 
 

@@ -32,6 +32,7 @@ from flmm_lightning.callbacks import HyperparameterLogger, MetricsJsonWriter, wi
 from flmm_lightning.chat import write_turn
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.data.datamodule import split_name
+from flmm_lightning.feature_cache import FeatureCacheWriter, open_feature_cache
 from flmm_lightning.metrics import ReferringSegmentationMetric
 from flmm_lightning.model import FLMMModule
 from flmm_lightning.narration import ground_what_you_say
@@ -94,6 +95,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     prompt_builder = build_prompt_builder(cfg)
     datamodule = build_datamodule(cfg.data, prompt_builder, cfg.sam.image_size)
     module = build_module(cfg, stored_config=stored)
+    feature_store = open_feature_cache(module, datamodule, cfg.trainer.get("precision"))
     run_test = bool(cfg.get("test_after_fit") and datamodule.test_names)
     run_reasoning = bool((cfg.get("reasonseg_after_fit") or {}).get("data"))
     callbacks = with_training_guards(
@@ -101,6 +103,8 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     )
     if run_test or run_reasoning:
         callbacks.append(MetricsJsonWriter(metrics_path))
+    if feature_store is not None:
+        callbacks.append(FeatureCacheWriter(feature_store))
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.get("logger")) or False
     )
