@@ -102,12 +102,13 @@ class FLMM(nn.Module):
             if self.feature_store is not None:
                 self.feature_store.stats.served += len(cached)
             return self.lmm.trainable_features(cached)
+        if self.feature_store is None or batch.feature_keys is None:
+            return self.lmm(batch.lmm)
         frozen = self.lmm.frozen_features(batch.lmm)
-        if self.feature_store is not None and batch.feature_keys is not None:
-            self.feature_store.stats.computed += len(frozen)
-            for index, (key, entry) in enumerate(zip(batch.feature_keys, frozen, strict=True)):
-                if cached is None or cached[index] is None:
-                    self.feature_store.put(key, entry)
+        self.feature_store.stats.computed += len(frozen)
+        for index, (key, entry) in enumerate(zip(batch.feature_keys, frozen, strict=True)):
+            if cached is None or cached[index] is None:
+                self.feature_store.put(key, entry)
         return self.lmm.trainable_features(frozen)
 
     def decode(
