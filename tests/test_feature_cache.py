@@ -259,3 +259,29 @@ def test_prepass_fills_what_training_reads_and_sizing_predicts_its_bytes(
     run = fit(compose_config, tmp_path / "train", cache=cache)
     assert all(served == 1 for served in run["recorder"].served)
     assert run["store"].stats.computed == 0
+
+
+@pytest.mark.slow
+def test_prepass_under_ddp_each_rank_writes_its_own_shards(compose_config, tmp_path: Path) -> None:
+    cache = tmp_path / "features"
+    cfg = compose_config(
+        [
+            *tiny_overrides(tmp_path / "data", tmp_path / "run"),
+            *FAST,
+            "trainer=ddp_cpu",
+            "~data.train_sets.synthetic_png_train",
+            "~data.val_sets.synthetic_png_val",
+            f"data.feature_cache={cache}",
+        ]
+    )
+    fill(cfg)
+    shards = sorted(cache.rglob("*.safetensors"))
+    writers = {shard.name.rsplit("-", 1)[0] for shard in shards}
+    assert len(writers) == 2  # one per rank
+    keys: list[str] = []
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as handle:
+            keys += sorted({name.split(".")[0] for name in handle.keys()})
+    # Every sample exactly once between the ranks (the val set is also the test set: walked once).
+    datamodule = build_datamodule(cfg.data, build_prompt_builder(cfg), cfg.sam.image_size)
+    assert len(keys) == len(set(keys)) == sum(len(s) for s in datamodule.encoded_sets().values())

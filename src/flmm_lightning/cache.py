@@ -140,7 +140,7 @@ def print_size_report(cfg: DictConfig, report: dict[str, dict[str, float]]) -> N
             f"{name:<32} {int(entry['samples']):>9} {round(entry['objects']):>10} "
             f"{human_bytes(entry['bytes_per_object']):>12} {human_bytes(entry['bytes']):>12}{measured}"
         )
-    print("nothing was written; turn the cache on with data.feature_cache=<folder>")
+    print("no cache was written; turn it on with data.feature_cache=<folder>")
 
 
 # ---------------------------------------------------------------------------------------------- filling

@@ -48,6 +48,8 @@ SHARD_SUFFIX = ".safetensors"
 DEFAULT_SHARD_BYTES = 256 * 2**20
 # A miss looks for new shards when the folder's mtime changed, or after this many seconds (mtime is coarse).
 _RESCAN_SECONDS = 2.0
+# Shards a reader keeps open at once (each worker: one memory map per open shard).
+_OPEN_SHARDS = 64
 # The tensors of one entry: ``<key>.<part>``.
 _PARTS = ("maps", "hidden", "objects", "geometry")
 
@@ -198,7 +200,10 @@ class FeatureStore:
         return len(self._index)
 
     def _handle(self, shard: Path) -> Any:
+        """An open (memory-mapped) shard; the least recently opened is closed beyond ``_OPEN_SHARDS``."""
         if shard not in self._handles:
+            if len(self._handles) >= _OPEN_SHARDS:
+                del self._handles[next(iter(self._handles))]
             self._handles[shard] = safe_open(str(shard), framework="pt", device="cpu")
         return self._handles[shard]
 
@@ -225,9 +230,9 @@ class FeatureStore:
 
     def _add_shard(self, path: Path) -> None:
         try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-            metadata = handle.metadata() or {}
-            names = list(handle.keys())
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                metadata = handle.metadata() or {}
+                names = list(handle.keys())
         except (SafetensorError, OSError) as error:
             self.stats.corrupt += 1
             logger.warning(
@@ -255,7 +260,6 @@ class FeatureStore:
             if all(f"{key}.{part}" in present for part in _PARTS):
                 self._index[key] = path
                 self._checksums[key] = checksum
-        self._handles[path] = handle
 
     # ------------------------------------------------------------------------------------------ writing
     def put(self, key: str, features: FrozenFeatures) -> None:
