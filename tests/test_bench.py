@@ -54,7 +54,9 @@ def test_tiny_bench_writes_a_sane_report(tmp_path: Path):
         assert report[path]["peak_mem_mb"] > 0, path
         assert set(report["stages"][path]) == set(STAGES), path
         assert all(value >= 0 for value in report["stages"][path].values()), path
-        assert report["lmm_tflops"][path] > 0, path
+        # fast_featcache runs no LMM forward: its features come from the feature cache
+        assert (report["lmm_tflops"][path] is None) == (path == "fast_featcache"), path
+        assert path == "fast_featcache" or report["lmm_tflops"][path] > 0, path
     assert report["lmm_tflop_per_sample"] > 0
     # fp32 on the CPU: the fused capture is exact up to float rounding.
     assert report["attention_max_abs_diff"] <= 1e-5
@@ -63,6 +65,12 @@ def test_tiny_bench_writes_a_sane_report(tmp_path: Path):
     # The warm cache served every image of the cached path; no entry was rewritten.
     cache = report["fast_cached"]["cache"]
     assert cache["hits"] > 0 and cache["misses"] == cache["stale"] == cache["corrupt"] == cache["writes"] == 0
+    # The feature cache served every sample of the fast_featcache path, which ran neither LMM nor capture.
+    feature_cache = report["feature_cache"]
+    assert feature_cache["read_ms"] > 0 and feature_cache["bytes_per_sample"] > 0
+    featcache_stages = report["stages"]["fast_featcache"]
+    assert featcache_stages["lmm"] == featcache_stages["attention_capture"] == 0
+    assert featcache_stages["feature_cache_read"] == feature_cache["read_ms"]
     # --profile: one operator table per path, beside the JSON.
     profile = Path(report["profile"]).read_text()
     assert profile == (tmp_path / "tiny.profile.txt").read_text()

@@ -131,6 +131,18 @@ class GroundingFeatures:
     selector_logits: torch.Tensor | None = None
 
 
+@dataclass
+class FrozenFeatures:
+    """What the frozen LMM computes for one sample, before anything trainable reads it: the part of
+    ``GroundingFeatures`` that a feature cache may keep and serve in later epochs (``feature_store``)."""
+
+    attention_maps: torch.Tensor  # float32 [n, C, h, w]: merged over each object's tokens
+    hidden_states: torch.Tensor  # [L, u, D] at the LMM's dtype: last L layers at the hidden-state rows
+    hidden_objects: torch.Tensor  # long [u]: object index of each hidden-state row, -1 for none
+    padded_hw: tuple[int, int]
+    content_box: tuple[int, int, int, int]
+
+
 class ContextOverflowError(ValueError):
     """A sample whose prompt, image tokens and phrases do not fit the LMM's context (names the sample)."""
 

@@ -44,13 +44,15 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     as ``${paths.*}`` placeholders), checked now against the schema a loader checks it with
     (``safe_config``), so that a run whose checkpoints could not be loaded stops before it trains.
 
-    The SAM embedding cache is this machine's choice, not part of the model: it is stored as off (a stored
-    config never names a directory to write to) and ``trust_remote_code`` as off (the loader's command line
-    decides)."""
+    The SAM embedding cache and the LMM feature cache are this machine's choice, not part of the model: they
+    are stored as off (a stored config never names a directory to write to) and ``trust_remote_code`` as off
+    (the loader's command line decides)."""
     keys = [*MODEL_KEYS, "data"] if cfg.get("data") is not None else list(MODEL_KEYS)
     stored = stored_config(cfg, keys)
     if "refiner" in stored["sam"]:
         stored["sam"]["refiner"]["embedding_cache"] = None
+    if stored.get("data") is not None and "feature_cache" in stored["data"]:
+        stored["data"]["feature_cache"] = None
     stored["model"]["trust_remote_code"] = False
     if isinstance(stored["model"].get("lmm"), dict):
         stored["model"]["lmm"]["trust_remote_code"] = False

@@ -16,6 +16,7 @@ from torch import nn
 
 from flmm_lightning.boundaries import GroundingFeatures
 from flmm_lightning.data.batch import GroundingBatch
+from flmm_lightning.feature_store import FeatureStore
 from flmm_lightning.heads.losses import mask_losses
 from flmm_lightning.heads.sam_refiner import SamRefiner
 from flmm_lightning.heads.unet import UNetMaskHead, crop_to_content
@@ -76,6 +77,9 @@ class FLMM(nn.Module):
             weights.pop(SELECTOR_TERM, None)
         self.loss_weights = weights
         self.eval_heads_fp32 = eval_heads_fp32
+        # The frozen LMM's feature cache (``data.feature_cache``; set by the entry points): features a batch
+        # brings from it skip the LMM, the others are computed and queued to it.
+        self.feature_store: FeatureStore | None = None
 
     @property
     def has_keyword_selector(self) -> bool:
@@ -88,7 +92,24 @@ class FLMM(nn.Module):
     ) -> list[GroundingPrediction]:
         """Mask logits of every object of every sample. ``image_embeddings``: SAM's encoder output for the
         batch's images (``image_embeddings(batch)``), computed here when None."""
-        return self.decode(batch, self.lmm(batch.lmm), image_embeddings)
+        return self.decode(batch, self.lmm_features(batch), image_embeddings)
+
+    def lmm_features(self, batch: GroundingBatch) -> list[GroundingFeatures]:
+        """The LMM's features of the batch's samples: from the feature cache when it served every sample,
+        else from one LMM forward over the batch (its new entries queued to ``feature_store``)."""
+        cached = batch.cached_features
+        if cached is not None and all(entry is not None for entry in cached):
+            if self.feature_store is not None:
+                self.feature_store.stats.served += len(cached)
+            return self.lmm.trainable_features(cached)
+        if self.feature_store is None or batch.feature_keys is None:
+            return self.lmm(batch.lmm)
+        frozen = self.lmm.frozen_features(batch.lmm)
+        self.feature_store.stats.computed += len(frozen)
+        for index, (key, entry) in enumerate(zip(batch.feature_keys, frozen, strict=True)):
+            if cached is None or cached[index] is None:
+                self.feature_store.put(key, entry)
+        return self.lmm.trainable_features(frozen)
 
     def decode(
         self,

@@ -28,6 +28,7 @@ from flmm_lightning.callbacks import (
     PerObjectRecorder,
 )
 from flmm_lightning.config import CONF_DIR, register_resolvers
+from flmm_lightning.feature_cache import FeatureCacheWriter, open_feature_cache
 from flmm_lightning.reporting import print_metrics
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
 from flmm_lightning.safe_config import paths_read
@@ -86,6 +87,9 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
         HyperparameterLogger.from_config(cfg, config),
         BadSampleReport(),
     ]
+    feature_store = open_feature_cache(module, datamodule, cfg.trainer.get("precision"))
+    if feature_store is not None:
+        callbacks.append(FeatureCacheWriter(feature_store))
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.get("logger")) or False
     )

@@ -361,6 +361,8 @@ SETTINGS: dict[str, Check] = {
     "num_workers": number(0, 256, integer=True),
     "pin_memory": flag(),
     "seed": number(0, 2**32 - 1, integer=True),
+    # the LMM feature cache's folder: this machine's choice, stored as off like ``embedding_cache``
+    "feature_cache": text(choices=(), optional=True),
     "data_root": path(),
     "dataset": text(),
     "split_by": text(),

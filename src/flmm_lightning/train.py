@@ -36,6 +36,7 @@ from flmm_lightning.callbacks import HyperparameterLogger, MetricsJsonWriter, wi
 from flmm_lightning.chat import write_turn
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.data.datamodule import GroundingDataModule, split_name
+from flmm_lightning.feature_cache import FeatureCacheWriter, open_feature_cache
 from flmm_lightning.metrics import ReferringSegmentationMetric
 from flmm_lightning.model import FLMMModule
 from flmm_lightning.narration import ground_what_you_say
@@ -138,6 +139,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if init_from:
         initialize_from(module, init_from)
         print(f"fine-tuning from the weights of {init_from}")
+    feature_store = open_feature_cache(module, datamodule, cfg.trainer.get("precision"))
     # test_after_fit=false: neither the test nor any of the after-training extras
     after_fit = bool(cfg.get("test_after_fit"))
     run_test = after_fit and bool(datamodule.test_names)
@@ -147,6 +149,8 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     )
     if run_test or run_reasoning:
         callbacks.append(MetricsJsonWriter(metrics_path))
+    if feature_store is not None:
+        callbacks.append(FeatureCacheWriter(feature_store))
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.get("logger")) or False
     )

@@ -14,6 +14,10 @@ first batches of the training loader of ``data``. Paths, on identical inputs:
   recomputed; the vision tower's windows in one packed SDPA call per block), the SAM encoder batched with its
   attention fused (``SdpaRelPosAttention``), the same losses, one backward, the same optimizer step.
 - ``fast_cached``: ``fast`` with a warm SAM embedding cache (``SamEmbeddingCache``).
+- ``fast_featcache``: ``fast_cached`` with the frozen LMM's features served by a warm feature cache
+  (``feature_store``, ``data.feature_cache``): no LMM forward and no capture. The cache read (key hashing and
+  reading the entries, dataloader-worker work in training) is timed on its own ("feature_cache_read") and set
+  against the ``fast`` path's LMM forward + capture in ``feature_cache``.
 
 A step is forward, losses, backward, gradient clipping (``trainer.gradient_clip_val``) and the module's
 optimizer, under bf16 autocast on a GPU (Lightning's ``bf16-mixed``) and in fp32 on the CPU. The processor

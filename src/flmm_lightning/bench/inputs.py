@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image
 
-from flmm_lightning.boundaries import GroundingSample, PromptBuilder
+from flmm_lightning.boundaries import GroundingSample, PromptBuilder, PromptInputs
 from flmm_lightning.builders import build_datamodule
 from flmm_lightning.data.batch import GroundingBatch
 from flmm_lightning.model import FLMMModule
@@ -25,6 +25,9 @@ class BenchBatch:
     singles: list[GroundingBatch]  # the per-sample path: one batch per sample
     processor_s: float  # encoding + collating the batch (dataloader-worker work)
     processor_singles_s: float
+    prompts: list[PromptInputs] = dataclasses.field(default_factory=list)  # each sample's encoded LMM input
+    # ``batched`` as the LMM feature cache serves it (``cached_features`` set; the ``fast_featcache`` path)
+    served: GroundingBatch | None = None
 
 
 def resized(sample: GroundingSample, image_size: tuple[int, int]) -> GroundingSample:
@@ -81,6 +84,7 @@ def training_batches(
                 singles=[module.transfer_batch_to_device(single, device, 0) for single in singles],
                 processor_s=encoded_s,
                 processor_singles_s=singles_s,
+                prompts=[item.prompt for item in encoded],
             )
         )
     return batches

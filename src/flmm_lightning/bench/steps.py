@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -16,9 +17,10 @@ from flmm_lightning.data.batch import GroundingBatch
 from flmm_lightning.heads.sam_cache import SamEmbeddingCache
 from flmm_lightning.model import FLMMModule
 
-PATHS = ("per_sample_eager", "fast", "fast_cached")
+PATHS = ("per_sample_eager", "fast", "fast_cached", "fast_featcache")
 STAGES = (
     "processor",
+    "feature_cache_read",
     "lmm",
     "attention_capture",
     "unet",
@@ -72,6 +74,13 @@ def fast_step(model: FLMM, batch: BenchBatch, step: StepContext, timer: StageTim
     optimizer_step(model, step.optimizer, step.clip_norm, timer)
 
 
+def featcache_step(model: FLMM, batch: BenchBatch, step: StepContext, timer: StageTimer) -> None:
+    """``fast_step`` on the batch as the LMM feature cache serves it: no LMM forward, no capture."""
+    if batch.served is None:
+        raise ValueError("fast_featcache needs the batch's cached LMM features (BenchBatch.served)")
+    fast_step(model, dataclasses.replace(batch, batched=batch.served), step, timer)
+
+
 def per_sample_eager_step(model: FLMM, batch: BenchBatch, step: StepContext, timer: StageTimer) -> None:
     """One sample per forward and one backward per sample, each loss weighted by its share of the batch's
     objects (so that the gradient is the batched path's), then one optimizer step."""
@@ -110,6 +119,7 @@ def bench_paths(cache: SamEmbeddingCache) -> list[BenchPath]:
         BenchPath("per_sample_eager", per_sample_eager_step, capture="eager", sam_attention="reference"),
         BenchPath("fast", fast_step, capture="fused", sam_attention="sdpa"),
         BenchPath("fast_cached", fast_step, capture="fused", sam_attention="sdpa", cache=cache),
+        BenchPath("fast_featcache", featcache_step, capture="fused", sam_attention="sdpa", cache=cache),
     ]
 
 
@@ -197,7 +207,8 @@ def run_paths(
 
 
 def _stage_breakdown(seconds: dict[str, float], total: float, steps: int) -> dict[str, float]:
-    """ms per step for each stage of ``STAGES`` except "processor" (added by the caller)."""
+    """ms per step for each stage of ``STAGES`` except the dataloader workers' "processor" and
+    "feature_cache_read" (added by the caller)."""
     stages = {
         "lmm": seconds["lmm"],
         "attention_capture": seconds["lmm_total"] - seconds["lmm"],

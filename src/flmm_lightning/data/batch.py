@@ -9,9 +9,17 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from flmm_lightning.boundaries import GroundingSample, LMMBatch, PromptBuilder, PromptInputs, SkippedSample
+from flmm_lightning.boundaries import (
+    FrozenFeatures,
+    GroundingSample,
+    LMMBatch,
+    PromptBuilder,
+    PromptInputs,
+    SkippedSample,
+)
 from flmm_lightning.data.images import sam_input_image
 from flmm_lightning.data.sampler import EpochIndex
+from flmm_lightning.feature_store import FeatureStore, feature_key
 
 
 @dataclass
@@ -29,6 +37,10 @@ class GroundingBatch:
     lmm: LMMBatch | None  # None when every item of the batch was skipped
     sam_images: list[torch.Tensor]  # uint8 [3, h_b, w_b]
     skipped: list[SkippedSample]
+    # With a feature cache (``data.feature_cache``): each sample's ``feature_store.feature_key`` and its
+    # cached frozen LMM features (None where the cache has none yet).
+    feature_keys: list[str] | None = None
+    cached_features: list[FrozenFeatures | None] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -88,19 +100,26 @@ class EncodedDataset(Dataset):
 
 
 class GroundingCollate:
-    """Collates encoded samples into one padded batch; skipped samples ride along to be counted."""
+    """Collates encoded samples into one padded batch; skipped samples ride along to be counted. With a
+    ``feature_store``, each sample's cache key and cached LMM features are looked up here, in the worker."""
 
-    def __init__(self, prompt_builder: PromptBuilder) -> None:
+    def __init__(self, prompt_builder: PromptBuilder, feature_store: FeatureStore | None = None) -> None:
         self.prompt_builder = prompt_builder
+        self.feature_store = feature_store
 
     def __call__(self, items: Sequence[EncodedSample | SkippedSample]) -> GroundingBatch:
         encoded = [item for item in items if isinstance(item, EncodedSample)]
         skipped = [item for item in items if isinstance(item, SkippedSample)]
         if not encoded:
             return GroundingBatch(samples=[], lmm=None, sam_images=[], skipped=skipped)
-        return GroundingBatch(
+        batch = GroundingBatch(
             samples=[item.sample for item in encoded],
             lmm=self.prompt_builder.collate([item.prompt for item in encoded]),
             sam_images=[item.sam_image for item in encoded],
             skipped=skipped,
         )
+        if self.feature_store is not None:
+            store = self.feature_store
+            batch.feature_keys = [feature_key(store.identity, item.prompt) for item in encoded]
+            batch.cached_features = [store.get(key) for key in batch.feature_keys]
+        return batch

@@ -12,6 +12,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from flmm_lightning.boundaries import PromptBuilder
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.data.sampler import ResumableDataLoader, TrainingSampler, UnpaddedDistributedSampler
+from flmm_lightning.feature_store import FeatureStore
 from flmm_lightning.reliability import dataloader_worker_init
 
 # Hydra's override grammar allows no "+" in a key: the RefCOCO+ splits are configured as ``refcocop_*`` (so
@@ -50,7 +51,10 @@ class GroundingDataModule(LightningDataModule):
         num_workers: int = 2,
         pin_memory: bool = False,
         seed: int = 0,
+        feature_cache: str | None = None,
     ) -> None:
+        """``feature_cache``: the folder of the frozen LMM's feature cache (``feature_store``; off when
+        None); the entry points open it with ``use_feature_store`` once the LMM is built."""
         super().__init__()
         self.prompt_builder = prompt_builder
         self.sam_image_size = sam_image_size
@@ -62,7 +66,12 @@ class GroundingDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.seed = seed
+        self.feature_cache = feature_cache
         self.collate = GroundingCollate(prompt_builder)
+
+    def use_feature_store(self, store: FeatureStore | None) -> None:
+        """Every dataloader made from now on looks its samples up in ``store`` (in its workers)."""
+        self.collate = GroundingCollate(self.prompt_builder, store)
 
     @property
     def val_names(self) -> list[str]:
@@ -85,6 +94,16 @@ class GroundingDataModule(LightningDataModule):
 
     def _encoded(self, dataset: Dataset, fit_to_context: bool = False) -> EncodedDataset:
         return EncodedDataset(dataset, self.prompt_builder, self.sam_image_size, fit_to_context)
+
+    def encoded_sets(self) -> dict[str, EncodedDataset]:
+        """Every configured set by split name, encoded as its loader encodes it (training sets fitted to the
+        LMM's context): what a feature-cache pre-pass walks (``python -m flmm_lightning.cache fill``)."""
+        sets = {
+            name: self._encoded(dataset, fit_to_context=True) for name, dataset in self.train_sets.items()
+        }
+        for name, dataset in {**self.val_sets, **self.test_sets}.items():
+            sets.setdefault(name, self._encoded(dataset))
+        return sets
 
     def _loader_settings(self) -> dict[str, Any]:
         return {

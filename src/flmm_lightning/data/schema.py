@@ -47,6 +47,7 @@ class DataConfig:
     num_workers: int = 2
     pin_memory: bool = False
     seed: int = 0
+    feature_cache: str | None = None
     train_sets: dict[str, Any] | None = None
     val_sets: dict[str, Any] | None = None
     test_sets: dict[str, Any] | None = None

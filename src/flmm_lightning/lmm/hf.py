@@ -10,15 +10,18 @@ import os
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoModelForImageTextToText, PretrainedConfig
 
-from flmm_lightning.boundaries import GroundingFeatures, LMMBatch
+from flmm_lightning.boundaries import FrozenFeatures, GroundingFeatures, LMMBatch
+from flmm_lightning.feature_store import module_digest
 from flmm_lightning.lmm.base import FrozenLMM
 from flmm_lightning.lmm.capture import build_capture
 from flmm_lightning.lmm.keyword_selector import KeywordSelector
 from flmm_lightning.lmm.readout import (
     MERGE_MODES,
+    FrozenReadout,
     TokenReadout,
     merge_object_tokens,
     padded_positions,
@@ -94,6 +97,7 @@ class HFGroundingAdapter(FrozenLMM):
         self.text_layer_weights = nn.Parameter(torch.ones(self.num_layers))
         self.text_proj = nn.Linear(text_config.hidden_size, text_proj_dim)
         self.keyword_selector = KeywordSelector(text_config.hidden_size) if keyword_selector else None
+        self._feature_identity: str | None = None
 
     @property
     def attention_channels(self) -> int:
@@ -103,6 +107,7 @@ class HFGroundingAdapter(FrozenLMM):
         """Switches the attention capture (``"eager"`` | ``"fused"``) and the model's attention implementation
         with it; the weights stay as they are."""
         self.capture = build_capture(capture)
+        self._feature_identity = None
         self.model.set_attn_implementation(self.capture.attn_implementation)
         self._select_vision_attention()
 
@@ -162,9 +167,37 @@ class HFGroundingAdapter(FrozenLMM):
         return new_ids[: ends[0]] if ends else new_ids
 
     def forward(self, batch: LMMBatch) -> list[GroundingFeatures]:
-        return self.features(batch, self.read(batch))
+        return self.trainable_features(self.frozen_features(batch))
+
+    def feature_identity(self) -> str:
+        """Hash of everything besides the inputs that determines ``frozen_features``: this adapter's class,
+        merge, capture and hidden-state rows, the model's config, dtype and weights, and the library versions
+        (computed once: it reads every weight)."""
+        if self._feature_identity is None:
+            settings = (
+                f"{type(self).__qualname__}|merge={self.merge}|capture={self.capture.name}"
+                f"|selector_rows={self.keyword_selector is not None}|dtype={self.model.dtype}"
+                f"|transformers={transformers.__version__}|torch={torch.__version__}"
+                f"|{self.model.config.to_json_string(use_diff=False)}"
+            )
+            self._feature_identity = module_digest(self.model, settings)
+        return self._feature_identity
 
     def read(self, batch: LMMBatch, every_utterance_token: bool = False) -> TokenReadout:
+        """One forward of the frozen LMM over ``batch`` (``read_frozen``), its hidden states mixed by the
+        trainable layer weights."""
+        frozen = self.read_frozen(batch, every_utterance_token)
+        return TokenReadout(
+            attention=frozen.attention,
+            attention_positions=frozen.attention_positions,
+            attention_counts=frozen.attention_counts,
+            image_token_counts=frozen.image_token_counts,
+            mixed=self.mix_layers(frozen.hidden),
+            hidden_positions=frozen.hidden_positions,
+            hidden_counts=frozen.hidden_counts,
+        )
+
+    def read_frozen(self, batch: LMMBatch, every_utterance_token: bool = False) -> FrozenReadout:
         """One forward of the frozen LMM over ``batch``, read out at the rows that matter.
 
         Attention rows: the grounded tokens (mask id >= 0), or every utterance token when
@@ -211,19 +244,23 @@ class HFGroundingAdapter(FrozenLMM):
             hidden = torch.stack([layer.gather(1, rows) for layer in last_layers])  # [L, B, T_h, D]
             del outputs, last_layers
 
-        # Gradients flow into the layer weights (and what reads ``mixed``) from here on.
-        layer_weights = torch.softmax(self.text_layer_weights, dim=0)  # [L]
-        weighted = hidden.to(layer_weights.dtype) * layer_weights[:, None, None, None]  # [L, B, T_h, D]
-        mixed = weighted.sum(dim=0)  # [B, T_h, D]
-        return TokenReadout(
+        return FrozenReadout(
             attention=attn,
             attention_positions=query_positions_host,
             attention_counts=query_counts,
             image_token_counts=key_counts,
-            mixed=mixed,
+            hidden=hidden,
             hidden_positions=hidden_positions_host,
             hidden_counts=hidden_counts,
         )
+
+    def mix_layers(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[L, B, T, D]`` per-layer hidden states -> ``[B, T, D]``, weighted by
+        ``softmax(text_layer_weights)``; gradients flow into the layer weights, and what reads the result,
+        from here on."""
+        layer_weights = torch.softmax(self.text_layer_weights, dim=0)  # [L]
+        weighted = hidden.to(layer_weights.dtype) * layer_weights[:, None, None, None]  # [L, B, T, D]
+        return weighted.sum(dim=0)  # [B, T, D]
 
     def selector_logits(self, readout: TokenReadout) -> list[torch.Tensor]:
         """The keyword selector's logit of every utterance token of each sample (``[u_b]``, in order)."""
@@ -232,40 +269,117 @@ class HFGroundingAdapter(FrozenLMM):
         logits = self.keyword_selector(readout.mixed)  # [B, T_h]
         return [logits[b, : int(count)] for b, count in enumerate(readout.hidden_counts)]
 
+    def frozen_features(self, batch: LMMBatch) -> list[FrozenFeatures]:
+        """Per sample, what the frozen LMM says about the objects that ``batch.mask_ids`` marks, before
+        anything trainable reads it: merged attention maps and the per-layer hidden states of the
+        hidden-state rows (``read_frozen``). What a feature cache keeps (``feature_store``)."""
+        readout = self.read_frozen(batch)
+        mask_ids_host = batch.mask_ids.cpu()  # [B, S]
+        frozen = []
+        for b in range(mask_ids_host.shape[0]):
+            maps, hidden_objects = self._object_maps(batch, readout, mask_ids_host, b)
+            frozen.append(
+                FrozenFeatures(
+                    attention_maps=maps,
+                    hidden_states=readout.hidden[:, b, : len(hidden_objects)],  # [L, u_b, D]
+                    hidden_objects=hidden_objects,
+                    padded_hw=batch.padded_hw[b],
+                    content_box=batch.content_box[b],
+                )
+            )
+        return frozen
+
+    def trainable_features(self, frozen: list[FrozenFeatures]) -> list[GroundingFeatures]:
+        """The trainable read-out of ``frozen_features`` (computed now or served by a feature cache): hidden
+        states mixed by the layer weights, projected per object and, with a keyword selector, scored."""
+        device = self.text_layer_weights.device
+        counts = [len(f.hidden_objects) for f in frozen]
+        layers, hidden_size = frozen[0].hidden_states.shape[0], frozen[0].hidden_states.shape[-1]
+        # The padded batch ``read_frozen`` holds, whatever the features' source: mixing and the selector then
+        # see the same shapes live and cached, and give the same bits.
+        hidden = torch.zeros(
+            layers, len(frozen), max(counts), hidden_size, dtype=frozen[0].hidden_states.dtype, device=device
+        )  # [L, B, T_h, D]
+        for b, item in enumerate(frozen):
+            hidden[:, b, : counts[b]] = item.hidden_states
+        mixed = self.mix_layers(hidden)  # [B, T_h, D]
+        selector = self.keyword_selector(mixed) if self.keyword_selector is not None else None  # [B, T_h]
+        return [
+            self._grounding_features(
+                item.attention_maps.to(device),
+                mixed[b],
+                item.hidden_objects,
+                item.padded_hw,
+                item.content_box,
+                None if selector is None else selector[b, : counts[b]],
+                b,
+            )
+            for b, item in enumerate(frozen)
+        ]
+
     def features(self, batch: LMMBatch, readout: TokenReadout) -> list[GroundingFeatures]:
         """Per sample, the objects that ``batch.mask_ids`` marks, from ``readout`` (``read`` of this batch;
         its rows must include every grounded token): merged attention maps, projected hidden states of
         their tokens and, with a keyword selector, the logit of every utterance token."""
-        device = self.text_layer_weights.device
         mask_ids_host = batch.mask_ids.cpu()  # [B, S]
         selector = self.selector_logits(readout) if self.keyword_selector is not None else None
         features = []
         for b in range(mask_ids_host.shape[0]):
-            t_b, n_b = int(readout.attention_counts[b]), int(readout.image_token_counts[b])
-            row_objects = mask_ids_host[b, readout.attention_positions[b, :t_b]]  # [t_b]
-            grounded_rows = (row_objects >= 0).nonzero()[:, 0]  # [t] attention rows of grounded tokens
-            hidden_objects = mask_ids_host[b, readout.hidden_positions[b, : int(readout.hidden_counts[b])]]
-            grounded_hidden = (hidden_objects >= 0).nonzero()[:, 0]  # [t] hidden rows of the same tokens
-            if grounded_rows.numel() != int((mask_ids_host[b] >= 0).sum()):
-                raise ValueError(f"batch item {b}: the readout holds no attention for some grounded tokens")
-            order, counts = tokens_by_object(row_objects[grounded_rows], b)
-            sample_attn = readout.attention[b, :, :, :t_b, :n_b].float()  # [L, H, t_b, N]
-            # [n, L, H, N]: each object's token maps merged
-            merged = merge_object_tokens(sample_attn, grounded_rows[order], counts, self.merge)
-            try:
-                maps = self.image_maps(merged, batch.grid_hw[b])  # [n, C, h, w]
-            except ValueError as error:
-                raise ValueError(f"batch item {b}: {error}") from error
-            # [t, D], grouped by object
-            by_object = readout.mixed[b].index_select(0, grounded_hidden[order].to(device))
-            text_embeds = self.text_proj(by_object)  # [t, D_proj]
+            maps, hidden_objects = self._object_maps(batch, readout, mask_ids_host, b)
             features.append(
-                GroundingFeatures(
-                    attention_maps=maps,
-                    text_embeddings=list(text_embeds.split(counts)),  # per object [t_k, D_proj]
-                    padded_hw=batch.padded_hw[b],
-                    content_box=batch.content_box[b],
-                    selector_logits=None if selector is None else selector[b],
+                self._grounding_features(
+                    maps,
+                    readout.mixed[b],
+                    hidden_objects,
+                    batch.padded_hw[b],
+                    batch.content_box[b],
+                    None if selector is None else selector[b],
+                    b,
                 )
             )
         return features
+
+    def _object_maps(
+        self, batch: LMMBatch, readout: FrozenReadout | TokenReadout, mask_ids_host: torch.Tensor, b: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch item ``b``'s merged attention maps ``[n, C, h, w]`` and the object index of each of its
+        hidden-state rows (long ``[u_b]``, -1 for none)."""
+        t_b, n_b = int(readout.attention_counts[b]), int(readout.image_token_counts[b])
+        row_objects = mask_ids_host[b, readout.attention_positions[b, :t_b]]  # [t_b]
+        grounded_rows = (row_objects >= 0).nonzero()[:, 0]  # [t] attention rows of grounded tokens
+        hidden_objects = mask_ids_host[b, readout.hidden_positions[b, : int(readout.hidden_counts[b])]]
+        if grounded_rows.numel() != int((mask_ids_host[b] >= 0).sum()):
+            raise ValueError(f"batch item {b}: the readout holds no attention for some grounded tokens")
+        order, counts = tokens_by_object(row_objects[grounded_rows], b)
+        sample_attn = readout.attention[b, :, :, :t_b, :n_b].float()  # [L, H, t_b, N]
+        # [n, L, H, N]: each object's token maps merged
+        merged = merge_object_tokens(sample_attn, grounded_rows[order], counts, self.merge)
+        try:
+            maps = self.image_maps(merged, batch.grid_hw[b])  # [n, C, h, w]
+        except ValueError as error:
+            raise ValueError(f"batch item {b}: {error}") from error
+        return maps, hidden_objects
+
+    def _grounding_features(
+        self,
+        maps: torch.Tensor,
+        mixed: torch.Tensor,
+        hidden_objects: torch.Tensor,
+        padded_hw: tuple[int, int],
+        content_box: tuple[int, int, int, int],
+        selector_logits: torch.Tensor | None,
+        item: int,
+    ) -> GroundingFeatures:
+        """One sample's features from its maps ``[n, C, h, w]``, its layer-mixed hidden states ``[>= u, D]``
+        and the object of each hidden-state row ``[u]``."""
+        grounded = (hidden_objects >= 0).nonzero()[:, 0]  # [t] hidden rows of grounded tokens
+        order, counts = tokens_by_object(hidden_objects[grounded], item)
+        by_object = mixed.index_select(0, grounded[order].to(mixed.device))  # [t, D], grouped by object
+        text_embeds = self.text_proj(by_object)  # [t, D_proj]
+        return GroundingFeatures(
+            attention_maps=maps,
+            text_embeddings=list(text_embeds.split(counts)),  # per object [t_k, D_proj]
+            padded_hw=padded_hw,
+            content_box=content_box,
+            selector_logits=selector_logits,
+        )

@@ -48,6 +48,20 @@ class TokenReadout:
     hidden_counts: torch.Tensor  # long [B]
 
 
+@dataclass
+class FrozenReadout:
+    """``TokenReadout`` before the trainable layer weights mix the hidden states (``read_frozen``): computed
+    without gradients, a function of the batch and the frozen LMM alone."""
+
+    attention: torch.Tensor  # [B, L, H, T, N]
+    attention_positions: torch.Tensor  # long [B, T]
+    attention_counts: torch.Tensor  # long [B]
+    image_token_counts: torch.Tensor  # long [B]
+    hidden: torch.Tensor  # [L, B, T_h, D]: the last L layers' hidden states at the LMM's dtype
+    hidden_positions: torch.Tensor  # long [B, T_h]
+    hidden_counts: torch.Tensor  # long [B]
+
+
 def merge_object_tokens(
     attn: torch.Tensor, order: torch.Tensor, counts: list[int], merge: str
 ) -> torch.Tensor:
