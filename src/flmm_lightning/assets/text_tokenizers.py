@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
@@ -97,6 +98,19 @@ def build_qwen3_vl_tokenizer() -> Qwen2Tokenizer:
     if ids != list(range(first, first + len(QWEN3_EXTRA_TOKENS))):
         raise RuntimeError(f"Qwen3 tokens got ids {ids}, expected from {first}")
     return tokenizer
+
+
+def build_qwen2_5_tokenizer_with(named_tokens: dict[str, str]) -> Qwen2Tokenizer:
+    """Qwen2.5-VL's tokenizer (``build_qwen2_5_vl_tokenizer``) plus ``named_tokens`` (attribute name -> token,
+    e.g. ``{"image_token": "<image>"}``) as added special tokens, in order from the first free id, and named
+    as the multimodal processors read them (``tokenizer.image_token``, ``tokenizer.image_token_id``)."""
+    tokenizer = build_qwen2_5_vl_tokenizer()
+    tokens = list(named_tokens.values())
+    tokenizer.add_tokens([AddedToken(text, special=True, normalized=False) for text in tokens])
+    # Named special tokens are only taken at load time, so the tokenizer makes a round trip through a folder.
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return Qwen2Tokenizer.from_pretrained(folder, extra_special_tokens=named_tokens)
 
 
 # Photo captions to learn the tiny tokenizer's merges from; any text outside them falls back to bytes.
