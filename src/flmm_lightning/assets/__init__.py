@@ -15,6 +15,7 @@ from flmm_lightning.assets.catalog import (
     ASSETS,
     TINY_DEEPSEEK_VL,
     TINY_DEEPSEEK_VL_HYBRID,
+    TINY_GEMMA3,
     TINY_INTERNVL,
     TINY_LLAVA,
     TINY_LLAVA_NEXT,
@@ -27,6 +28,7 @@ from flmm_lightning.assets.catalog import (
     ensure_asset,
     ensure_tiny_deepseek_vl,
     ensure_tiny_deepseek_vl_hybrid,
+    ensure_tiny_gemma3,
     ensure_tiny_internvl,
     ensure_tiny_llava,
     ensure_tiny_llava_next,
@@ -43,6 +45,7 @@ from flmm_lightning.assets.deepseek import (
     build_tiny_deepseek_vl_processor,
     tiny_deepseek_vl_config,
 )
+from flmm_lightning.assets.gemma import build_tiny_gemma3, tiny_gemma3_config
 from flmm_lightning.assets.internvl import build_tiny_internvl, tiny_internvl_config
 from flmm_lightning.assets.llava import (
     CLIP_MEAN,
@@ -90,6 +93,7 @@ __all__ = [
     "QWEN3_VL_CHAT_TEMPLATE",
     "TINY_DEEPSEEK_VL",
     "TINY_DEEPSEEK_VL_HYBRID",
+    "TINY_GEMMA3",
     "TINY_INTERNVL",
     "TINY_LLAVA",
     "TINY_LLAVA_NEXT",
@@ -108,6 +112,7 @@ __all__ = [
     "build_tiny_sam",
     "build_tiny_deepseek_vl",
     "build_tiny_deepseek_vl_processor",
+    "build_tiny_gemma3",
     "build_tiny_internvl",
     "build_tiny_llava",
     "build_tiny_llava_onevision",
@@ -121,6 +126,7 @@ __all__ = [
     "ensure_asset",
     "ensure_tiny_deepseek_vl",
     "ensure_tiny_deepseek_vl_hybrid",
+    "ensure_tiny_gemma3",
     "ensure_tiny_internvl",
     "ensure_tiny_llava",
     "ensure_tiny_llava_next",
@@ -130,6 +136,7 @@ __all__ = [
     "ensure_tiny_qwen3_vl",
     "ensure_tiny_sam",
     "tiny_deepseek_vl_config",
+    "tiny_gemma3_config",
     "tiny_internvl_config",
     "tiny_llava_config",
     "tiny_llava_onevision_config",

@@ -147,11 +147,10 @@ description of the image. ASSISTANT: The image shows a scene.
 LLAMA_BASE_TOKENS = ("<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)))
 
 
-def build_llama_tokenizer(image_token: str) -> LlamaTokenizer:
-    """A small SentencePiece-style BPE with byte fallback, like LLaMA's (``LlamaTokenizer``: "▁" for spaces,
-    BOS added), its merges learned from ``LLAMA_TOKENIZER_CORPUS``; then ``image_token`` (also named as the
-    tokenizer's ``image_token``, which multimodal processors read) and ``<pad>`` as added special tokens, in
-    that order. Deterministic: the same ids on every build."""
+def train_caption_bpe(base_tokens: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A small SentencePiece-style BPE with byte fallback ("▁" for spaces), its merges learned from
+    ``LLAMA_TOKENIZER_CORPUS``, ``base_tokens`` first (they must include ``<unk>`` and the 256 byte pieces):
+    (vocab, merges). Deterministic: the same ids on every build."""
     trainer_model = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     # Splits for training only (as SentencePiece: no merge across a space, a punctuation mark or a digit).
     trainer_model.pre_tokenizer = pre_tokenizers.Sequence(
@@ -161,14 +160,21 @@ def build_llama_tokenizer(image_token: str) -> LlamaTokenizer:
             pre_tokenizers.Digits(individual_digits=True),
         ]
     )
-    trainer = trainers.BpeTrainer(
-        vocab_size=1500, special_tokens=list(LLAMA_BASE_TOKENS), show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=1500, special_tokens=list(base_tokens), show_progress=False)
     trainer_model.train_from_iterator(LLAMA_TOKENIZER_CORPUS.splitlines(), trainer=trainer)
     trained = json.loads(trainer_model.to_str())["model"]
+    return trained["vocab"], [tuple(pair) for pair in trained["merges"]]
+
+
+def build_llama_tokenizer(image_token: str) -> LlamaTokenizer:
+    """A small SentencePiece-style BPE with byte fallback, like LLaMA's (``LlamaTokenizer``: "▁" for spaces,
+    BOS added), its merges learned from ``LLAMA_TOKENIZER_CORPUS``; then ``image_token`` (also named as the
+    tokenizer's ``image_token``, which multimodal processors read) and ``<pad>`` as added special tokens, in
+    that order. Deterministic: the same ids on every build."""
+    vocab, merges = train_caption_bpe(LLAMA_BASE_TOKENS)
     tokenizer = LlamaTokenizer(
-        vocab=trained["vocab"],
-        merges=[tuple(pair) for pair in trained["merges"]],
+        vocab=vocab,
+        merges=merges,
         legacy=False,
         add_bos_token=True,
         padding_side="right",
