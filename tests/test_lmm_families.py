@@ -24,8 +24,8 @@ from flmm_lightning.train import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# config name -> attention maps per layer and head (LLaVA-NeXT and OneVision stack their base and any-res grids,
-# InternVL its thumbnail and tile grids).
+# config name -> attention maps per layer and head (LLaVA-NeXT and OneVision stack their base and any-res
+# grids, InternVL its thumbnail and tile grids).
 FAMILIES = {
     "tiny_qwen2_5_vl": 1,
     "tiny_qwen3_vl": 1,

@@ -1,13 +1,13 @@
 """Offline tiny models for the demo and the tests, built deterministically on first use.
 
 The tiny LMMs are real-architecture Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, LLaVA-NeXT, DeepSeek-VL, InternVL3,
-LLaVA-OneVision and Gemma 3 (random
-weights; real tokenizer formats, chat templates and image processors) written with ``save_pretrained``, so
-that everything downstream loads them through the same ``from_pretrained(local_dir)`` path a downloaded
-checkpoint takes. Nothing here touches the network.
+LLaVA-OneVision and Gemma 3 (random weights; real tokenizer formats, chat templates and image processors)
+written with ``save_pretrained``, so that everything downstream loads them through the same
+``from_pretrained(local_dir)`` path a downloaded checkpoint takes. Nothing here touches the network.
 
 ``store``: the cache folder and atomic builds; ``text_tokenizers``; one module per family (``qwen``,
-``llava``, ``deepseek``, ``internvl``, ``onevision``, ``gemma``, ``sam``); ``catalog``: the assets by name (``asset_path``, ``ensure_asset``).
+``llava``, ``deepseek``, ``internvl``, ``onevision``, ``gemma``, ``sam``); ``catalog``: the assets by name
+(``asset_path``, ``ensure_asset``).
 ``python -m flmm_lightning.assets`` builds them all.
 """
 

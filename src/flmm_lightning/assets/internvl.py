@@ -60,8 +60,8 @@ def build_internvl_tokenizer() -> Qwen2Tokenizer:
 
 def tiny_internvl_config(initializer_range: float = DEFAULT_INITIALIZER_RANGE) -> InternVLConfig:
     """InternVL3-1B's architecture scaled down: a 2-block InternViT 64 wide over 112-px tiles in 14-px
-    patches, a 2x2 pixel shuffle (16 tokens per tile), and a Qwen2 decoder of 4 layers x 4 heads on 2 kv heads,
-    hidden 64."""
+    patches, a 2x2 pixel shuffle (16 tokens per tile), and a Qwen2 decoder of 4 layers x 4 heads on 2 kv
+    heads, hidden 64."""
     cells = TINY_INTERNVL_TILE // 14 // 2
     return InternVLConfig(
         vision_config=dict(

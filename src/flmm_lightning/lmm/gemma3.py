@@ -44,7 +44,7 @@ class Gemma3PromptBuilder(ChatPromptBuilder):
             raise ValueError(
                 f"{self.pretrained}: {processor.image_seq_length} image tokens do not make a square grid"
             )
-        # The chat template writes BOS itself; a tokenizer that adds one too would start every prompt with two.
+        # The chat template writes BOS itself; a tokenizer adding one too would start every prompt with two.
         processor.tokenizer.add_bos_token = False
         self._image_sequence_tokens: int | None = None
 

@@ -1,12 +1,12 @@
 """InternVL3 / InternVL3.5 (``InternVLForConditionalGeneration``): dynamic tiles plus a thumbnail, one grid.
 
-The image processor (``GotOcr2ImageProcessor``, ``crop_to_patches``) picks the arrangement of ``rows x columns``
-tiles (between ``min_patches`` and ``max_patches``, 1 and 12 in the release) whose aspect ratio is closest to
-the image's, stretches the image onto it, cuts it into tower-sized tiles (448 px) and, when there is more than
-one tile, appends the whole image squashed to one tile (the thumbnail). The tower's patch grid (32x32) is
-pixel-shuffled 2x2, so every tile becomes ``t x t`` row-major tokens (16x16 = 256). Image tokens are
-``<img>``, the tiles in row-major order, the thumbnail, ``</img>``; only the ``<IMG_CONTEXT>`` tokens between
-the two markers are image columns.
+The image processor (``GotOcr2ImageProcessor``, ``crop_to_patches``) picks the arrangement of
+``rows x columns`` tiles (between ``min_patches`` and ``max_patches``: 1 and 12 in the release) whose aspect
+ratio is closest to the image's, stretches the image onto it, cuts it into tower-sized tiles (448 px) and,
+when there is more than one tile, appends the whole image squashed to one tile (the thumbnail). The tower's
+patch grid (32x32) is pixel-shuffled 2x2, so every tile becomes ``t x t`` row-major tokens (16x16 = 256).
+Image tokens are ``<img>``, the tiles in row-major order, the thumbnail, ``</img>``; only the
+``<IMG_CONTEXT>`` tokens between the two markers are image columns.
 
 Read-out (the LLaVA-NeXT choice, as the reference handles a base image plus crops): the tiles are put back
 together into one ``rows*t x columns*t`` grid over the whole (stretched) image; the thumbnail's ``t x t`` maps
@@ -35,8 +35,8 @@ class InternVLPromptBuilder(ChatPromptBuilder):
 
     processor_classes = ("InternVLProcessor",)
     fewer_image_tokens_hint = (
-        "lower the tile limit (model.prompt.max_tiles) or raise model.prompt.max_length if the LMM was trained "
-        "on longer sequences"
+        "lower the tile limit (model.prompt.max_tiles) or raise model.prompt.max_length if the LMM was "
+        "trained on longer sequences"
     )
 
     def __init__(self, *args: Any, max_tiles: int | None = None, **kwargs: Any) -> None:
