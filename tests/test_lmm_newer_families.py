@@ -104,6 +104,23 @@ def test_internvl_tiles_make_one_grid_with_the_thumbnail_resized_onto_it(internv
     torch.testing.assert_close(features.attention_maps, expected, rtol=0, atol=1e-6)
 
 
+def test_internvl_tiles_are_the_stretched_image_cut_in_row_major_order(internvl):
+    builder, _ = internvl
+    image_processor = builder.processor.image_processor
+    side = image_processor.size["height"]
+    sample = make_sample(100, 230, ["the shape"], 4)  # a wide image: 1 row of 2 or more tiles
+    rows, columns = builder.tile_grid(sample.image.height, sample.image.width)
+    assert rows == 1 < columns
+    tiles = builder(sample).pixel_inputs["pixel_values"]  # [tiles + thumbnail, 3, side, side]
+    stretched = image_processor(
+        images=[sample.image], crop_to_patches=False, size={"height": rows * side, "width": columns * side}
+    )["pixel_values"][0]  # [3, rows*side, columns*side]
+    for k in range(rows * columns):
+        r, c = divmod(k, columns)
+        crop = stretched[:, r * side : (r + 1) * side, c * side : (c + 1) * side]
+        torch.testing.assert_close(tiles[k], crop, rtol=0, atol=1e-5)
+
+
 def test_internvl_max_tiles_caps_the_image_tokens(internvl):
     builder, _ = internvl
     tiny_dir = builder.pretrained
