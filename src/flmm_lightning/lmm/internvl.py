@@ -46,9 +46,9 @@ class InternVLPromptBuilder(ChatPromptBuilder):
         self.max_tiles = max_tiles
 
     def _configure(self, processor: Any) -> None:
+        # InternVLProcessor always asks its image processor for tiles (``crop_to_patches=True`` by default,
+        # whatever the image processor's own setting); the tile limits are the image processor's.
         image_processor = processor.image_processor
-        if not getattr(image_processor, "crop_to_patches", False):
-            raise ValueError(f"{self.pretrained}: the image processor does not cut images into tiles")
         if self.max_tiles is not None:
             if self.max_tiles < image_processor.min_patches:
                 raise ValueError(
