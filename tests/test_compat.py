@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, Qwen2VLConfig
 
 from flmm_lightning.assets import (
+    ensure_tiny_internvl,
     ensure_tiny_llava,
     ensure_tiny_llava_next,
     ensure_tiny_qwen2_5_vl,
@@ -165,6 +166,22 @@ def test_unpadded_features_and_best_resolution_give_the_llava_next_token_count()
         )
         expanded = int((encoded["input_ids"] == processor.image_token_id).sum())
         assert patches * patches + cells + rows == expanded, f"{VERSION}: {height}x{width}"
+
+
+def test_optimal_tiled_canvas_gives_the_internvl_tiles() -> None:
+    processor = AutoProcessor.from_pretrained(ensure_tiny_internvl())
+    arrangements = {}
+    for height, width in SIZES:
+        rows, columns = compat.optimal_tiled_canvas(processor.image_processor, height, width)
+        encoded = processor(
+            images=[noise_image(height, width)], text=[processor.image_token], return_tensors="pt"
+        )
+        tiles = rows * columns
+        assert encoded["pixel_values"].shape[0] == tiles + (tiles > 1), f"{VERSION}: {height}x{width}"
+        arrangements[height, width] = (rows, columns)
+    # (rows, columns), not GOT-OCR2's (columns, rows): the wide image lies in one row, the tall in one column.
+    assert arrangements[100, 150][0] == 1 < arrangements[100, 150][1], VERSION
+    assert arrangements[230, 90][1] == 1 < arrangements[230, 90][0], VERSION
 
 
 def test_smart_resize_is_the_qwen_processor_size() -> None:

@@ -24,7 +24,8 @@ from flmm_lightning.train import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# config name -> attention maps per layer and head (LLaVA-NeXT stacks its base and any-res grids).
+# config name -> attention maps per layer and head (LLaVA-NeXT and OneVision stack their base and any-res
+# grids, InternVL its thumbnail and tile grids).
 FAMILIES = {
     "tiny_qwen2_5_vl": 1,
     "tiny_qwen3_vl": 1,
@@ -32,6 +33,9 @@ FAMILIES = {
     "tiny_llava_next": 2,
     "tiny_deepseek_vl": 1,
     "tiny_deepseek_vl_hybrid": 1,
+    "tiny_internvl": 2,
+    "tiny_llava_onevision": 2,
+    "tiny_gemma3": 1,
 }
 
 

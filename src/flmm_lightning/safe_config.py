@@ -42,8 +42,11 @@ ADAPTERS = frozenset(
     f"flmm_lightning.lmm.{module}.{name}Adapter"
     for module, name in (
         ("deepseek_vl", "DeepseekVL"),
+        ("gemma3", "Gemma3"),
+        ("internvl", "InternVL"),
         ("llava", "Llava"),
         ("llava_next", "LlavaNext"),
+        ("llava_onevision", "LlavaOnevision"),
         ("qwen2_vl", "Qwen2VL"),
         ("qwen3_vl", "Qwen3VL"),
     )
@@ -322,6 +325,7 @@ SETTINGS: dict[str, Check] = {
     "use_fast": flag(optional=True),
     "max_pixels": number(1, 1 << 28, integer=True, optional=True),
     "min_pixels": number(1, 1 << 28, integer=True, optional=True),
+    "max_tiles": number(1, 1024, integer=True, optional=True),
     # SAM
     "sam": Node(SAM_BUILDERS),
     "name": text(),

@@ -9,7 +9,10 @@ from functools import partial
 from pathlib import Path
 
 from flmm_lightning.assets.deepseek import build_tiny_deepseek_vl
+from flmm_lightning.assets.gemma import build_tiny_gemma3
+from flmm_lightning.assets.internvl import build_tiny_internvl
 from flmm_lightning.assets.llava import build_tiny_llava
+from flmm_lightning.assets.onevision import build_tiny_llava_onevision
 from flmm_lightning.assets.qwen import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl
 from flmm_lightning.assets.sam import TINY_SAM, ensure_tiny_sam, tiny_sam_path
 from flmm_lightning.assets.store import DEFAULT_INITIALIZER_RANGE, DEFAULT_SEED, cache_root, ensure_built
@@ -20,6 +23,9 @@ TINY_LLAVA = "tiny_llava"
 TINY_LLAVA_NEXT = "tiny_llava_next"
 TINY_DEEPSEEK_VL = "tiny_deepseek_vl"
 TINY_DEEPSEEK_VL_HYBRID = "tiny_deepseek_vl_hybrid"
+TINY_INTERNVL = "tiny_internvl"
+TINY_LLAVA_ONEVISION = "tiny_llava_onevision"
+TINY_GEMMA3 = "tiny_gemma3"
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,9 @@ TINY_LMMS: dict[str, TinyLMMRecipe] = {
     TINY_LLAVA_NEXT: TinyLMMRecipe(2, partial(build_tiny_llava, anyres=True)),
     TINY_DEEPSEEK_VL: TinyLMMRecipe(1, build_tiny_deepseek_vl),
     TINY_DEEPSEEK_VL_HYBRID: TinyLMMRecipe(1, partial(build_tiny_deepseek_vl, hybrid=True)),
+    TINY_INTERNVL: TinyLMMRecipe(1, build_tiny_internvl),
+    TINY_LLAVA_ONEVISION: TinyLMMRecipe(1, build_tiny_llava_onevision),
+    TINY_GEMMA3: TinyLMMRecipe(1, build_tiny_gemma3),
 }
 ensure_tiny_qwen2_5_vl = partial(ensure_tiny_lmm, TINY_QWEN2_5_VL)
 ensure_tiny_qwen3_vl = partial(ensure_tiny_lmm, TINY_QWEN3_VL)
@@ -60,6 +69,9 @@ ensure_tiny_llava = partial(ensure_tiny_lmm, TINY_LLAVA)
 ensure_tiny_llava_next = partial(ensure_tiny_lmm, TINY_LLAVA_NEXT)
 ensure_tiny_deepseek_vl = partial(ensure_tiny_lmm, TINY_DEEPSEEK_VL)
 ensure_tiny_deepseek_vl_hybrid = partial(ensure_tiny_lmm, TINY_DEEPSEEK_VL_HYBRID)
+ensure_tiny_internvl = partial(ensure_tiny_lmm, TINY_INTERNVL)
+ensure_tiny_llava_onevision = partial(ensure_tiny_lmm, TINY_LLAVA_ONEVISION)
+ensure_tiny_gemma3 = partial(ensure_tiny_lmm, TINY_GEMMA3)
 
 # name -> builder, for ``${flmm_asset:<name>,<cache_dir>}`` in the configs and for the CLI.
 ASSETS: dict[str, Callable[..., Path]] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
@@ -102,6 +103,19 @@ def build_qwen3_vl_tokenizer() -> Qwen2Tokenizer:
     return tokenizer
 
 
+def build_qwen2_5_tokenizer_with(named_tokens: dict[str, str]) -> Qwen2Tokenizer:
+    """Qwen2.5-VL's tokenizer (``build_qwen2_5_vl_tokenizer``) plus ``named_tokens`` (attribute name -> token,
+    e.g. ``{"image_token": "<image>"}``) as added special tokens, in order from the first free id, and named
+    as the multimodal processors read them (``tokenizer.image_token``, ``tokenizer.image_token_id``)."""
+    tokenizer = build_qwen2_5_vl_tokenizer()
+    tokens = list(named_tokens.values())
+    tokenizer.add_tokens([AddedToken(text, special=True, normalized=False) for text in tokens])
+    # Named special tokens are only taken at load time, so the tokenizer makes a round trip through a folder.
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return Qwen2Tokenizer.from_pretrained(folder, extra_special_tokens=named_tokens)
+
+
 # Photo captions to learn the tiny tokenizer's merges from; any text outside them falls back to bytes.
 LLAMA_TOKENIZER_CORPUS = """\
 A man in a red shirt is riding a bicycle down the street. A woman with a blue umbrella is walking in the
@@ -136,11 +150,10 @@ description of the image. ASSISTANT: The image shows a scene.
 LLAMA_BASE_TOKENS = ("<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)))
 
 
-def build_llama_tokenizer(image_token: str) -> LlamaTokenizer:
-    """A small SentencePiece-style BPE with byte fallback, like LLaMA's (``LlamaTokenizer``: "▁" for spaces,
-    BOS added), its merges learned from ``LLAMA_TOKENIZER_CORPUS``; then ``image_token`` (also named as the
-    tokenizer's ``image_token``, which multimodal processors read) and ``<pad>`` as added special tokens, in
-    that order. Deterministic: the same ids on every build."""
+def train_caption_bpe(base_tokens: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A small SentencePiece-style BPE with byte fallback ("▁" for spaces), its merges learned from
+    ``LLAMA_TOKENIZER_CORPUS``, ``base_tokens`` first (they must include ``<unk>`` and the 256 byte pieces):
+    (vocab, merges). Deterministic: the same ids on every build."""
     trainer_model = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     # Splits for training only (as SentencePiece: no merge across a space, a punctuation mark or a digit).
     trainer_model.pre_tokenizer = pre_tokenizers.Sequence(
@@ -150,14 +163,21 @@ def build_llama_tokenizer(image_token: str) -> LlamaTokenizer:
             pre_tokenizers.Digits(individual_digits=True),
         ]
     )
-    trainer = trainers.BpeTrainer(
-        vocab_size=1500, special_tokens=list(LLAMA_BASE_TOKENS), show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=1500, special_tokens=list(base_tokens), show_progress=False)
     trainer_model.train_from_iterator(LLAMA_TOKENIZER_CORPUS.splitlines(), trainer=trainer)
     trained = json.loads(trainer_model.to_str())["model"]
+    return trained["vocab"], [tuple(pair) for pair in trained["merges"]]
+
+
+def build_llama_tokenizer(image_token: str) -> LlamaTokenizer:
+    """A small SentencePiece-style BPE with byte fallback, like LLaMA's (``LlamaTokenizer``: "▁" for spaces,
+    BOS added), its merges learned from ``LLAMA_TOKENIZER_CORPUS``; then ``image_token`` (also named as the
+    tokenizer's ``image_token``, which multimodal processors read) and ``<pad>`` as added special tokens, in
+    that order. Deterministic: the same ids on every build."""
+    vocab, merges = train_caption_bpe(LLAMA_BASE_TOKENS)
     tokenizer = LlamaTokenizer(
-        vocab=trained["vocab"],
-        merges=[tuple(pair) for pair in trained["merges"]],
+        vocab=vocab,
+        merges=merges,
         legacy=False,
         add_bos_token=True,
         padding_side="right",

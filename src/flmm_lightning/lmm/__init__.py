@@ -24,6 +24,12 @@ _LAZY = {
     "LlavaNextPromptBuilder": "flmm_lightning.lmm.llava_next",
     "DeepseekVLAdapter": "flmm_lightning.lmm.deepseek_vl",
     "DeepseekVLPromptBuilder": "flmm_lightning.lmm.deepseek_vl",
+    "InternVLAdapter": "flmm_lightning.lmm.internvl",
+    "InternVLPromptBuilder": "flmm_lightning.lmm.internvl",
+    "LlavaOnevisionAdapter": "flmm_lightning.lmm.llava_onevision",
+    "LlavaOnevisionPromptBuilder": "flmm_lightning.lmm.llava_onevision",
+    "Gemma3Adapter": "flmm_lightning.lmm.gemma3",
+    "Gemma3PromptBuilder": "flmm_lightning.lmm.gemma3",
     "AttentionCapture": "flmm_lightning.lmm.capture",
     "build_capture": "flmm_lightning.lmm.capture",
 }

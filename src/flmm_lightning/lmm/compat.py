@@ -7,7 +7,8 @@ in seconds. The touch points:
 
 - the SDPA attention function and the attention-mask registry that the ``fused`` capture builds on;
 - the Qwen vision attention classes and rotary functions that the packed fast path subclasses;
-- Qwen's ``smart_resize`` and LLaVA-NeXT's ``select_best_resolution``, to size an image without processing it;
+- Qwen's ``smart_resize``, LLaVA-NeXT's ``select_best_resolution`` and InternVL's (GOT-OCR2's)
+  ``get_optimal_tiled_canvas``, to size an image without processing it;
 - the processors' private token counts (``_get_num_multimodal_tokens``, ``_get_unpadded_features``);
 - the registry of the outputs a model can record (``_CAN_RECORD_REGISTRY``), which unpickling skips.
 """
@@ -40,6 +41,7 @@ try:
     from transformers.image_processing_utils import select_best_resolution
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
     from transformers.models.qwen2_vl import modeling_qwen2_vl
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
@@ -55,6 +57,7 @@ __all__ = [
     "Qwen3VLVisionAttention",
     "TransformersAPIError",
     "num_image_tokens",
+    "optimal_tiled_canvas",
     "qwen2_5_vl_rotary",
     "qwen2_vl_rotary",
     "qwen3_vl_rotary",
@@ -111,6 +114,23 @@ def unpadded_features(
     except (AttributeError, TypeError, ValueError) as error:
         raise api_error(name, f"failed ({error!r})") from error
     return int(cells), int(rows)
+
+
+def optimal_tiled_canvas(image_processor: Any, height: int, width: int) -> tuple[int, int]:
+    """The (rows, columns) of tiles that InternVL's image processor (``GotOcr2ImageProcessor`` with
+    ``crop_to_patches``) cuts a ``height`` x ``width`` image into, between its ``min_patches`` and
+    ``max_patches`` tiles (GOT-OCR2's ``get_optimal_tiled_canvas``, which returns columns first)."""
+    size = image_processor.size
+    try:
+        columns, rows = get_optimal_tiled_canvas(
+            (height, width),
+            (size.height, size.width),
+            image_processor.min_patches,
+            image_processor.max_patches,
+        )
+    except (AttributeError, TypeError, ValueError) as error:
+        raise api_error("get_optimal_tiled_canvas", f"failed ({error!r})") from error
+    return int(rows), int(columns)
 
 
 def restore_output_recording(model: nn.Module) -> None:

@@ -27,14 +27,22 @@ class LlavaNextPromptBuilder(ChatPromptBuilder):
 
     processor_classes = ("LlavaNextProcessor",)
 
+    def crop_geometry(self) -> tuple[int, int]:
+        """(side, patch): every crop, the base image included, is ``side`` x ``side`` pixels, one image token
+        per ``patch`` x ``patch`` pixels of it."""
+        processor = self.processor
+        return processor.image_processor.crop_size.height, processor.patch_size
+
     def anyres_grid(self, height: int, width: int) -> tuple[int, int]:
         """The any-res grid (rows, columns; newline column excluded) of a ``height`` x ``width`` image."""
         processor = self.processor
-        image_processor = processor.image_processor
-        side = image_processor.crop_size.height  # every crop, the base image included, is side x side
-        best_h, best_w = select_best_resolution([height, width], image_processor.image_grid_pinpoints)
-        patches = side // processor.patch_size
-        cells, rows = unpadded_features(processor, height, width, patches, best_h // side, best_w // side)
+        side, patch = self.crop_geometry()
+        best_h, best_w = select_best_resolution(
+            [height, width], processor.image_processor.image_grid_pinpoints
+        )
+        cells, rows = unpadded_features(
+            processor, height, width, side // patch, best_h // side, best_w // side
+        )
         return rows, cells // rows
 
     def _encode_image(self, sample: GroundingSample, prompt: str) -> EncodedImage:
@@ -42,7 +50,8 @@ class LlavaNextPromptBuilder(ChatPromptBuilder):
         encoded = processor(images=[sample.image], text=[prompt], return_tensors="pt")
         rows, columns = self.anyres_grid(sample.image.height, sample.image.width)
         # The any-res cells in crop pixels: what the grid covers once the model has removed the padding.
-        padded_hw = (rows * processor.patch_size, columns * processor.patch_size)
+        patch = self.crop_geometry()[1]
+        padded_hw = (rows * patch, columns * patch)
         return EncodedImage(
             prompt_ids=encoded["input_ids"][0],
             pixel_inputs={
