@@ -227,20 +227,21 @@ def _import(target: str) -> Any:
 
 
 def parameters_of(target: str) -> list[str]:
-    """The keyword parameters of ``target`` a config may set: its signature (a class's first ``__init__``
-    that names them) less those the code passes itself."""
+    """The keyword parameters of ``target`` a config may set: its signature less those the code passes
+    itself. A class's ``__init__`` that passes ``**kwargs`` on adds its own names to its base class's."""
     obj = _import(target)
     functions = (
         [obj] if not isinstance(obj, type) else [c.__init__ for c in obj.__mro__ if "__init__" in vars(c)]
     )
+    injected = ("params",) if target.startswith("torch.optim.") else _INJECTED.get(target, ())
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    named: list[str] = []
     for function in functions:
-        signature = inspect.signature(function)
-        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        named = [p.name for p in signature.parameters.values() if p.kind not in variadic and p.name != "self"]
-        if named or not any(p.kind in variadic for p in signature.parameters.values()):
-            injected = ("params",) if target.startswith("torch.optim.") else _INJECTED.get(target, ())
-            return [name for name in named if name not in injected]
-    return []
+        parameters = inspect.signature(function).parameters.values()
+        named += [p.name for p in parameters if p.kind not in variadic and p.name not in ("self", *named)]
+        if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters):
+            break
+    return [name for name in named if name not in injected]
 
 
 def _is_optimizer(target: Any) -> bool:
