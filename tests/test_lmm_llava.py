@@ -74,13 +74,14 @@ def test_llava_pads_to_a_square_in_the_mean_colour():
 
 
 def test_phrase_separator_is_one_token_as_in_the_reference(family):
-    """RefCOCO and inference: after each phrase the reference appends ``encode(".")[-1]`` alone (a SentencePiece
-    tokeniser encodes "." as "▁", "."); a narrative's own "." utterance keeps all of its tokens."""
+    """RefCOCO and inference: after each phrase the reference appends ``encode(".")[-1]`` alone (a
+    SentencePiece tokeniser encodes "." as "▁", "."); a narrative's own "." utterance keeps all its tokens."""
     _, builder, _ = family
     tokenizer = builder.processor.tokenizer
     separator = tokenizer.encode(".", add_special_tokens=False)
     prompt = builder(WIDE)
-    after_phrases = prompt.input_ids[prompt.utterance_start :][prompt.mask_ids[prompt.utterance_start :] == -1]
+    start = prompt.utterance_start
+    after_phrases = prompt.input_ids[start:][prompt.mask_ids[start:] == -1]
     assert after_phrases.tolist() == [separator[-1]] * WIDE.num_objects
 
     narrative = png_like(230, 90)

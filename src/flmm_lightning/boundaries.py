@@ -51,9 +51,8 @@ class GroundingSample:
 
     def __post_init__(self) -> None:
         if not self.utterances:
-            self.utterances = [
-                piece for k, p in enumerate(self.phrases) for piece in ((p, k), (PHRASE_SEPARATOR, NOT_GROUNDED))
-            ]
+            separator = (PHRASE_SEPARATOR, NOT_GROUNDED)
+            self.utterances = [piece for k, p in enumerate(self.phrases) for piece in ((p, k), separator)]
 
     @classmethod
     def for_inference(

@@ -22,8 +22,8 @@ from flmm_lightning.lmm.prompting import ChatPromptBuilder, EncodedImage
 def square_like_reference(
     image: Image.Image, side: int, mean: tuple[float, float, float]
 ) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """``image`` resized (bicubic) so that its longer side is ``side``, centred on a ``side`` x ``side`` square
-    of colour ``int(255 * mean)``; and the ``(top, left, height, width)`` of the image inside the square."""
+    """``image`` resized (bicubic) so that its longer side is ``side``, centred on a square of that side in
+    the colour ``int(255 * mean)``; and the ``(top, left, height, width)`` of the image inside the square."""
     width, height = image.size
     if height > width:
         new_height, new_width = side, int(width * side / height)
