@@ -33,7 +33,10 @@ def main() -> None:
         theirs_text = [i for i in their_ids if i != image_token]
         row = {
             "photo": o["photo"],
-            "token_ids_equal (image token collapsed)": collapsed == their_ids,
+            "token_ids_equal": (
+                o["input_ids"].tolist() if len(o["input_ids"]) == len(their_ids) else collapsed
+            )
+            == their_ids,
             "text_ids_ours": ours_text,
             "text_ids_official": theirs_text,
             "mask_ids_equal (expanded)": torch.equal(o["mask_ids"], t["expanded_mask_ids"].cpu())

@@ -182,7 +182,6 @@ def main() -> None:
     install_stubs(args.deps)
     from flmm.datasets.llava_processors import CustomLlavaImageProcessor
     from flmm.models.frozen_llava import FrozenLlavaSAM
-    from PIL import Image
 
     SAMWrapper = load_sam_wrapper(args.official, mask_input_size=64)
     from segment_anything.utils.transforms import ResizeLongestSide
@@ -232,18 +231,7 @@ def main() -> None:
     sam.use_text, sam.use_mask, sam.use_box, sam.multimask_output = True, True, True, False
     model.sam = sam
     model.text_proj = nn.Linear(llava.config.text_config.hidden_size, sam.model.prompt_encoder.embed_dim)
-    # our trainable weights under the official names: what a released checkpoint holds
-    names = {
-        "lmm.text_layer_weights": "text_layer_weights",
-        "lmm.text_proj.": "text_proj.",
-        "mask_head.": "mask_head.",
-        "sam.sam.": "sam.model.",
-    }
-    official_state = {}
-    for key, value in ours["trainable"].items():
-        prefix = next(p for p in names if key.startswith(p))
-        official_state[names[prefix] + key[len(prefix) :]] = value
-    missing, unexpected = model.load_state_dict(official_state, strict=False)
+    missing, unexpected = model.load_state_dict(official_names(ours["trainable"]), strict=False)
     assert not unexpected, unexpected
     assert all(k.startswith(("llava.", "sam.model.image_encoder.")) for k in missing), missing
     model.eval()
@@ -252,6 +240,35 @@ def main() -> None:
     template = PROMPT_TEMPLATE.vicuna
     prompt_text = "<image>\nPlease give me a description of the image."
     prompt_ids = tokenizer.encode(template["INSTRUCTION"].format(input=prompt_text), add_special_tokens=True)
+
+    def preprocess(image):
+        processed = image_processor.preprocess(image)
+        return torch.from_numpy(processed["pixel_values"][0]), processed["meta_datas"][0]
+
+    run_official(model, ours, tokenizer, prompt_ids, preprocess, args.work)
+
+
+def official_names(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our trainable weights under the official names: what a released checkpoint holds."""
+    names = {
+        "lmm.text_layer_weights": "text_layer_weights",
+        "lmm.text_proj.": "text_proj.",
+        "mask_head.": "mask_head.",
+        "sam.sam.": "sam.model.",
+    }
+    official_state = {}
+    for key, value in trainable.items():
+        prefix = next(p for p in names if key.startswith(p))
+        official_state[names[prefix] + key[len(prefix) :]] = value
+    return official_state
+
+
+def run_official(model, ours, tokenizer, prompt_ids, preprocess, work: Path) -> None:
+    """The official model's ``_forward`` on each case: its RefCOCO2PNG token layout (prompt, then each
+    phrase's own tokens and ``encode(".")[-1]``), its image processor (``preprocess``); the U-Net input and
+    SAM's inputs recorded; then a crossed run with our pixels. Writes ``<work>/official.pt``."""
+    from PIL import Image
+
     dot = tokenizer.encode(".", add_special_tokens=False)[-1]
     results = []
     for case in ours["cases"]:
@@ -261,13 +278,13 @@ def main() -> None:
             phrase_ids = tokenizer.encode(phrase, add_special_tokens=False)
             ids += phrase_ids + [dot]
             mask_ids += [index] * len(phrase_ids) + [-1]
-        processed = image_processor.preprocess(image)
+        pixel_values, meta_data = preprocess(image)
         sample = {
             "input_ids": torch.tensor(ids),
             "mask_ids": torch.tensor(mask_ids),
             "labels": torch.full((len(ids),), -100),
-            "pixel_values": torch.from_numpy(processed["pixel_values"][0]),
-            "meta_data": processed["meta_datas"][0],
+            "pixel_values": pixel_values,
+            "meta_data": meta_data,
             "masks": torch.zeros(len(case["phrases"]), 2, 2),
             "image": image,
         }
@@ -300,7 +317,7 @@ def main() -> None:
             {
                 "input_ids": sample["input_ids"],
                 "mask_ids": sample["mask_ids"],
-                "expanded_mask_ids": out["mask_ids"],
+                "expanded_mask_ids": out["mask_ids"].flatten(),
                 "pixel_values": sample["pixel_values"],
                 "attention_maps": official_maps,
                 "text_embeddings": captured["text_embeds"],
@@ -310,8 +327,8 @@ def main() -> None:
                 "crossed_attention_maps": captured["maps"],
             }
         )
-    torch.save({"cases": results}, args.work / "official.pt")
-    print(f"wrote {args.work / 'official.pt'}")
+    torch.save({"cases": results}, work / "official.pt")
+    print(f"wrote {work / 'official.pt'}")
 
 
 if __name__ == "__main__":
