@@ -95,7 +95,9 @@ def deepseek_439(lmm_dir: Path):
         )[key.split(".attn.")[1][0]] = state.pop(key)
     for key, parts in qkv.items():
         state[key.replace(".attn.@.", ".attn.qkv.")] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    model.load_state_dict(state, strict=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # the SigLIP attention-pool head is built but unused (ignore_head=True): its features skip it
+    assert not unexpected and all(".attn_pool." in key for key in missing), (missing, unexpected)
     return model.eval()
 
 

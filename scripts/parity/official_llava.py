@@ -39,6 +39,7 @@ def install_stubs(deps: Path) -> None:
     sys.modules["xtuner.registry"] = registry
     model_utils = types.ModuleType("xtuner.model.utils")
     model_utils.guess_load_checkpoint = None  # only called with pretrained=..., never here
+    model_utils.LoadWoInit = None  # only used by the constructors, which the probe does not call
     sys.modules["xtuner.model.utils"] = model_utils
     load_module("xtuner.utils.templates", deps / "xtuner" / "utils" / "templates.py")
 

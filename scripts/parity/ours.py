@@ -27,9 +27,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="tiny_llava")
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.pretrained=<dir>")
     args = parser.parse_args()
     torch.manual_seed(0)
-    cfg = compose_model_config(args.model, "tiny", None, [])
+    cfg = compose_model_config(args.model, "tiny", None, args.overrides)
     module = build_module(cfg, stored_config=run_config(cfg))
     with torch.no_grad():
         module.model.lmm.text_layer_weights.normal_()

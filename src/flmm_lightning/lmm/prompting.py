@@ -97,7 +97,7 @@ class ChatPromptBuilder(PromptBuilder):
         self._configure(processor)
         content = [{"type": "image"}, {"type": "text", "text": self.instruction}]
         messages = [{"role": "user", "content": content}]
-        self._prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        self._prompt = self._grounding_prompt(processor, messages)
         # Tokenised as the processor does it (special tokens such as BOS included); the one image placeholder
         # becomes as many tokens as the image has.
         self._template_tokens = len(processor.tokenizer(self._prompt)["input_ids"]) - 1
@@ -109,6 +109,10 @@ class ChatPromptBuilder(PromptBuilder):
 
     def _configure(self, processor: Any) -> None:
         """Family settings read from the freshly loaded processor (before the prompt is built)."""
+
+    def _grounding_prompt(self, processor: Any, messages: list[dict[str, Any]]) -> str:
+        """The text before the utterances: by default the chat template's, with the generation prompt."""
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @property
     def processor(self) -> Any:
