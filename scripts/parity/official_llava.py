@@ -279,7 +279,7 @@ def run_official(model, ours, tokenizer, prompt_ids, preprocess, work: Path) -> 
             phrase_ids = tokenizer.encode(phrase, add_special_tokens=False)
             ids += phrase_ids + [dot]
             mask_ids += [index] * len(phrase_ids) + [-1]
-        pixel_values, meta_data = preprocess(image)
+        pixel_values, meta_data, *extra = preprocess(image)
         sample = {
             "input_ids": torch.tensor(ids),
             "mask_ids": torch.tensor(mask_ids),
@@ -288,6 +288,7 @@ def run_official(model, ours, tokenizer, prompt_ids, preprocess, work: Path) -> 
             "meta_data": meta_data,
             "masks": torch.zeros(len(case["phrases"]), 2, 2),
             "image": image,
+            **(extra[0] if extra else {}),
         }
         captured = {}
         original_sam = model.sam.forward
