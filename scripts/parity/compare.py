@@ -51,6 +51,7 @@ def main() -> None:
             ),
             "coarse_logits": max_abs(o["coarse_logits"], t["coarse_logits"]),
             "coarse_logits_max": float(o["coarse_logits"].abs().max()),
+            "sam_box_prompts_equal": bool(torch.equal(o["boxes"].long(), t["boxes"].long())),
             "fine_logits": max_abs(o["fine_logits"], t["fine_logits"]),
             "fine_logits_max": float(o["fine_logits"].abs().max()),
             "fine_masks_differing_pixels": int(((o["fine_logits"] > 0) != (t["fine_logits"] > 0)).sum())

@@ -1,6 +1,6 @@
 """The official model's own state dict (``<work>/official_state_dict.pth``, from the official side),
-converted by ``flmm_lightning.convert`` and loaded by ``Grounder.from_checkpoint``, grounds the probe's cases:
-its fine logits and masks beside the official model's (``<work>/official.pt``). Run with this project's venv."""
+converted by ``flmm_lightning.convert`` and loaded by ``Grounder.from_checkpoint``, grounds the probe's
+cases: its masks beside the official model's (``<work>/official.pt``). Run with this project's venv."""
 
 from __future__ import annotations
 

@@ -249,6 +249,23 @@ def main() -> None:
     run_official(model, ours, tokenizer, prompt_ids, preprocess, args.work)
 
 
+def official_boxes(coarse: torch.Tensor, image) -> torch.Tensor:
+    """The box prompts SAMWrapper.forward gives SAM (before ``apply_boxes``), by its own ``mask2box``."""
+    import numpy as np
+    import torch.nn.functional as F
+    from flmm.models.mask_head.mask_refiner import mask2box
+
+    binary = F.interpolate(
+        coarse.detach()[None].float().sigmoid(), size=(image.height, image.width), mode="bilinear"
+    )
+    boxes = []
+    for mask in (binary[0] > 0.5).float():
+        boxes.append(
+            mask2box(mask.numpy()) if mask.sum() > 0 else np.array([0, 0, image.width, image.height])
+        )
+    return torch.tensor(np.stack(boxes))
+
+
 def official_names(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our trainable weights under the official names: what a released checkpoint holds."""
     names = {
@@ -327,6 +344,7 @@ def run_official(model, ours, tokenizer, prompt_ids, preprocess, work: Path) -> 
                 "fine_logits": out["sam_pred_masks"],
                 "meta_data": sample["meta_data"],
                 "crossed_attention_maps": captured["maps"],
+                "boxes": official_boxes(out["pred_masks"], image),
             }
         )
     torch.save({"cases": results}, work / "official.pt")
