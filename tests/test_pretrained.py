@@ -77,3 +77,33 @@ def test_a_broken_directory_is_refused_naming_the_file(pretrained_dir: Path, tmp
     (broken / CONFIG_NAME).write_text((pretrained_dir / CONFIG_NAME).read_text())
     with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME} as safetensors"):
         load_pretrained(broken)
+
+
+def test_train_exports_its_heads_as_a_pretrained_directory(compose_config, tmp_path: Path) -> None:
+    from conftest import tiny_overrides
+
+    from flmm_lightning.train import train
+
+    overrides = [
+        *tiny_overrides(tmp_path / "data", tmp_path / "run"),
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=0",
+        "test_after_fit=false",
+        "export_pretrained=true",
+        "logger=none",
+        "callbacks=none",
+        "whole_image_baseline_split=null",
+        "every_word_baseline_split=null",
+        "ground_what_you_say_split=null",
+        "chat_after_fit.split=null",
+        "reasonseg_after_fit.data=null",
+        f"paths.output_dir={tmp_path / 'run'}",
+    ]
+    cfg = compose_config(overrides)
+    train(cfg)
+    exported = load_pretrained(tmp_path / "run" / "pretrained")
+    assert exported["flmm_config"]["model"]["name"] == cfg.model.name
+    rebuilt, _ = module_from_checkpoint(tmp_path / "run" / "pretrained")
+    weights = rebuilt.model.trainable_state_dict()
+    assert weights.keys() == exported["state_dict"].keys()
+    assert all(torch.equal(weights[key], exported["state_dict"][key]) for key in weights)

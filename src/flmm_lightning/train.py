@@ -36,6 +36,7 @@ from flmm_lightning.metrics import ReferringSegmentationMetric
 from flmm_lightning.model import FLMMModule
 from flmm_lightning.narration import ground_what_you_say
 from flmm_lightning.predict import Grounder
+from flmm_lightning.pretrained import save_pretrained
 from flmm_lightning.reporting import print_metrics, write_metrics_json
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
 from flmm_lightning.selection import every_word_baseline
@@ -141,6 +142,11 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         print_metrics(results, title=f"{cfg.task_name}: test metrics (%)")
         path = write_metrics_json(results, metrics_path)
         print(f"metrics written to {path}")
+    if trainer.is_global_zero and cfg.get("export_pretrained"):
+        exported = save_pretrained(
+            output_dir / "pretrained", module.model.trainable_state_dict(), stored, results
+        )
+        print(f"trained heads exported to {exported} (Grounder.from_pretrained, or ckpt=)")
     chat_split = (cfg.get("chat_after_fit") or {}).get("split")
     if trainer.is_global_zero and chat_split:
         chat_after_fit(module, prompt_builder, cfg, datamodule.test_sets[split_name(chat_split)], output_dir)
