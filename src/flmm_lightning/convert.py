@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from flmm_lightning.builders import build_module, run_config
@@ -174,7 +175,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = compose_model_config(args.model, args.sam, args.data, args.overrides)
+    try:
+        cfg = compose_model_config(args.model, args.sam, args.data, args.overrides)
+    except HydraException as error:
+        raise SystemExit(f"error: model={args.model} sam={args.sam} data={args.data}: {error}") from None
     try:
         counts = convert(args.official, args.output, cfg)
     except (OfficialCheckpointError, CheckpointMismatchError, FileExistsError, FileNotFoundError) as error:
