@@ -10,7 +10,7 @@ export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 export MALLOC_TOP_PAD_ := 536870912
 
-.PHONY: setup demo app test lint bench dist clean
+.PHONY: setup demo app test lint bench docs figures dist clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -40,10 +40,22 @@ lint: setup
 bench: setup
 	$(PY) -m flmm_lightning.bench --size tiny --out outputs/bench/tiny.json
 
+# The documentation site (docs/, mkdocs.yml) into site/; a warning (broken link, missing reference) fails it
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
+
+# The pictures of the README and the docs (docs/assets/): the browser test's screenshots of the app, and the
+# pipeline figure and validation overlays of a finished demo run (FIGURES_RUN=<run folder> picks another)
+FIGURES_RUN := outputs/demo/latest
+figures: setup
+	@test -f $(FIGURES_RUN)/checkpoints/last.ckpt || { echo "no demo run at $(FIGURES_RUN): run \`make demo\` first"; exit 1; }
+	FLMM_SCREENSHOT_DIR=outputs/figures/screens $(PY) -m pytest -q tests/test_app.py -k a_person_uploads
+	$(PY) scripts/figures.py --run $(FIGURES_RUN) --screens outputs/figures/screens --out docs/assets
+
 # The wheel (configs inside): pip install dist/flmm_lightning-*.whl
 dist: setup
 	$(PY) -m pip wheel --no-deps -w dist .
 
 clean:
-	rm -rf outputs wandb lightning_logs multirun .pytest_cache build dist
+	rm -rf outputs wandb lightning_logs multirun .pytest_cache build dist site
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -4,6 +4,7 @@ Chromium (Debian's ``chromium``, driven by Playwright; nothing downloaded)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,22 +71,22 @@ def page_status(url: str) -> int | None:
         return None
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The app as its CLI starts it, shared by this module's tests (one model load)."""
-    temp_dir = tmp_path_factory.mktemp("app_tmp")
+@contextlib.contextmanager
+def running_app(checkpoint: Path, temp_dir: Path, overrides: Sequence[str] = ()) -> Iterator[Server]:
+    """The app as its CLI starts it (``overrides`` after the tests' own), until the block ends."""
     port = free_port()
     command = [
         sys.executable,
         "-m",
         "flmm_lightning.app",
-        f"ckpt={tiny_checkpoint}",
+        f"ckpt={checkpoint}",
         f"port={port}",
         "device=cpu",
         f"temp_dir={temp_dir}",
         f"hydra.run.dir={temp_dir / 'run'}",
         f"generation.max_new_tokens={MAX_NEW_TOKENS}",
         *(f"limits.{key}={value}" for key, value in LIMITS.items()),
+        *overrides,
     ]
     env = {
         **os.environ,
@@ -108,6 +109,13 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         process.wait(timeout=30)
         log.close()
     assert not list(temp_dir.glob("flmm_app_*")), "the app left its temporary folder behind"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The app as its CLI starts it, shared by this module's tests (one model load)."""
+    with running_app(tiny_checkpoint, tmp_path_factory.mktemp("app_tmp")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +295,11 @@ def broken_upload(tmp_path: Path, kind: str) -> Path:
 
 @pytest.mark.parametrize(
     ("kind", "message"),
-    [("truncated", "cannot read image"), ("renamed", "cannot read image"), ("text", "Invalid file type")],
+    [
+        ("truncated", "cannot read image truncated.jpg"),
+        ("renamed", "cannot read image table.jpg"),
+        ("text", "cannot read image notes.txt"),
+    ],
 )
 def test_unreadable_uploads_are_refused_and_the_app_keeps_serving(
     client: gradio_client.Client, tmp_path: Path, kind: str, message: str
@@ -337,7 +349,7 @@ def test_a_closed_session_leaves_no_files(server: Server, tmp_path: Path) -> Non
     client = server.connect()
     client.predict(gradio_client.handle_file(photo), "a man", api_name="/ground")
     folder = server.sessions / client.session_hash
-    assert sorted(path.suffix for path in folder.iterdir()) == [".json", ".png"]
+    assert sorted(path.suffix for path in folder.iterdir() if path.is_file()) == [".json", ".png"]
     (upload,) = (server.sessions.parent / "uploads").glob(f"*/{photo.name}")
     client.close()
     deadline = time.monotonic() + 20

@@ -77,7 +77,7 @@ def test_one_question_writes_overlay_and_json_of_the_grounded_phrases(
         assert entry["mask_score"] == pytest.approx(phrase.mask_score)
         rle = {"size": entry["segmentation"]["size"], "counts": entry["segmentation"]["counts"].encode()}
         assert np.array_equal(mask_utils.decode(rle).astype(bool), phrase.mask.numpy())
-        assert entry["bbox_xyxy"] == (list(phrase.box) if phrase.box else [-1.0] * 4)
+        assert entry["bbox_xyxy"] == (list(phrase.box) if phrase.box else None)
     with Image.open(photo) as image, Image.open(output_dir / "turn_01_overlay.png") as overlay:
         assert overlay.size == image.size
     assert (output_dir.parent / "latest").resolve() == output_dir.resolve()

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import tiny_overrides
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from flmm_lightning.assets import TINY_QWEN2_5_VL, TINY_SAM, ensure_tiny_sam
 from flmm_lightning.assets.sam import TINY_SAM_FILE
@@ -32,6 +32,7 @@ from flmm_lightning.core import CheckpointMismatchError
 from flmm_lightning.data.synthetic import REFCOCO_DATASET, REFCOCO_SPLIT_BY, write_synthetic_dataset
 from flmm_lightning.eval import evaluate
 from flmm_lightning.eval import main as eval_main
+from flmm_lightning.safe_config import UnsafeConfigError
 from flmm_lightning.train import train
 
 STEPS = 3
@@ -92,7 +93,7 @@ def test_moved_checkpoint_evaluates_this_machines_data_with_rebuilt_assets(
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     stored = load_checkpoint(checkpoint)["flmm_config"]
     assert not [text for text in strings(stored) if str(tmp_path) in text]
-    assert stored["sam"]["refiner"]["sam"]["checkpoint"] == "${flmm_asset:tiny_sam,${paths.cache_dir}}"
+    assert stored["sam"]["refiner"]["sam"]["checkpoint"] == f"${{paths.cache_dir}}/{TINY_SAM}/{TINY_SAM_FILE}"
     trained_val_images = val_image_ids(data_a / "synthetic")
     assert len(trained_val_images) == NUM_VAL
 
@@ -186,30 +187,37 @@ def test_missing_data_of_a_stored_data_config_names_the_paths_key(
     assert "set paths.data_dir=" in message
 
 
-def test_stored_config_keeps_path_interpolations_and_resolves_everything_else(
+def test_stored_config_keeps_path_placeholders_and_resolves_everything_else(
     compose_config: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
     cfg = compose_config(
         [
             *tiny_overrides(tmp_path / "data", tmp_path / "run"),
             "sam.refiner.embedding_cache=${paths.cache_dir}/sam_embeddings",
-            "+model.local_copy=${paths.data_dir}/models",
-            "+model.run_name=${task_name}",
+            "+model.prompt.instruction=${task_name}",
         ]
     )
     stored = run_config(cfg)
-    assert stored["model"]["local_copy"] == "${paths.data_dir}/models"
     # the SAM cache is this machine's choice: a checkpoint never names a folder to write to (safe_config)
     assert stored["sam"]["refiner"]["embedding_cache"] is None
-    assert stored["model"]["run_name"] == "demo"  # outside the stored sections: resolved now
-    assert stored["model"]["lmm"]["text_proj_dim"] == "${sam.embed_dim}"  # inside them: kept
-    assert stored["data"]["test_sets"] == "${data.val_sets}"
+    assert stored["model"]["prompt"]["instruction"] == "demo"  # every interpolation resolved now
+    assert stored["model"]["lmm"]["text_proj_dim"] == cfg.sam.embed_dim
+    assert stored["data"]["test_sets"] == stored["data"]["val_sets"]
+    assert stored["data"]["synthetic"]["root"] == "${paths.data_dir}/synthetic"  # but paths: placeholders
 
     here = {"cache_dir": str(tmp_path / "here"), "data_dir": str(tmp_path / "data_here")}
     config = config_on_this_machine(stored, here, {"data": {"eval_batch_size": 3}})
-    assert config.model.local_copy == str(tmp_path / "data_here" / "models")
-    assert config.model.lmm.text_proj_dim == cfg.sam.embed_dim
+    assert config.data.synthetic.root == str(tmp_path / "data_here" / "synthetic")
+    assert config.model.lmm.pretrained == str(tmp_path / "here" / TINY_QWEN2_5_VL)
     assert config.data.eval_batch_size == 3 and config.data.batch_size == cfg.data.batch_size
+
+
+def test_a_run_whose_checkpoints_could_not_be_loaded_stops_before_training(
+    compose_config: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    cfg = compose_config([*tiny_overrides(tmp_path / "data", tmp_path / "run"), "+model.local_copy=/models"])
+    with pytest.raises(UnsafeConfigError, match=r"flmm_config\.model\.local_copy: a key the schema lacks"):
+        run_config(cfg)
 
 
 @pytest.mark.parametrize(
@@ -221,21 +229,21 @@ def test_checkpoint_config_reading_outside_its_sections_is_refused(
 ) -> None:
     stored = run_config(tiny_config)
     stored["model"][key] = value
-    with pytest.raises(ValueError, match=rf"^x\.ckpt: model\.{key} = "):
+    with pytest.raises(UnsafeConfigError, match=rf"^x\.ckpt: refusing [^\n]*\n  flmm_config\.model\.{key}: "):
         config_on_this_machine(stored, {}, source="x.ckpt")
 
 
 def test_resume_compares_the_pretrained_weights_as_resolved_here(
     tiny_config: DictConfig, tmp_path: Path
 ) -> None:
-    """The checkpoint names its LMM through interpolations (``${paths.checkpoint_dir}/${model.name}``); a
-    resume that spells the same folder out continues it, one that names another folder is refused."""
+    """The checkpoint names its LMM under a placeholder (``${paths.checkpoint_dir}/<name>``); a resume that
+    spells the same folder out continues it, one that names another folder is refused."""
     stored = run_config(tiny_config)
-    stored["model"]["pretrained"] = "${paths.checkpoint_dir}/${model.name}"
+    stored["model"]["pretrained"] = f"${{paths.checkpoint_dir}}/{tiny_config.model.name}"
     checkpoint = tmp_path / "model.ckpt"
     torch.save({"state_dict": {}, "flmm_config": stored}, checkpoint)
     weights = tmp_path / "weights"
-    here = {"checkpoint_dir": str(weights), "cache_dir": str(tmp_path / "cache")}
+    here = {"checkpoint_dir": str(weights), "cache_dir": str(tmp_path / "cache"), "data_dir": str(tmp_path)}
 
     def run_with(pretrained: Path) -> dict[str, Any]:
         return {**stored, "model": {**stored["model"], "pretrained": str(pretrained)}}
@@ -260,11 +268,12 @@ def test_a_tiny_sam_checkpoint_from_before_the_move_to_assets_loads_and_builds_i
         "name": "tiny",
         "checkpoint": written["checkpoint"],
     }
-    torch.save(saved, checkpoint)
+    legacy = tmp_path / "legacy.ckpt"  # not over the loaded file: its tensors are mapped from it
+    torch.save(saved, legacy)
 
     empty_cache = tmp_path / "empty_cache"
-    module, config = module_from_checkpoint(checkpoint, paths={**cfg.paths, "cache_dir": str(empty_cache)})
-    assert OmegaConf.to_container(config.sam.refiner.sam, resolve=False) == written
+    module, config = module_from_checkpoint(legacy, paths={**cfg.paths, "cache_dir": str(empty_cache)})
+    assert config.sam.refiner.sam.checkpoint == str(empty_cache / TINY_SAM / TINY_SAM_FILE)
     assert module.run_config["sam"]["refiner"]["sam"] == written  # what a checkpoint of it will store
     assert (empty_cache / TINY_SAM / TINY_SAM_FILE).is_file() and (empty_cache / TINY_QWEN2_5_VL).is_dir()
     for key, value in saved["state_dict"].items():

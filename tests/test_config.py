@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
 REAL_DATA_EXPERIMENTS = [name for name in EXPERIMENTS if name != "demo"]
-# The data config each experiment trains on (README "Train, evaluate, predict").
+# The data config each experiment trains on (docs/training.md "The experiments").
 EXPECTED_DATA = {"demo": "synthetic", "refcoco": "refcoco", "png": "png", "refcoco_png": "refcoco_png"}
 # Splits of the refs files a real COCO layout has.
 REFS_SPLITS = {"unc": ["train", "val", "testA", "testB"], "umd": ["train", "val", "test"]}
@@ -45,12 +45,12 @@ def test_experiment_composes(name: str, compose_config: Callable[..., DictConfig
     assert cfg.data.train_sets and cfg.data.test_sets
 
 
-# The official F-LMM recipe the real experiments follow (README "Fidelity to the reference").
+# The official F-LMM recipe the real experiments follow (docs/fidelity.md).
 RECIPE_EFFECTIVE_BATCH, RECIPE_LR = 8, 1e-4
 
 
 def effective_batch(cfg: DictConfig) -> int:
-    """Samples per optimizer step: per-GPU batch x GPUs x accumulation (README "Train, evaluate, predict")."""
+    """Samples per optimizer step: per-GPU batch x GPUs x accumulation (docs/training.md "The batch rule")."""
     gpus = cfg.trainer.devices * cfg.trainer.get("num_nodes", 1)
     return cfg.data.batch_size * gpus * cfg.trainer.accumulate_grad_batches
 
@@ -60,7 +60,7 @@ def test_real_experiments_take_the_recipe_batch_in_one_batched_step(
     name: str, compose_config: Callable[..., DictConfig]
 ) -> None:
     """By default the whole effective batch is one batched step on one GPU: the speed "Performance" measures
-    is the speed a user gets. The README's remedy for short memory keeps the effective batch and the lr."""
+    is the speed a user gets. The documented remedy for short memory keeps the effective batch and the lr."""
     cfg = compose_config([f"+experiment={name}"])
     assert cfg.trainer.accumulate_grad_batches == 1
     assert effective_batch(cfg) == RECIPE_EFFECTIVE_BATCH
@@ -118,7 +118,7 @@ def _link(target: Path, link: Path) -> None:
 
 @pytest.fixture(scope="module")
 def coco_layout(synthetic_data: SyntheticPaths, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``<data_dir>/coco`` as README "Data layout" describes it, made of the synthetic dataset's files:
+    """``<data_dir>/coco`` as docs/training.md "Data layout" shows it, made of the synthetic dataset's files:
     images linked as train2014/train2017/val2017, its RefCOCO files as refcoco, refcoco+ (unc) and refcocog
     (umd) with the refs spread over the real split names, its PNG files under the COCO names."""
     data_dir = tmp_path_factory.mktemp("real_layout")

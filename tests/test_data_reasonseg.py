@@ -181,6 +181,7 @@ def check_policies(split_dir: Path, reason: BadSampleReason, path: Path, sample_
 GOOD = {"text": ["the cup"], "is_sentence": False, "shapes": [shape("target", rectangle(1, 1, 3, 3))]}
 MALFORMED: list[tuple[Any, str]] = [
     ('{"text": ["the cup"], "is_sentence": fals', "Expecting value"),
+    ("[" * 100_000 + "]" * 100_000, "maximum recursion depth exceeded"),
     ([GOOD], "expected a JSON object, found a list"),
     ({"text": ["the cup"], "shapes": []}, "missing keys ['is_sentence']"),
     ({**GOOD, "text": []}, "'text' must be"),

@@ -166,3 +166,88 @@ def test_installed_wheel_trains_evaluates_and_predicts_from_any_directory(
     )
     installed.run(installed.bin("flmm-predict"), *predict, cwd=work)
     assert (work / "outputs" / "p" / f"{photo.stem}_overlay.png").is_file()
+
+
+# ---- what a plain install (no extras) provides, and what [app] adds --------------------------------------
+# The demo's, predict's and chat's own modules, and the tiny assets the demo runs on (built offline); the app
+# is not importable.
+PLAIN_INSTALL_CHECK = """
+import importlib.util
+import flmm_lightning.chat, flmm_lightning.eval, flmm_lightning.predict, flmm_lightning.train
+from flmm_lightning.assets.text_tokenizers import build_qwen2_5_vl_tokenizer
+from flmm_lightning.assets.sam import build_tiny_sam
+tokenizer = build_qwen2_5_vl_tokenizer()
+assert tokenizer.convert_tokens_to_ids("<|image_pad|>") == 151655
+build_tiny_sam()
+assert importlib.util.find_spec("gradio") is None
+"""
+APP_INSTALL_CHECK = """
+import flmm_lightning.app.handlers, flmm_lightning.app.ui
+"""
+
+
+def runtime_distributions(requirements: list[str]) -> set[str]:
+    """The installed distributions that ``requirements`` need, transitively (markers evaluated for this
+    interpreter, no extras of the dependencies), by normalised name."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found: set[str] = set()
+    pending = [Requirement(line) for line in requirements]
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        if name in found or (requirement.marker and not requirement.marker.evaluate({"extra": ""})):
+            continue
+        found.add(name)
+        pending.extend(Requirement(line) for line in metadata.requires(name) or [])
+    return found
+
+
+def run_with_only(distributions: set[str], script: str, tmp_path: Path) -> None:
+    """Runs ``script`` in an interpreter that sees the stdlib, this source tree and ``distributions`` only
+    (linked into one folder; the interpreter's own site-packages left out)."""
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    site = tmp_path / "site"
+    site.mkdir()
+    for distribution in metadata.distributions():
+        if canonicalize_name(distribution.metadata["Name"]) not in distributions:
+            continue
+        assert distribution.files, f"{distribution.metadata['Name']} lists no files"
+        for top in {file.parts[0] for file in distribution.files if file.parts[0] != ".."}:
+            source = Path(distribution.locate_file(top))
+            if source.exists() and not (site / top).exists():
+                (site / top).symlink_to(source)
+    prelude = f"import site, sys; site.addsitedir({str(site)!r}); sys.path.insert(0, {str(REPO / 'src')!r})\n"
+    env = {
+        **{key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")},
+        "FLMM_CACHE_DIR": str(tmp_path / "assets"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", prelude + script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+
+
+@pytest.mark.parametrize(
+    ("extras", "script"),
+    [
+        pytest.param((), PLAIN_INSTALL_CHECK, id="plain"),
+        # importing gradio takes half a minute on a busy 2-core machine
+        pytest.param(("app",), APP_INSTALL_CHECK, id="app", marks=pytest.mark.slow),
+    ],
+)
+def test_declared_dependencies_run_the_demo_predict_chat_and_with_app_the_app(
+    extras: tuple[str, ...], script: str, tmp_path: Path
+) -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = [
+        *project["dependencies"],
+        *(line for extra in extras for line in project["optional-dependencies"][extra]),
+    ]
+    run_with_only(runtime_distributions(requirements), script, tmp_path)

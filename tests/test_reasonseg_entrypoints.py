@@ -62,7 +62,7 @@ def test_eval_answers_each_query_and_scores_it_as_grounder_segment_does(
         f"data.synthetic.num_val={tiny_config.data.synthetic.num_val}",
         "data.num_workers=0",
         "data.eval_batch_size=3",
-        f"reasonseg.max_new_tokens={MAX_NEW_TOKENS}",
+        f"generation.max_new_tokens={MAX_NEW_TOKENS}",
         f"paths.output_dir={tmp_path}",
         f"hydra.run.dir={tmp_path}",
     ]
@@ -123,7 +123,7 @@ def test_ddp_spawn_evaluation_of_reasoning_splits_equals_a_single_process(
             f"data.synthetic.num_val={tiny_config.data.synthetic.num_val}",
             "data.num_workers=0",
             "data.eval_batch_size=1",
-            f"reasonseg.max_new_tokens={MAX_NEW_TOKENS}",
+            f"generation.max_new_tokens={MAX_NEW_TOKENS}",
             f"paths.output_dir={folder}",
             f"hydra.run.dir={folder}",
             *extra,
@@ -152,7 +152,7 @@ def test_predict_query_writes_the_answer_and_its_mask(
         f"ckpt={tiny_checkpoint}",
         f"image={photo}",
         f"query={query}",
-        f"max_new_tokens={MAX_NEW_TOKENS}",
+        f"generation.max_new_tokens={MAX_NEW_TOKENS}",
         "device=cpu",
         f"paths.output_dir={tmp_path}",
     ]

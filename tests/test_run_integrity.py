@@ -45,7 +45,7 @@ def test_resuming_in_the_run_folder_keeps_last_ckpt_the_newest_through_two_inter
     compose_config: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
     """Train to step 2, resume to 4, resume to 6, each time from ``<run>/checkpoints/last.ckpt`` into the
-    run's own folder (what the README says). The resumed runs checkpoint at another interval: Lightning then
+    run's own folder (what the docs say). The resumed runs checkpoint at another interval: Lightning then
     restores nothing of ``ModelCheckpoint``'s state (it is keyed by its settings), and without
     ``enable_version_counter: false`` it would write ``last-v1.ckpt`` next to the old ``last.ckpt``."""
     run_dir, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"

@@ -19,7 +19,7 @@ from flmm_lightning.builders import load_checkpoint
 from flmm_lightning.config import CONF_DIR
 from flmm_lightning.eval import evaluate
 from flmm_lightning.predict import Grounder
-from flmm_lightning.safe_config import ALLOWED_TARGETS, UnsafeConfigError, check_stored_config
+from flmm_lightning.safe_config import ALLOWED_TARGETS, UnsafeConfigError, parse_stored_config
 from flmm_lightning.train import train
 
 # A checkpoint after every step, nothing else written by callbacks.
@@ -110,7 +110,7 @@ ATTACKS = {
     "args_list": (
         "module.mask_head._args_",
         lambda victim: [open_for_writing(victim)],
-        ("module.mask_head._args_[0]._target_", "builtins.open"),
+        ("module.mask_head._args_", "a key the schema lacks"),
         "absent",
     ),
     "method": (
@@ -189,45 +189,4 @@ def test_crafted_checkpoint_is_refused_by_a_training_resume(
 
 
 def test_the_real_stored_config_passes(real_checkpoint: dict[str, Any]) -> None:
-    check_stored_config(real_checkpoint["flmm_config"], "real.ckpt")
-
-
-@pytest.mark.parametrize(
-    ("node", "named"),
-    [
-        ({"_target_": "flmm_lightning.model.FLMMModule", "_recursive_": "no"}, "x._recursive_: 'no'"),
-        ({"_target_": "flmm_lightning.model.FLMMModule", "_convert_": "evil"}, "x._convert_: 'evil'"),
-        ({"_target_": "flmm_lightning.model.FLMMModule", "_partial_": 1}, "x._partial_: 1"),
-        ({"${oc.env:HOME}": 1}, "x: key '${oc.env:HOME}'"),
-        ({"a": "${oc.env:HOME}"}, "x.a: '${oc.env:HOME}': the interpolation ${oc.env:HOME}"),
-        (
-            {"a": "${flmm_asset:tiny_sam,/tmp}"},
-            "x.a: '${flmm_asset:tiny_sam,/tmp}': flmm_asset: argument '/tmp'",
-        ),
-        ({"a": "${flmm_synthetic:${paths.data_dir}/../..}"}, "x.a"),
-        ({"trust_remote_code": True}, "x.trust_remote_code: True"),
-        ({"embedding_cache": "/tmp/cache"}, "x.embedding_cache: '/tmp/cache'"),
-        (
-            {"_target_": "torch.optim.lr_scheduler.LambdaLR"},
-            "x._target_: 'torch.optim.lr_scheduler.LambdaLR'",
-        ),
-        ([{"_target_": "subprocess.run"}], "x[0]._target_: 'subprocess.run'"),
-    ],
-)
-def test_unsafe_nodes_are_named(node: Any, named: str) -> None:
-    with pytest.raises(UnsafeConfigError) as error:
-        check_stored_config({"x": node}, "crafted.ckpt")
-    assert f"flmm_config.{named}" in str(error.value)
-
-
-@pytest.mark.parametrize(
-    "node",
-    [
-        {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
-        {"root": "${flmm_synthetic:${paths.data_dir}/synthetic,${data.synthetic.num_train},60}"},
-        {"pretrained": "${flmm_asset:tiny_qwen2_5_vl,${paths.cache_dir}}", "name": "${model.pretrained}"},
-        {"data_root": "${paths.data_dir}/coco", "trust_remote_code": "${model.trust_remote_code}"},
-    ],
-)
-def test_plain_data_references_and_the_asset_resolvers_pass(node: Any) -> None:
-    check_stored_config({"x": node}, "stored.ckpt")
+    assert parse_stored_config(real_checkpoint["flmm_config"], "real.ckpt") == real_checkpoint["flmm_config"]

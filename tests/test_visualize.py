@@ -10,8 +10,8 @@ from flmm_lightning.visualize import HEAT_COLORS, object_color, overlay_heatmap,
 
 
 def test_a_shown_subset_of_masks_keeps_each_ones_colour() -> None:
-    image = Image.new("RGB", (40, 30), (0, 0, 0))
-    masks = torch.zeros(1, 30, 40, dtype=torch.bool)
+    image = Image.new("RGB", (160, 120), (0, 0, 0))  # room for the legend at the bottom left
+    masks = torch.zeros(1, 120, 160, dtype=torch.bool)
     masks[0, 10:20, 10:30] = True
     drawn = np.asarray(overlay_masks(image, masks, ["third"], alpha=1.0, color_indices=[2]))
     assert tuple(drawn[15, 20]) == object_color(2) and tuple(drawn[25, 35]) == (0, 0, 0)

@@ -19,16 +19,18 @@ from flmm_lightning.boundaries import PromptBuilder
 from flmm_lightning.config import (
     check_input_files,
     config_on_this_machine,
-    portable_container,
     prepare_inputs,
+    prepare_stored_assets,
+    stored_config,
 )
 from flmm_lightning.core import CheckpointMismatchError
 from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.data.schema import DATASET_GROUPS, INTERPOLATION_HELPERS, DataConfig
+from flmm_lightning.data.synthetic import write_synthetic_dataset
 from flmm_lightning.model import FLMMModule
 from flmm_lightning.pretrained import is_pretrained_dir, load_pretrained
 from flmm_lightning.reporting import read_metrics_json
-from flmm_lightning.safe_config import check_stored_config
+from flmm_lightning.safe_config import parse_stored_config
 
 # The parts of a run's config that define the model; stored in every checkpoint.
 MODEL_KEYS = ("model", "sam", "module")
@@ -39,17 +41,21 @@ class ConfigError(ValueError):
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:
-    """The model-defining config a checkpoint stores: plain containers (safe for
-    ``torch.load(weights_only=True)``) and portable (``config.portable_container``: paths stay
-    ``${paths.*}``).
+    """The model-defining config a checkpoint stores: plain data (``config.stored_config``: resolved, paths
+    as ``${paths.*}`` placeholders), checked now against the schema a loader checks it with
+    (``safe_config``), so that a run whose checkpoints could not be loaded stops before it trains.
 
     The SAM embedding cache is this machine's choice, not part of the model: it is stored as off (a stored
-    config never names a directory to write to, ``safe_config``)."""
+    config never names a directory to write to) and ``trust_remote_code`` as off (the loader's command line
+    decides)."""
     keys = [*MODEL_KEYS, "data"] if cfg.get("data") is not None else list(MODEL_KEYS)
-    stored = portable_container(cfg, keys)
+    stored = stored_config(cfg, keys)
     if "refiner" in stored["sam"]:
         stored["sam"]["refiner"]["embedding_cache"] = None
-    return stored
+    stored["model"]["trust_remote_code"] = False
+    if isinstance(stored["model"].get("lmm"), dict):
+        stored["model"]["lmm"]["trust_remote_code"] = False
+    return parse_stored_config(stored, "this run's config (as a checkpoint stores it)")
 
 
 def build_module(
@@ -109,6 +115,10 @@ def build_datamodule(
     data_cfg = OmegaConf.create(data_cfg) if not OmegaConf.is_config(data_cfg) else data_cfg
     check_data_config(data_cfg)
     prepare_inputs(data_cfg)
+    synthetic = data_cfg.get("synthetic")
+    if synthetic is not None and synthetic.get("root"):
+        # a stored data config names its synthetic dataset as data: written here when missing
+        write_synthetic_dataset(synthetic.root, num_train=synthetic.num_train, num_val=synthetic.num_val)
     skipped = {"_target_", *DATASET_GROUPS, *INTERPOLATION_HELPERS}
     settings = {key: value for key, value in data_cfg.items() if key not in skipped}
     return GroundingDataModule(
@@ -164,15 +174,17 @@ def finish_wandb(trainer: Trainer) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Loads a checkpoint without executing anything it carries (``weights_only=True``); a directory is read
-    as a ``save_pretrained`` one (``pretrained.load_pretrained``: safetensors and JSON)."""
+    """Loads a checkpoint without executing anything it carries (``weights_only=True``) and without reading
+    its tensors (``mmap=True``: a tensor is read from the file when used, after ``core.FLMM`` checked its
+    shape and dtype; a compressed record, whose declared size the file need not hold, is refused). A
+    directory is read as a ``save_pretrained`` one (``pretrained.load_pretrained``: safetensors and JSON)."""
     path = Path(path)
     if is_pretrained_dir(path):
         return load_pretrained(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
         raise ValueError(f"cannot load checkpoint {path} safely (weights_only=True): {error}") from error
 
@@ -180,25 +192,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def _stored_config(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """The checkpoint's model config, checked by ``safe_config`` before anything may be built from it."""
     stored = checkpoint.get("flmm_config")
-    if not stored or any(key not in stored for key in MODEL_KEYS):
+    if not isinstance(stored, dict) or any(key not in stored for key in MODEL_KEYS):
         raise ValueError(f"{path} was not written by flmm-lightning (no model config inside)")
-    check_stored_config(stored, path)
-    return _upgraded(stored)
-
-
-# Checkpoints written before the tiny SAM left ``heads/`` build it with ``build_sam(name="tiny")``.
-_LEGACY_SAM_TARGET = "flmm_lightning.heads.sam_refiner.build_sam"
-_TINY_SAM_TARGET = "flmm_lightning.assets.sam.build_tiny_sam"
-
-
-def _upgraded(stored: dict[str, Any]) -> dict[str, Any]:
-    """The stored config in today's form: an old tiny-SAM node names ``assets.sam.build_tiny_sam``."""
-    node = stored["sam"].get("refiner", {}).get("sam", {})
-    if node.get("_target_") == _LEGACY_SAM_TARGET and node.get("name") == "tiny":
-        node = {key: value for key, value in node.items() if key != "name"}
-        node["_target_"] = _TINY_SAM_TARGET
-        stored = {**stored, "sam": {**stored["sam"], "refiner": {**stored["sam"]["refiner"], "sam": node}}}
-    return stored
+    return parse_stored_config(stored, path)
 
 
 def model_identity(config: DictConfig) -> dict[str, Any]:
@@ -223,18 +219,51 @@ def check_resume(
     name the LMM and SAM of this run (``config``: its ``run_config``), both read with this machine's
     ``paths`` (the defaults when None). Lightning then loads its state."""
     stored = _stored_config(load_checkpoint(path), path)
-    stored_identity = model_identity(config_on_this_machine(stored, paths, source=str(path)))
-    identity = model_identity(config_on_this_machine(config, paths, source="this run"))
-    mismatches = [
-        f"{key}: {stored_identity[key]!r} in the checkpoint, {identity[key]!r} in this run"
-        for key in identity
-        if stored_identity[key] != identity[key]
-    ]
+    mismatches = _identity_mismatches(stored, config, paths, path)
     if mismatches:
         raise CheckpointMismatchError(
             f"cannot resume from {path}: it was trained with another model ({'; '.join(mismatches)}). "
             "Resume with the checkpoint's own model and SAM, or start a new run."
         )
+
+
+def _identity_mismatches(
+    stored: dict[str, Any], config: dict[str, Any], paths: DictConfig | Mapping[str, Any] | None, path: Path
+) -> list[str]:
+    stored_identity = model_identity(config_on_this_machine(stored, paths, source=str(path)))
+    identity = model_identity(config_on_this_machine(config, paths, source="this run"))
+    return [
+        f"{key}: {stored_identity[key]!r} in the checkpoint, {identity[key]!r} in this run"
+        for key in identity
+        if stored_identity[key] != identity[key]
+    ]
+
+
+def trained_checkpoint_path(source: str | Path) -> Path:
+    """``init_from``'s checkpoint: the file itself, or the ``checkpoints/last.ckpt`` of a run folder."""
+    path = Path(source)
+    return path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+
+
+def check_init_from(
+    source: str | Path, config: dict[str, Any], paths: DictConfig | Mapping[str, Any] | None = None
+) -> Path:
+    """Fine-tuning's source, checked before anything is built: a checkpoint written by this project (or a
+    run folder holding one) of this run's LMM and SAM (``config``: its ``run_config``). Returns its path."""
+    path = trained_checkpoint_path(source)
+    mismatches = _identity_mismatches(_stored_config(load_checkpoint(path), path), config, paths, path)
+    if mismatches:
+        raise CheckpointMismatchError(
+            f"cannot fine-tune from {path}: it was trained with another model ({'; '.join(mismatches)}). "
+            "Choose the checkpoint's own model= and sam=, or train from scratch without init_from."
+        )
+    return path
+
+
+def initialize_from(module: FLMMModule, path: str | Path) -> None:
+    """Fine-tuning: loads the trainable weights of checkpoint ``path`` (``check_init_from``) into
+    ``module``; its optimizer state, step and schedule are not taken."""
+    module.load_checkpoint_weights(load_checkpoint(path)["state_dict"])
 
 
 def module_from_checkpoint(
@@ -251,8 +280,14 @@ def module_from_checkpoint(
     stored = _stored_config(checkpoint, path)
     config = config_on_this_machine(stored, paths, overrides, source=str(path))
     # A tiny asset the stored config names is built here, as on the machine that trained it.
-    prepare_inputs(*(config[key] for key in MODEL_KEYS))
-    check_input_files(config, source=str(path))
+    prepare_stored_assets(stored, config)
+    check_input_files(config, stored, source=str(path))
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(state_dict, dict):
+        raise CheckpointMismatchError(f"{path}: no state_dict of tensors inside")
     module = build_module(config, stored_config=stored)
-    module.load_checkpoint_weights(checkpoint["state_dict"])
+    try:
+        module.load_checkpoint_weights(state_dict)
+    except CheckpointMismatchError as error:
+        raise CheckpointMismatchError(f"{path}: {error}") from None
     return module, config

@@ -18,7 +18,7 @@ from flmm_lightning.data.bad_samples import BadSampleSummary
 from flmm_lightning.distributed import all_gather_objects
 from flmm_lightning.metrics.functional import mask_box_iou
 from flmm_lightning.model import EvalStepOutput
-from flmm_lightning.reliability import COUNTERS_KEY, NonFiniteLossGuard
+from flmm_lightning.reliability import COUNTERS_KEY, FinalCheckpoint, NonFiniteLossGuard
 from flmm_lightning.reporting import write_metrics_json, write_per_object_csv
 from flmm_lightning.visualize import label_map, overlay_masks, pad_to, side_by_side
 
@@ -313,11 +313,13 @@ class BadSampleReport(Callback):
 
 
 def with_training_guards(callbacks: list[Callback]) -> list[Callback]:
-    """``callbacks`` plus a ``NonFiniteLossGuard`` and a ``BadSampleReport`` where they have none: a training
-    run keeps both whatever its callbacks config says (``callbacks=none`` included)."""
-    missing = [
-        kind()
-        for kind in (NonFiniteLossGuard, BadSampleReport)
+    """``callbacks`` plus a ``FinalCheckpoint``, a ``NonFiniteLossGuard`` and a ``BadSampleReport`` where they
+    have none: a training run keeps them whatever its callbacks config says (``callbacks=none`` included). The
+    final checkpoint goes first, so that it is written before any other callback ends the run."""
+    missing = {
+        kind: kind()
+        for kind in (FinalCheckpoint, NonFiniteLossGuard, BadSampleReport)
         if not any(isinstance(c, kind) for c in callbacks)
-    ]
-    return [*callbacks, *missing]
+    }
+    final = [missing.pop(FinalCheckpoint)] if FinalCheckpoint in missing else []
+    return [*final, *callbacks, *missing.values()]

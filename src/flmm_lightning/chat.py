@@ -11,7 +11,6 @@ span, score, box and COCO RLE mask) into the run folder. In Python: ``Grounder.c
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from typing import Any, TextIO
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.text import Text
 
@@ -28,10 +27,17 @@ from flmm_lightning.boundaries import ContextOverflowError
 from flmm_lightning.builders import ConfigError, output_dir_of
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.conversation import ChatInputError, Conversation, GroundedAnswer
-from flmm_lightning.data.images import UnreadableImageError, load_photo
+from flmm_lightning.data.images import ImageLimits, UnreadableImageError, load_photo
+from flmm_lightning.outputs import empty_mask_notices, json_document
 from flmm_lightning.predict import Grounder, Grounding, PhraseError, phrase_list
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
-from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups
+from flmm_lightning.settings import (
+    CHECKPOINT_GROUPS,
+    chosen_checkpoint_groups,
+    generation_settings,
+    refuse_checkpoint_groups,
+    refuse_renamed,
+)
 from flmm_lightning.visualize import object_color, overlay_masks
 
 register_resolvers()
@@ -86,7 +92,8 @@ def write_turn(turn: GroundedAnswer, output_dir: Path, number: int) -> tuple[Pat
     overlay_path = output_dir / f"turn_{number:02d}_overlay.png"
     overlay_masks(turn.image, turn.masks, [phrase.text for phrase in turn.phrases]).save(overlay_path)
     json_path = output_dir / f"turn_{number:02d}.json"
-    json_path.write_text(json.dumps(turn_record(turn), indent=2, ensure_ascii=False) + "\n")
+    record = turn_record(turn)
+    json_path.write_text(json_document(record, empty_mask_notices(record["phrases"], label="text"))[0])
     return overlay_path, json_path
 
 
@@ -103,20 +110,20 @@ def print_turn(console: Console, turn: GroundedAnswer, overlay_path: Path, json_
 
 
 def read_questions(stream: TextIO, console: Console) -> Iterator[str]:
-    """Questions typed one per line, until the end of input or an exit word; blank lines are skipped."""
+    """Questions typed one per line, until the end of input, an exit word or Ctrl-C at the prompt; blank lines
+    are skipped."""
     console.print(f"Ask about the image; {' or '.join(EXIT_WORDS)} (or end of input) ends the chat.")
     while True:
         console.print("[bold]you>[/bold] ", end="")
-        line = stream.readline()
+        try:
+            line = stream.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt ends the chat like an exit word
+            console.print()
+            return
         if not line or line.strip().lower() in EXIT_WORDS:
             return
         if line.strip():
             yield line.strip()
-
-
-def generation_settings(cfg: DictConfig) -> dict[str, Any]:
-    settings = OmegaConf.to_container(cfg.get("generation") or {})
-    return {key: value for key, value in settings.items() if value is not None}
 
 
 def chat(
@@ -126,7 +133,8 @@ def chat(
     ``stream``, standard input by default); returns its turns."""
     refuse_checkpoint_groups(chosen_checkpoint_groups(cfg), "chat")
     console = console or Console()
-    image = load_photo(Path(cfg.image))  # before the model loads: a bad file fails in a second
+    image_limits = ImageLimits.from_config(cfg.get("image_limits") or {})
+    image = load_photo(Path(cfg.image), image_limits)  # before the model loads: a bad file fails in a second
     phrases = phrase_list(cfg.phrases) if cfg.get("phrases") is not None else None
     options = dict(selector=cfg.get("selector"), threshold=cfg.threshold, phrases=phrases)
     options.update(generation_settings(cfg))
@@ -134,6 +142,7 @@ def chat(
     claim_run_dir(output_dir)
     patches = {key: cfg[key] for key in CHECKPOINT_GROUPS if cfg.get(key) is not None}
     grounder = Grounder.from_checkpoint(cfg.ckpt, device=cfg.device, paths=cfg.paths, overrides=patches)
+    grounder.image_limits = image_limits
     output_dir.mkdir(parents=True, exist_ok=True)
     mark_latest(output_dir)
     conversation = Conversation(grounder, image)
@@ -147,6 +156,15 @@ def chat(
                 raise
             console.print(f"[red]{type(error).__name__}: {error}[/red]")
             continue
+        except KeyboardInterrupt:
+            # Ctrl-C while the LMM answers: the turn in flight is dropped, the earlier ones stay.
+            if one_shot:
+                raise
+            console.print(
+                f"[yellow]answer cancelled; the conversation keeps its {len(conversation.turns)} turns "
+                "(Ctrl-C at the prompt or exit ends it)[/yellow]"
+            )
+            continue
         print_turn(console, turn, *write_turn(turn, output_dir, len(conversation.turns)))
     return conversation.turns
 
@@ -159,12 +177,15 @@ def hydra_main(cfg: DictConfig) -> None:
     except (UnreadableImageError, *TURN_ERRORS) as error:
         # A bad image, question or phrase list is the user's to fix: one line, no traceback.
         raise SystemExit(f"chat: {error}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("chat: cancelled") from None
 
 
 def main() -> None:
     """The CLI: a model, SAM or module override is refused before Hydra composes anything."""
     try:
         refuse_checkpoint_groups(sys.argv[1:], "chat")
+        refuse_renamed(sys.argv[1:], "chat")
     except ConfigError as error:
         raise SystemExit(f"error: {error}") from None
     hydra_main()

@@ -1,6 +1,6 @@
 """Hydra/OmegaConf glue: where the configs live, the resolvers that name offline assets and the step that
-builds them (``prepare_inputs``), and the config a checkpoint stores (portable: this machine's paths stay out
-of it)."""
+builds them (``prepare_inputs``), and the config a checkpoint stores (``safe_config``'s plain data: this
+machine's paths stay out of it) and how a loader reads it with its own paths."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from typing import Any
 
 from antlr4.tree.Tree import TerminalNode
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import GrammarParseError, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
 from omegaconf.grammar_parser import parse
+
+from flmm_lightning.safe_config import on_this_machine, parse_stored_config, paths_read, stored_form
 
 
 def _conf_dir() -> Path:
@@ -115,90 +117,6 @@ def prepare_inputs(*sections: DictConfig | ListConfig | None) -> list[Path]:
     return built
 
 
-# Resolvers whose result the machine that loads a checkpoint recomputes from its own paths.
-PORTABLE_RESOLVERS = frozenset({"flmm_asset", "flmm_synthetic"})
-# Keys of a model-defining config that name files to read when the model is built.
-INPUT_FILE_KEYS = ("model.pretrained", "sam.refiner.sam.checkpoint")
-
-
-def _references(value: str) -> tuple[list[str], list[str]]:
-    """The config keys (``paths.data_dir``) and resolver names (``oc.env``) an OmegaConf string reads."""
-    keys: list[str] = []
-    resolvers: list[str] = []
-
-    def visit(node: Any) -> None:
-        if isinstance(node, OmegaConfGrammarParser.InterpolationNodeContext):
-            keys.append(node.getText()[2:-1])
-        elif isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext):
-            resolvers.append(node.resolverName().getText())
-        if not isinstance(node, TerminalNode):
-            for child in node.getChildren():
-                visit(child)
-
-    visit(parse(value, parser_rule="configValue"))
-    return keys, resolvers
-
-
-def _root(key: str) -> str:
-    """The top-level section a key reads: ``paths`` for ``paths.data_dir``; "" for a relative key."""
-    return "" if key.startswith(".") else key.replace("[", ".").split(".")[0]
-
-
-def _is_portable(value: str, sections: frozenset[str]) -> bool:
-    """Whether ``value`` interpolates only ``paths.*`` and ``sections``, through ``PORTABLE_RESOLVERS``."""
-    read, resolvers = _references(value)
-    return all(_root(key) in sections for key in read) and set(resolvers) <= PORTABLE_RESOLVERS
-
-
-def _portable_node(node: DictConfig | ListConfig, sections: frozenset[str]) -> Any:
-    raw = OmegaConf.to_container(node, resolve=False)
-    keys: Iterable[Any] = range(len(raw)) if isinstance(raw, list) else list(raw)
-    result: dict[Any, Any] = {}
-    for key in keys:
-        value = raw[key]
-        if isinstance(value, str) and not _is_portable(value, sections):
-            value = node[key]
-            value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-        elif isinstance(value, dict | list):
-            value = _portable_node(node[key], sections)
-        result[key] = value
-    return list(result.values()) if isinstance(raw, list) else result
-
-
-def _check_portable(value: Any, sections: frozenset[str], where: str, source: str) -> None:
-    """Refuses a stored config that interpolates anything ``portable_container`` would not have kept (a
-    checkpoint not written by this project, or edited): e.g. ``${oc.env:...}`` or a key outside it."""
-    if isinstance(value, str):
-        try:
-            portable = _is_portable(value, sections)
-        except GrammarParseError as error:
-            raise ValueError(f"{source}: {where} = {value!r} is not a valid config value: {error}") from error
-        if not portable:
-            raise ValueError(
-                f"{source}: {where} = {value!r}: a checkpoint's config may interpolate only paths.* and "
-                f"its own sections {sorted(sections - {'paths'})}, through {sorted(PORTABLE_RESOLVERS)}"
-            )
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            _check_portable(item, sections, f"{where}.{key}" if where else str(key), source)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _check_portable(item, sections, f"{where}[{index}]", source)
-
-
-def portable_container(cfg: DictConfig, keys: Iterable[str]) -> dict[str, Any]:
-    """The sections ``keys`` of ``cfg`` as plain containers, for a checkpoint.
-
-    An interpolation that reads only ``paths.*``, these sections and the asset/dataset resolvers stays as
-    written (``${paths.data_dir}/coco``, ``${flmm_asset:tiny_sam,${paths.cache_dir}}``): the machine that
-    loads the checkpoint resolves it against its own paths (``config_on_this_machine``). Every other value is
-    stored resolved: the run's settings, ``${oc.env:...}``, ``${hydra:...}``, keys outside these sections.
-    """
-    keys = list(keys)
-    sections = frozenset({*keys, "paths"})
-    return {key: _portable_node(cfg[key], sections) for key in keys}
-
-
 def resolved_paths(paths: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """``paths.*`` resolved where they are defined; an entry that cannot resolve here is left out (e.g.
     ``output_dir`` outside a Hydra run): a stored value that reads it then fails naming it."""
@@ -221,45 +139,91 @@ def default_paths() -> dict[str, Any]:
     return resolved_paths(config.paths)
 
 
+# Keys of a model-defining config that name files to read when the model is built.
+INPUT_FILE_KEYS = ("model.pretrained", "sam.refiner.sam.checkpoint")
+
+
+def stored_config(cfg: DictConfig, keys: Iterable[str]) -> dict[str, Any]:
+    """The sections ``keys`` of ``cfg`` as a checkpoint stores them (``safe_config``): every value resolved
+    now, then each path under one of this machine's ``paths.*`` written from its ``${paths.<key>}``
+    placeholder, so that the machine that loads the checkpoint reads its own folders."""
+    sections = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in keys}
+    return stored_form(sections, resolved_paths(cfg.paths))
+
+
+def _remote_code_allowed(overrides: Mapping[str, Any] | None) -> bool:
+    """Whether the command line (``++model.trust_remote_code=true``) lets the LMM run its folder's code."""
+    model = (overrides or {}).get("model")
+    if model is None:
+        return False
+    model = OmegaConf.create(
+        OmegaConf.to_container(model, resolve=False) if OmegaConf.is_config(model) else model
+    )
+    return any(OmegaConf.select(model, key) is True for key in ("trust_remote_code", "lmm.trust_remote_code"))
+
+
 def config_on_this_machine(
     stored: Mapping[str, Any],
     paths: DictConfig | Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
     source: str = "the checkpoint",
 ) -> DictConfig:
-    """A checkpoint's stored config where it is loaded: its ``${paths.*}`` read ``paths`` (this machine's,
-    from its config and command line; ``default_paths()`` when None), and each section of ``overrides`` (the
-    command line's ``++data.x=y``, ``++model.pretrained=...``) is merged over the stored section of that
-    name."""
-    sections = {key: value for key, value in stored.items() if key != "paths"}
-    _check_portable(sections, frozenset({*sections, "paths"}), "", source)
-    config = OmegaConf.create(sections)
+    """A checkpoint's stored config where it is loaded: checked against the schema (``safe_config``), its
+    ``${paths.*}`` placeholders replaced as text by ``paths`` (this machine's, from its config and command
+    line; ``default_paths()`` when None), and each section of ``overrides`` (the command line's
+    ``++data.x=y``, ``++model.pretrained=...``) merged over the stored section of that name.
+    ``trust_remote_code`` is the command line's (``overrides``), never the checkpoint's: off unless given."""
+    here = resolved_paths(paths) if paths is not None else default_paths()
+    config = OmegaConf.create(on_this_machine(parse_stored_config(dict(stored), source), here, source))
     for key, section in (overrides or {}).items():
         patch = OmegaConf.to_container(section, resolve=False) if OmegaConf.is_config(section) else section
         config[key] = OmegaConf.merge(config[key], patch) if key in config else patch
-    config.paths = resolved_paths(paths) if paths is not None else default_paths()
+    allowed = _remote_code_allowed(overrides)
+    config.model.trust_remote_code = allowed
+    config.model.lmm.trust_remote_code = allowed
+    config.paths = here
     return config
 
 
-def _written(config: DictConfig, key: str) -> Any:
-    """The value at dotted ``key`` as written (interpolations unresolved), None where there is none."""
-    node: Any = OmegaConf.to_container(config, resolve=False)
+def _stored_value(stored: Mapping[str, Any], key: str) -> Any:
+    node: Any = stored
     for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
+        if not isinstance(node, Mapping) or part not in node:
             return None
         node = node[part]
     return node
 
 
-def check_input_files(config: DictConfig, source: str) -> None:
+def prepare_stored_assets(stored: Mapping[str, Any], config: DictConfig) -> list[Path]:
+    """Builds the tiny offline assets a stored config names (``${paths.cache_dir}/<asset>`` in one of
+    ``INPUT_FILE_KEYS``: the form ``${flmm_asset:...}`` is stored in) in this machine's cache when missing."""
+    from flmm_lightning.assets.catalog import ASSETS, asset_path, ensure_asset
+
+    anywhere = Path("/")
+    by_path = {
+        f"${{paths.cache_dir}}/{asset_path(name, anywhere).relative_to(anywhere)}": name for name in ASSETS
+    }
+    built = []
+    for key in INPUT_FILE_KEYS:
+        name = by_path.get(_stored_value(stored, key))
+        if name is not None:
+            built.append(ensure_asset(name, cache_dir=config.paths.cache_dir))
+    return built
+
+
+def check_input_files(config: DictConfig, stored: Mapping[str, Any], source: str) -> None:
     """Refuses, before any model is built, an input file of ``INPUT_FILE_KEYS`` that this machine lacks: the
-    error names the key, the path and what to set on the command line. (A hub id is not a local path.)"""
+    error names the key, the path and what to set on the command line. (A hub id is not a local path.)
+    ``stored``: the checkpoint's config as stored, whose placeholders say which ``paths.*`` a file reads."""
     for key in INPUT_FILE_KEYS:
         value = OmegaConf.select(config, key)
         if not isinstance(value, str):
             continue
-        written = _written(config, key)
-        read = [k for k in _references(written)[0] if _root(k) == "paths"] if isinstance(written, str) else []
+        written = _stored_value(stored, key)
+        # a command line's ++<key>=<file> replaced the stored path: it reads no placeholder
+        read = (
+            paths_read(written) if isinstance(written, str) and value.endswith(written.split("}")[-1]) else []
+        )
         local = bool(read) or os.path.isabs(os.path.expanduser(value)) or value.startswith(".")
         if not local or Path(value).expanduser().exists():
             continue
@@ -272,23 +236,3 @@ def check_input_files(config: DictConfig, source: str) -> None:
         else:
             remedy = f"set ++{key}=<its path on this machine> on the command line"
         raise FileNotFoundError(f"{source}: {key} = {value} does not exist on this machine; {remedy}")
-
-
-def paths_read(section: Any) -> list[str]:
-    """The ``paths.*`` keys a stored config section reads, in order of first use."""
-    found: list[str] = []
-    if isinstance(section, Mapping):
-        values: Iterable[Any] = section.values()
-    elif isinstance(section, list):
-        values = section
-    else:
-        values = [section]
-    for value in values:
-        if isinstance(value, str):
-            read = [k for k in _references(value)[0] if _root(k) == "paths"]
-        elif isinstance(value, Mapping | list):
-            read = paths_read(value)
-        else:
-            read = []
-        found += [k for k in read if k not in found]
-    return found

@@ -170,21 +170,36 @@ class FLMM(nn.Module):
         return self.state_dict()
 
     def check_trainable_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Raises ``CheckpointMismatchError`` naming every missing, unexpected or misshapen trainable key."""
+        """Raises ``CheckpointMismatchError`` naming every missing, unexpected, misshapen or other-dtype
+        trainable key (shapes and dtypes are read from the tensors' headers: nothing is copied, and a
+        memory-mapped checkpoint is not read), then every tensor holding NaN or Inf. A dtype other than the
+        model's is refused, never cast: a cast would silently change the weights (fp16, integers, complex)."""
         expected = self.trainable_state_dict()
         problems = []
         missing = sorted(set(expected) - set(state_dict))
         if missing:
             problems.append(f"missing trainable keys: {', '.join(missing[:10])}")
-        unexpected = sorted(set(state_dict) - set(expected))
+        unexpected = sorted(str(key) for key in set(state_dict) - set(expected))
         if unexpected:
             problems.append(f"keys this model does not have: {', '.join(unexpected[:10])}")
         for key in sorted(set(expected) & set(state_dict)):
-            if state_dict[key].shape != expected[key].shape:
+            stored, own = state_dict[key], expected[key]
+            if not isinstance(stored, torch.Tensor) or stored.layout != torch.strided:
+                problems.append(f"{key}: a {type(stored).__name__} in the checkpoint, not a dense tensor")
+            elif stored.shape != own.shape:
                 problems.append(
-                    f"{key}: shape {tuple(state_dict[key].shape)} in the checkpoint, "
-                    f"{tuple(expected[key].shape)} in the model"
+                    f"{key}: shape {tuple(stored.shape)} in the checkpoint, {tuple(own.shape)} in the model"
                 )
+            elif stored.dtype != own.dtype:
+                problems.append(f"{key}: dtype {stored.dtype} in the checkpoint, {own.dtype} in the model")
+        if not problems:
+            nonfinite = [
+                key
+                for key in sorted(expected)
+                if state_dict[key].is_floating_point() and not state_dict[key].isfinite().all()
+            ]
+            if nonfinite:
+                problems.append(f"NaN or Inf weights in {', '.join(nonfinite[:10])}")
         if problems:
             raise CheckpointMismatchError(
                 "checkpoint does not fit this model: "

@@ -27,10 +27,17 @@ from flmm_lightning.callbacks import (
     MetricsJsonWriter,
     PerObjectRecorder,
 )
-from flmm_lightning.config import CONF_DIR, paths_read, register_resolvers
+from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.reporting import print_metrics
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
-from flmm_lightning.settings import check_choices, chosen_checkpoint_groups, refuse_checkpoint_groups
+from flmm_lightning.safe_config import paths_read
+from flmm_lightning.settings import (
+    check_choices,
+    chosen_checkpoint_groups,
+    generation_settings,
+    refuse_checkpoint_groups,
+    refuse_renamed,
+)
 
 register_resolvers()
 
@@ -55,7 +62,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     try:
         datamodule = build_datamodule(data_cfg, prompt_builder, config.sam.image_size)
     except ConfigError as error:
-        read = [] if data_chosen else paths_read(OmegaConf.to_container(data_cfg, resolve=False))
+        read = [] if data_chosen else paths_read(module.run_config.get("data"))
         if not read:
             raise
         here = ", ".join(f"{key} = {OmegaConf.select(config, key)}" for key in read)
@@ -64,7 +71,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
             f"{read[0]}=<the folder that holds the data>, or choose data=<name>"
         ) from error
     reasoning = cfg.get("reasonseg")
-    module.reasoning_settings = OmegaConf.to_container(reasoning, resolve=True) if reasoning else {}
+    module.reasoning_settings = {
+        **(OmegaConf.to_container(reasoning, resolve=True) if reasoning else {}),
+        **generation_settings(cfg),
+    }
     if cfg.stage == "val":
         datamodule.test_sets = datamodule.val_sets
     # Both files are written by global rank 0 of the processes that run the test loop (workers under
@@ -98,6 +108,7 @@ def main() -> None:
     """The CLI: a model, SAM or module override is refused before Hydra composes anything."""
     try:
         refuse_checkpoint_groups(sys.argv[1:], "eval")
+        refuse_renamed(sys.argv[1:], "eval")
     except ConfigError as error:
         raise SystemExit(f"error: {error}") from None
     hydra_main()

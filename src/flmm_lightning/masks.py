@@ -1,9 +1,14 @@
 """Intersection over union of boolean masks: the one implementation behind the metrics, the per-object
-tables, the training statistics and SAM's candidate choice; and the confidence of a predicted mask."""
+tables, the training statistics and SAM's candidate choice; the confidence of a predicted mask; a mask as
+JSON (COCO RLE)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from torch import Tensor
 
 
@@ -33,3 +38,15 @@ def mask_scores(logits: Tensor, masks: Tensor) -> Tensor:
     probabilities = torch.sigmoid(logits.float()) * masks  # [n, H, W]
     areas = masks.flatten(1).sum(1)  # [n]
     return probabilities.flatten(1).sum(1) / areas.clamp(min=1)
+
+
+def mask_record(mask: Tensor, box: Sequence[float] | None) -> dict[str, object]:
+    """A bool ``[H, W]`` mask for JSON: COCO RLE, its inclusive ``[x0, y0, x1, y1]`` box (null when the mask
+    is empty, whatever ``box`` says), its area."""
+    rle = mask_utils.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
+    empty = box is None or not bool(mask.any())
+    return {
+        "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
+        "bbox_xyxy": None if empty else [float(v) for v in box],
+        "area": int(mask.sum()),
+    }

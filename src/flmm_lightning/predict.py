@@ -3,14 +3,15 @@
 CLI: ``python -m flmm_lightning.predict ckpt=<path> image=<file> phrases='[a man, the ball]'`` writes an
 overlay PNG and a JSON (each mask as COCO RLE with its box); ``phrases='a man'`` grounds one phrase;
 ``query='what keeps the rain off'`` instead segments what the LMM's answer to the query names (reasoning
-segmentation; the JSON holds the answer too). In Python: ``Grounder.from_checkpoint(path).ground(image,
-phrases)`` and ``.segment(image, query)``. Photos are grounded as viewers show them
-(EXIF orientation applied), so masks and overlay line up with the displayed image.
+segmentation; the JSON holds the answer too). ``inputs=<manifest>`` instead of ``image=`` grounds every
+input of a manifest in batches (``batch_predict``; docs/batch-prediction.md). In Python:
+``Grounder.from_checkpoint(path).ground(image, phrases)`` and ``.segment(image, query)``. Photos are
+grounded as viewers show them (EXIF orientation applied), so masks and overlay line up with the displayed
+image.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -19,28 +20,41 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from pycocotools import mask as mask_utils
 from torchvision.ops import masks_to_boxes
 
+from flmm_lightning.batch_predict import ManifestError, OutputMismatchError, predict_batch
 from flmm_lightning.boundaries import GroundingSample, PromptBuilder
 from flmm_lightning.builders import ConfigError, build_prompt_builder, module_from_checkpoint, output_dir_of
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.conversation import ChatInputError, GroundedAnswer, GroundingRunner, answer_and_ground
 from flmm_lightning.core import FLMM
-from flmm_lightning.data.images import UnreadableImageError, as_displayed, load_photo
+from flmm_lightning.data.images import (
+    ImageLimits,
+    UnreadableImageError,
+    as_displayed,
+    check_image,
+    load_photo,
+    measure_image,
+)
 from flmm_lightning.data.reasonseg import ANSWER_PREFIX
 from flmm_lightning.inspection import AttentionView, read_attention
-from flmm_lightning.masks import mask_scores
+from flmm_lightning.masks import mask_record, mask_scores
+from flmm_lightning.outputs import empty_mask_notices, json_document
 from flmm_lightning.pretrained import save_pretrained
 from flmm_lightning.reasoning import EmptyAnswerError, ReasonedSegmentation, reason_and_segment
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
 from flmm_lightning.selection import KEYWORD_THRESHOLD
-from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups
+from flmm_lightning.settings import (
+    CHECKPOINT_GROUPS,
+    chosen_checkpoint_groups,
+    generation_settings,
+    refuse_checkpoint_groups,
+    refuse_renamed,
+)
 from flmm_lightning.visualize import overlay_masks
 
 register_resolvers()
@@ -50,7 +64,7 @@ register_resolvers()
 class Grounding:
     phrases: list[str]
     masks: torch.Tensor  # bool [n, H, W]
-    boxes: torch.Tensor  # float [n, 4] inclusive [x0, y0, x1, y1]; all -1 for an empty mask
+    boxes: torch.Tensor  # float [n, 4] inclusive [x0, y0, x1, y1]; all -1 for an empty mask (null in JSON)
     attention_maps: torch.Tensor  # [n, C, h, w] the merged LMM attention each mask was decoded from
     image: Image.Image  # the RGB image the masks belong to (EXIF orientation applied)
     # float [n]: the model's confidence in each mask, the mean SAM probability over its pixels; 0 when empty
@@ -64,18 +78,11 @@ class Grounding:
         ]
 
 
-def mask_record(mask: torch.Tensor, box: Sequence[float] | None) -> dict[str, object]:
-    """A bool ``[H, W]`` mask for JSON: COCO RLE, its inclusive ``[x0, y0, x1, y1]`` box, its area."""
-    rle = mask_utils.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
-    return {
-        "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
-        "bbox_xyxy": None if box is None else [float(v) for v in box],
-        "area": int(mask.sum()),
-    }
-
-
 class Grounder(GroundingRunner):
-    """A trained F-LMM ready to ground phrases in images."""
+    """A trained F-LMM ready to ground phrases in images. ``image_limits``: the pixel and memory budget an
+    image is measured against before it is decoded (``data.images.ImageLimits``)."""
+
+    image_limits: ImageLimits = ImageLimits()
 
     def __init__(
         self,
@@ -149,7 +156,7 @@ class Grounder(GroundingRunner):
         answer). ``generation``: passed to transformers' ``generate`` (greedy and ``max_new_tokens=256``
         unless given). ``conversation.Conversation`` keeps the turns of a multi-turn chat.
         """
-        image = load_photo(image) if isinstance(image, str | Path) else _displayed_pil(image)
+        image = self.photo(image)
         return answer_and_ground(self, image, question, history, selector, threshold, phrases, **generation)
 
     def segment(
@@ -167,7 +174,7 @@ class Grounder(GroundingRunner):
         a sentence; ``is_sentence=None``: a query ending in ".", "?" or "!" is a sentence), and the
         generated tokens (``tokens="all"``, the protocol) or the keyword selector's best phrase of them
         (``tokens="keywords"``) are merged into one object and decoded as in training."""
-        image = load_photo(image) if isinstance(image, str | Path) else _displayed_pil(image)
+        image = self.photo(image)
         return reason_and_segment(
             self, image, query, is_sentence, tokens, answer_prefix, max_new_tokens, **generation
         )
@@ -185,8 +192,15 @@ class Grounder(GroundingRunner):
         words ranked by their attention to a box). ``answer=None``: the LMM answers first, as in ``chat``
         (``generation`` as there, unused for a given answer); else ``answer`` is read teacher-forced.
         ``history`` as in ``chat``. Memory: ``inspection`` says how much the maps take."""
-        image = load_photo(image) if isinstance(image, str | Path) else _displayed_pil(image)
+        image = self.photo(image)
         return read_attention(self, image, question, answer, history, **generation)
+
+    def photo(self, image: Image.Image | str | Path) -> Image.Image:
+        """``image`` (a file, or a PIL image possibly still lazily opened) measured against
+        ``image_limits``, decoded and oriented as viewers show it."""
+        if isinstance(image, str | Path):
+            return load_photo(image, self.image_limits)
+        return _displayed_pil(image, self.image_limits)
 
     @torch.no_grad()
     def ground(self, image: Image.Image | str | Path, phrases: str | Sequence[str]) -> Grounding:
@@ -194,7 +208,7 @@ class Grounder(GroundingRunner):
         viewers show it: its EXIF orientation is applied, and the masks are at that orientation's size."""
         phrases = phrase_list(phrases)
         file_name = str(image) if isinstance(image, str | Path) else getattr(image, "filename", "")
-        image = load_photo(image) if isinstance(image, str | Path) else _displayed_pil(image)
+        image = self.photo(image)
         sample = GroundingSample.for_inference(image, phrases, file_name=file_name or "input")
         encoded = self.encode.encode(sample)
         batch = move_data_to_device(self.collate([encoded]), self.device)
@@ -208,12 +222,14 @@ class Grounder(GroundingRunner):
         return Grounding(phrases, masks, boxes, prediction.features.attention_maps.cpu(), image, scores)
 
 
-def _displayed_pil(image: Image.Image) -> Image.Image:
-    """A PIL image handed to ``ground`` (possibly still lazily opened) as viewers show it."""
+def _displayed_pil(image: Image.Image, limits: ImageLimits) -> Image.Image:
+    """A PIL image handed to ``ground`` (possibly still lazily opened) as viewers show it; its header is
+    checked against ``limits`` before its pixels are read."""
+    name = getattr(image, "filename", "") or "the image given"
+    check_image(measure_image(image), limits, name)
     try:
         return as_displayed(image)
     except (OSError, SyntaxError, ValueError) as error:
-        name = getattr(image, "filename", "") or "the image given"
         raise UnreadableImageError(f"cannot read image {name}: {type(error).__name__}: {error}") from error
 
 
@@ -257,18 +273,21 @@ def predict(cfg: DictConfig) -> tuple[Path, Path]:
         )
     refuse_checkpoint_groups(chosen_checkpoint_groups(cfg), "predict")
     image_path = Path(cfg.image)
-    image = load_photo(image_path)  # before the model loads: a bad file fails in a second
+    image_limits = ImageLimits.from_config(cfg.get("image_limits") or {})
+    image = load_photo(image_path, image_limits)  # before the model loads: a bad file fails in a second
     phrases = phrase_list(cfg.phrases) if cfg.get("phrases") is not None else None
     output_dir = output_dir_of(cfg)
     claim_run_dir(output_dir)
     patches = {key: cfg[key] for key in CHECKPOINT_GROUPS if cfg.get(key) is not None}
     grounder = Grounder.from_checkpoint(cfg.ckpt, device=cfg.device, paths=cfg.paths, overrides=patches)
+    grounder.image_limits = image_limits
     if phrases is not None:
         grounding = grounder.ground(image, phrases)
         overlay = overlay_masks(grounding.image, grounding.masks, grounding.phrases)
         document = {"image": str(image_path), "objects": grounding.to_json()}
+        notices = empty_mask_notices(document["objects"])
     else:
-        result = grounder.segment(image, str(cfg.query), max_new_tokens=cfg.max_new_tokens)
+        result = grounder.segment(image, str(cfg.query), **generation_settings(cfg))
         overlay = overlay_masks(result.image, result.mask[None], [result.answer])
         document = {
             "image": str(image_path),
@@ -277,12 +296,16 @@ def predict(cfg: DictConfig) -> tuple[Path, Path]:
             "answer": result.answer,
             **mask_record(result.mask, result.box),
         }
+        notices = empty_mask_notices([document], label="query")
     output_dir.mkdir(parents=True, exist_ok=True)
     mark_latest(output_dir)
     overlay_path = output_dir / f"{image_path.stem}_overlay.png"
     overlay.save(overlay_path)
     json_path = output_dir / f"{image_path.stem}_masks.json"
-    json_path.write_text(json.dumps(document, indent=2))
+    text, notices = json_document(document, notices)
+    json_path.write_text(text)
+    for notice in notices:
+        print(f"notice: {notice}")
     print(f"overlay: {overlay_path}\nmasks:   {json_path}")
     return overlay_path, json_path
 
@@ -291,7 +314,14 @@ def predict(cfg: DictConfig) -> tuple[Path, Path]:
 def hydra_main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if cfg.get("inputs") is not None:
+            summary = predict_batch(cfg)
+            if summary.failed:
+                raise SystemExit(f"predict: {summary.failed} of {summary.inputs} inputs failed (error lines)")
+            return
         predict(cfg)
+    except (ManifestError, OutputMismatchError) as error:
+        raise SystemExit(f"predict: {error}") from None
     except (UnreadableImageError, PhraseError, PredictInputError, ChatInputError, EmptyAnswerError) as error:
         # A bad input file, phrase list or query is the user's to fix: one line, no traceback.
         raise SystemExit(f"predict: {error}") from None
@@ -301,6 +331,7 @@ def main() -> None:
     """The CLI: a model, SAM or module override is refused before Hydra composes anything."""
     try:
         refuse_checkpoint_groups(sys.argv[1:], "predict")
+        refuse_renamed(sys.argv[1:], "predict")
     except ConfigError as error:
         raise SystemExit(f"error: {error}") from None
     hydra_main()

@@ -1,12 +1,15 @@
-"""Surviving crashes and bad numbers: atomic checkpoint files, a checkpoint on Ctrl-C / SIGTERM, dataloader
-workers that die with the trainer, and the non-finite-loss guard of training (a callback)."""
+"""Surviving crashes and bad numbers: atomic checkpoint files, a clear error on a full disk, the final state
+saved whatever the checkpoint cadence, a checkpoint on Ctrl-C / SIGTERM, dataloader workers that die with the
+trainer, and the non-finite-loss guard of training (a callback)."""
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -50,8 +53,71 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options for local paths")
         target = Path(path)
-        with atomic_write(target, durable=True, temp_name=f".{target.name}.tmp") as file:
-            torch.save(checkpoint, file)
+        writer = _WriteErrorRecorder()
+        try:
+            with atomic_write(target, durable=True, temp_name=f".{target.name}.tmp") as file:
+                writer.file = file
+                torch.save(checkpoint, writer)
+        except (OSError, RuntimeError) as error:
+            # torch.save turns a failed write into "unexpected pos ..."; the recorder kept the OS error.
+            cause = writer.error or error
+            if isinstance(cause, OSError) and cause.errno in _NO_ROOM:
+                raise CheckpointSpaceError(
+                    cause.errno, _no_room_message(checkpoint, target, cause)
+                ) from error
+            raise
+
+
+# A full disk, a full quota, a file-size limit: the checkpoint does not fit where it is written.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class CheckpointSpaceError(OSError):
+    """A checkpoint that does not fit in its folder; the message names the folder, the bytes the checkpoint
+    needs and the bytes free there. The previous checkpoint of that name is left as it was."""
+
+
+class _WriteErrorRecorder:
+    """A file wrapper for ``torch.save`` that keeps the ``OSError`` of a failed write."""
+
+    def __init__(self) -> None:
+        self.file: Any = None
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+class _ByteCounter:
+    """A file for ``torch.save`` that keeps nothing and counts the bytes written to it."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _no_room_message(checkpoint: dict[str, Any], target: Path, error: OSError) -> str:
+    needed = _ByteCounter()
+    torch.save(checkpoint, needed)
+    free = shutil.disk_usage(target.parent).free
+    return (
+        f"no room to write the checkpoint {target.name} in {target.parent}: it needs {needed.size:,} bytes, "
+        f"{free:,} bytes are free there ({os.strerror(error.errno)}); free some space or set "
+        f"callbacks.model_checkpoint.dirpath to another disk. The previous {target.name} is kept."
+    )
 
 
 # prctl(2) option: the signal a process gets when the thread that forked it exits.
@@ -204,6 +270,37 @@ class NonFiniteLossGuard(Callback):
             self.streak.skipped_steps = skipped
 
 
+def last_checkpoint_path(trainer: Trainer) -> Path:
+    """``last.ckpt`` in the folder of the trainer's checkpoint callback (else ``<root>/checkpoints``)."""
+    callback = trainer.checkpoint_callback
+    folder = callback.dirpath if callback is not None and callback.dirpath else None
+    return Path(folder or Path(trainer.default_root_dir) / "checkpoints") / "last.ckpt"
+
+
+class FinalCheckpoint(Callback):
+    """When training ends, the state of its last step is in ``last.ckpt``, whatever the cadence of the
+    checkpoint callback and of validation (``max_steps`` not a multiple of ``every_n_train_steps``, no
+    validation): a step that no checkpoint saved is saved here. A trainer with checkpointing turned off
+    (``enable_checkpointing=False``) saves nothing."""
+
+    def __init__(self) -> None:
+        self._saved_step: int | None = None
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]):
+        self._saved_step = trainer.global_step
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.checkpoint_callback is None or trainer.global_step in (0, self._saved_step):
+            return
+        path = last_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        log.info(
+            "training ended at step %d, after the last periodic checkpoint: saved %s",
+            trainer.global_step,
+            path,
+        )
+
+
 class CheckpointOnInterrupt(Callback):
     """Ctrl-C (SIGINT) or SIGTERM (``kill``, a SLURM pre-emption) during training: the batch in progress
     finishes, ``last.ckpt`` is saved (through the trainer's checkpoint IO: ``AtomicCheckpointIO`` writes a
@@ -245,9 +342,7 @@ class CheckpointOnInterrupt(Callback):
     def _save(self, trainer: Trainer) -> None:
         if self._saved_step == trainer.global_step:
             return
-        callback = trainer.checkpoint_callback
-        folder = callback.dirpath if callback is not None and callback.dirpath else None
-        path = Path(folder or Path(trainer.default_root_dir) / "checkpoints") / "last.ckpt"
+        path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         self._saved_step = trainer.global_step
         log.warning("interrupted at step %d: saved %s", trainer.global_step, path)

@@ -41,13 +41,23 @@ def print_metrics(results: dict[str, dict[str, float]], title: str = "Metrics (%
     groups: dict[tuple[str, ...], dict[str, dict[str, float]]] = {}
     for split, values in results.items():
         groups.setdefault(tuple(values), {})[split] = values
-    console = Console(width=max(Console().width, 160))
     for group in groups.values():
         main = {split: _columns(values, secondary=False) for split, values in group.items()}
-        console.print(metrics_table(main, title))
+        _print_table(metrics_table(main, title))
         secondary = {split: _columns(values, secondary=True) for split, values in group.items()}
         if any(secondary.values()):
-            console.print(metrics_table(secondary, f"{title}: boxes, coarse (U-Net) masks, keyword selector"))
+            _print_table(metrics_table(secondary, f"{title}: boxes, coarse (U-Net) masks, keyword selector"))
+
+
+def _print_table(table: Table) -> None:
+    """On a terminal at least 160 columns wide; into a file or a pipe as wide as the table needs, so that no
+    column is wrapped or cut (a redirected console would otherwise be 80 columns)."""
+    console = Console()
+    if console.is_terminal:
+        console = Console(width=max(console.width, 160))
+    else:
+        console = Console(width=Console(width=1 << 16).measure(table).maximum)
+    console.print(table)
 
 
 def _columns(values: dict[str, float], secondary: bool) -> dict[str, float]:

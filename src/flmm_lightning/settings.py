@@ -30,6 +30,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     **{f"data.{group}.*.on_bad_sample": ON_BAD_SAMPLE_CHOICES for group in _DATASET_GROUPS},
 }
 
+# Settings renamed, by their earlier spelling: one name for the generation length in chat, predict, eval and
+# the app. A command line with an earlier spelling stops naming the new one.
+RENAMED: dict[str, str] = {
+    "max_new_tokens": "generation.max_new_tokens",
+    "reasonseg.max_new_tokens": "generation.max_new_tokens",
+}
+
 # Where eval and predict take the model from: the checkpoint, never the command line.
 CHECKPOINT_GROUPS = ("model", "sam", "module")
 
@@ -90,3 +97,22 @@ def refuse_checkpoint_groups(overrides: Sequence[str], entry_point: str) -> None
                 f"(ckpt=...), {entry_point} takes no {group} override (`++{group}.<key>=<value>` patches one "
                 "stored setting); to use another model, pass its checkpoint"
             )
+
+
+def refuse_renamed(overrides: Sequence[str], entry_point: str) -> None:
+    """Raises ``ConfigError`` for an override that uses a setting's earlier name (``RENAMED``), naming the
+    new one (Hydra would only call it an unknown key)."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("~+")
+        if key in RENAMED:
+            value = override.split("=", 1)[1] if "=" in override else "<value>"
+            raise ConfigError(
+                f"{entry_point}: `{override}`: {key} is now {RENAMED[key]}; write {RENAMED[key]}={value}"
+            )
+
+
+def generation_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.generation`` (``max_new_tokens``, sampling settings) without its unset (null) values: the keyword
+    arguments of ``generate`` that every entry point passes on."""
+    settings = OmegaConf.to_container(cfg.get("generation") or {}, resolve=True)
+    return {key: value for key, value in settings.items() if value is not None}

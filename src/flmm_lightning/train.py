@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 from torch.utils.data import Dataset
 
 from flmm_lightning.boundaries import PromptBuilder
@@ -22,8 +24,10 @@ from flmm_lightning.builders import (
     build_loggers,
     build_module,
     build_prompt_builder,
+    check_init_from,
     check_resume,
     finish_wandb,
+    initialize_from,
     output_dir_of,
     run_config,
     test_results,
@@ -31,7 +35,7 @@ from flmm_lightning.builders import (
 from flmm_lightning.callbacks import HyperparameterLogger, MetricsJsonWriter, with_training_guards
 from flmm_lightning.chat import write_turn
 from flmm_lightning.config import CONF_DIR, register_resolvers
-from flmm_lightning.data.datamodule import split_name
+from flmm_lightning.data.datamodule import GroundingDataModule, split_name
 from flmm_lightning.metrics import ReferringSegmentationMetric
 from flmm_lightning.model import FLMMModule
 from flmm_lightning.narration import ground_what_you_say
@@ -43,6 +47,7 @@ from flmm_lightning.selection import every_word_baseline
 from flmm_lightning.settings import check_choices
 
 register_resolvers()
+log = logging.getLogger(__name__)
 
 
 def whole_image_baseline(dataset: torch.utils.data.Dataset) -> dict[str, float]:
@@ -53,6 +58,38 @@ def whole_image_baseline(dataset: torch.utils.data.Dataset) -> dict[str, float]:
         metric.update(torch.ones_like(masks), masks)
     computed = metric.compute()
     return {"cIoU": float(computed["cIoU"]), "mIoU": float(computed["mIoU"])}
+
+
+def after_fit_split(datamodule: GroundingDataModule, setting: str, key: str | None) -> Dataset | None:
+    """The test split named by an after-training extra's ``setting`` (e.g. ``chat_after_fit.split``); None,
+    with a message, where the setting is empty or this run's data has no such test split (an experiment that
+    extends ``demo`` with its own data keeps demo's split names)."""
+    if not key:
+        return None
+    name = split_name(key)
+    if name not in datamodule.test_sets:
+        splits = ", ".join(datamodule.test_names) or "none"
+        log.warning(
+            "%s=%s: this run's data has no such test split (its test splits: %s); skipped",
+            setting,
+            key,
+            splits,
+        )
+        return None
+    return datamodule.test_sets[name]
+
+
+def drop_unresolvable_reasonseg_data(cfg: DictConfig) -> None:
+    """Sets ``reasonseg_after_fit.data`` to null, with a message, when it refers to a setting this run's
+    config lacks (demo's refers to ``data.synthetic``, which an experiment on one's own data has not)."""
+    data = OmegaConf.select(cfg, "reasonseg_after_fit.data")
+    if data is None:
+        return
+    try:
+        OmegaConf.to_container(data, resolve=True)
+    except InterpolationResolutionError as error:
+        log.warning("reasonseg_after_fit.data: %s; skipped", str(error).splitlines()[0])
+        cfg.reasonseg_after_fit.data = None
 
 
 def chat_after_fit(
@@ -83,6 +120,7 @@ def reasonseg_after_fit(
 
 def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     check_choices(cfg)
+    drop_unresolvable_reasonseg_data(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = output_dir_of(cfg)
     ckpt_path = cfg.get("ckpt_path")
@@ -90,13 +128,21 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     stored = run_config(cfg)
     if ckpt_path:
         check_resume(ckpt_path, stored, cfg.paths)
+    init_from = (
+        check_init_from(cfg.init_from, stored, cfg.paths) if cfg.get("init_from") and not ckpt_path else None
+    )
     mark_latest(output_dir)
     metrics_path = output_dir / "metrics.json"
     prompt_builder = build_prompt_builder(cfg)
     datamodule = build_datamodule(cfg.data, prompt_builder, cfg.sam.image_size)
     module = build_module(cfg, stored_config=stored)
-    run_test = bool(cfg.get("test_after_fit") and datamodule.test_names)
-    run_reasoning = bool((cfg.get("reasonseg_after_fit") or {}).get("data"))
+    if init_from:
+        initialize_from(module, init_from)
+        print(f"fine-tuning from the weights of {init_from}")
+    # test_after_fit=false: neither the test nor any of the after-training extras
+    after_fit = bool(cfg.get("test_after_fit"))
+    run_test = after_fit and bool(datamodule.test_names)
+    run_reasoning = after_fit and OmegaConf.select(cfg, "reasonseg_after_fit.data") is not None
     callbacks = with_training_guards(
         [*build_callbacks(cfg.get("callbacks")), HyperparameterLogger.from_config(cfg)]
     )
@@ -113,15 +159,19 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         results = test_results(module, metrics_path)
     if run_reasoning:
         results.update(reasonseg_after_fit(trainer, module, prompt_builder, cfg, metrics_path))
-    words_split = cfg.get("every_word_baseline_split")
-    if words_split:
-        narratives = datamodule.test_sets[split_name(words_split)]
+    if not after_fit:
+        log.info("test_after_fit=false: no test and no after-training extras")
+
+    def extra(setting: str) -> Dataset | None:
+        return after_fit_split(datamodule, setting, OmegaConf.select(cfg, setting)) if after_fit else None
+
+    narratives = extra("every_word_baseline_split")
+    if narratives is not None:
         baseline = every_word_baseline(narratives[i].utterances for i in range(len(narratives)))
         results["baseline_every_word"] = {f"selector_{name}": value for name, value in baseline.items()}
-    said_split = cfg.get("ground_what_you_say_split")
-    if trainer.is_global_zero and said_split:
+    narratives = extra("ground_what_you_say_split")
+    if trainer.is_global_zero and narratives is not None:
         grounder = Grounder(module.model, prompt_builder, cfg.sam.image_size)
-        narratives = datamodule.test_sets[split_name(said_split)]
         said = ground_what_you_say(grounder, map(narratives.__getitem__, range(len(narratives))))
         results["ground_what_you_say"] = said
         for logger in trainer.loggers:
@@ -133,11 +183,9 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
                 },
                 step=trainer.global_step,
             )
-    baseline_split = cfg.get("whole_image_baseline_split")
-    if baseline_split:
-        results["baseline_whole_image"] = whole_image_baseline(
-            datamodule.test_sets[split_name(baseline_split)]
-        )
+    whole_images = extra("whole_image_baseline_split")
+    if whole_images is not None:
+        results["baseline_whole_image"] = whole_image_baseline(whole_images)
     if trainer.is_global_zero and results:
         print_metrics(results, title=f"{cfg.task_name}: test metrics (%)")
         path = write_metrics_json(results, metrics_path)
@@ -147,9 +195,9 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
             output_dir / "pretrained", module.model.trainable_state_dict(), stored, results
         )
         print(f"trained heads exported to {exported} (Grounder.from_pretrained, or ckpt=)")
-    chat_split = (cfg.get("chat_after_fit") or {}).get("split")
-    if trainer.is_global_zero and chat_split:
-        chat_after_fit(module, prompt_builder, cfg, datamodule.test_sets[split_name(chat_split)], output_dir)
+    chat_images = extra("chat_after_fit.split")
+    if trainer.is_global_zero and chat_images is not None:
+        chat_after_fit(module, prompt_builder, cfg, chat_images, output_dir)
     finish_wandb(trainer)
     return results
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,12 +53,97 @@ def overlay_masks(
         canvas[mask_outline(mask)] = color
     result = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(result)
-    for row, (index, label) in enumerate(zip(indices, labels, strict=False)):
-        top = 4 + 14 * row
-        draw.rectangle([4, top, 14, top + 10], fill=object_color(index))
-        text, font = legend_entry(index, label)
-        draw.text((18, top - 1), text, font=font, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
+    for entry in legend_layout(list(zip(indices, labels, strict=False)), result.size):
+        draw.rectangle(entry.swatch, fill=object_color(entry.index))
+        draw.text(
+            entry.text_xy,
+            entry.text,
+            font=entry.font,
+            fill=(255, 255, 255),
+            stroke_width=LEGEND_STROKE,
+            stroke_fill=(0, 0, 0),
+        )
     return result
+
+
+LEGEND_FONT_SIZES = (10, 9, 8, 7, 6)  # tried in turn until the legend fits
+LEGEND_MARGIN = 4  # pixels between the legend and the image's edges
+LEGEND_COLUMN_GAP = 8
+LEGEND_STROKE = 1
+# The legend stays out of the image's top band: Gradio draws the image component's label ("Masks") over its
+# top left and its buttons over its top right.
+LEGEND_FREE_TOP = 0.15
+
+
+@dataclass(frozen=True)
+class LegendEntry:
+    index: int  # the object's palette index (its number is index + 1)
+    text: str
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont
+    swatch: tuple[int, int, int, int]  # x0, y0, x1, y1 of the colour square
+    text_xy: tuple[int, int]
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """The pixels the entry covers (swatch and text, outline included)."""
+        left, top, right, bottom = self.font.getbbox(self.text, stroke_width=LEGEND_STROKE)
+        x, y = self.text_xy
+        return self.swatch[0], min(self.swatch[1], y + top), x + right, max(self.swatch[3], y + bottom)
+
+
+def _text_width(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, text: str) -> int:
+    return math.ceil(font.getbbox(text, stroke_width=LEGEND_STROKE)[2])
+
+
+def _shortened(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, text: str, width: int) -> str:
+    """``text`` cut (with "…") to fit ``width`` pixels; its leading number is always kept."""
+    if _text_width(font, text) <= width:
+        return text
+    number, _, rest = text.partition(" ")
+    for end in range(len(rest), -1, -1):
+        candidate = f"{number} {rest[:end]}…" if end else number
+        if _text_width(font, candidate) <= width:
+            return candidate
+    return number
+
+
+def legend_layout(objects: Sequence[tuple[int, str]], size: tuple[int, int]) -> list[LegendEntry]:
+    """Where each ``(palette index, label)`` of the legend goes on an image of ``size`` (width, height): in
+    columns from the bottom left, below the top band (``LEGEND_FREE_TOP``), at the largest font size at which
+    every column fits across the image; where none does, at the smallest, with labels shortened ("…") to
+    equal column widths. Every entry keeps its number."""
+    if not objects:
+        return []
+    width, height = size
+    top = max(LEGEND_MARGIN, math.ceil(height * LEGEND_FREE_TOP))
+    available = (max(1, height - LEGEND_MARGIN - top), max(1, width - 2 * LEGEND_MARGIN))
+    for font_size in LEGEND_FONT_SIZES:
+        line = font_size + 4
+        rows = max(1, available[0] // line)
+        entries = [(index, *legend_entry(index, label, font_size)) for index, label in objects]
+        columns = [entries[start : start + rows] for start in range(0, len(entries), rows)]
+        widths = [line + max(_text_width(font, text) for _, text, font in column) for column in columns]
+        if (
+            sum(widths) + LEGEND_COLUMN_GAP * (len(columns) - 1) <= available[1]
+            or font_size == LEGEND_FONT_SIZES[-1]
+        ):
+            break
+    fits = sum(widths) + LEGEND_COLUMN_GAP * (len(columns) - 1) <= available[1]
+    if not fits:
+        share = (available[1] - LEGEND_COLUMN_GAP * (len(columns) - 1)) // len(columns)
+        widths = [share] * len(columns)
+    first_row = height - LEGEND_MARGIN - line * min(rows, len(entries))
+    layout = []
+    left = LEGEND_MARGIN
+    for column, column_width in zip(columns, widths, strict=True):
+        for row, (index, text, font) in enumerate(column):
+            y = first_row + row * line
+            if not fits:
+                text = _shortened(font, text, column_width - line)
+            swatch = (left, y + 2, left + line - 5, y + line - 3)
+            layout.append(LegendEntry(index, text, font, swatch, (left + line - 1, y)))
+        left += column_width + LEGEND_COLUMN_GAP
+    return layout
 
 
 # Fonts tried for the legend, by file name (PIL looks in the system's font folders): DejaVu Sans covers
@@ -69,14 +156,14 @@ _MISSING = "\U000ffffd"
 
 
 @functools.cache
-def legend_fonts() -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, ...]:
+def legend_fonts(size: int = LEGEND_FONT_SIZE) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, ...]:
     fonts = []
     for name in LEGEND_FONT_FILES:
         try:
-            fonts.append(ImageFont.truetype(name, LEGEND_FONT_SIZE))
+            fonts.append(ImageFont.truetype(name, size))
         except OSError:
             continue
-    return (*fonts, ImageFont.load_default(LEGEND_FONT_SIZE))
+    return (*fonts, ImageFont.load_default(size))
 
 
 def _glyph(
@@ -99,12 +186,14 @@ def draws_all(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, text: str) -> 
     return True
 
 
-def legend_entry(index: int, label: str) -> tuple[str, ImageFont.FreeTypeFont | ImageFont.ImageFont]:
+def legend_entry(
+    index: int, label: str, size: int = LEGEND_FONT_SIZE
+) -> tuple[str, ImageFont.FreeTypeFont | ImageFont.ImageFont]:
     """The legend line of object ``index`` and the font to draw it in: ``"<index + 1> <label>"`` in the
     first font that has all of its glyphs, or the number alone where none has (no missing-glyph boxes; the
     full text stays in the JSON / per-object table, in the same order)."""
     text = f"{index + 1} {label}"
-    fonts = legend_fonts()
+    fonts = legend_fonts(size)
     for font in fonts:
         if draws_all(font, text):
             return text, font

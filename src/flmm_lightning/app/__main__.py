@@ -28,8 +28,8 @@ def _stop(signum: int, frame: object) -> None:
 def serve(cfg: DictConfig) -> None:
     """Loads the checkpoint and serves the app until interrupted; every file it wrote goes with it."""
     refuse_checkpoint_groups(chosen_checkpoint_groups(cfg), "app")
-    limits = Limits.from_config(cfg.limits)
-    folders = SessionFolders(cfg.get("temp_dir"))
+    limits = Limits.from_config(cfg.limits, cfg.get("image_limits"))
+    folders = SessionFolders(cfg.get("temp_dir"), float(cfg.session_idle_s))
     signal.signal(signal.SIGTERM, _stop)
     # Gradio caches uploads in GRADIO_TEMP_DIR, read when the server starts: inside this process's folder.
     os.environ["GRADIO_TEMP_DIR"] = str(folders.uploads)

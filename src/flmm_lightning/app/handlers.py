@@ -4,7 +4,6 @@ limits, call the grounder, and turn its answer into what the page shows and the 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,17 +12,25 @@ import gradio as gr
 from PIL import Image, ImageDraw
 
 from flmm_lightning.app.limits import AppInputError, Limits, checked_phrases, checked_question, read_photo
-from flmm_lightning.app.sessions import SessionFolders
+from flmm_lightning.app.sessions import SessionFolders, UploadError
 from flmm_lightning.boundaries import ContextOverflowError
 from flmm_lightning.chat import write_turn
 from flmm_lightning.conversation import ChatInputError, GroundedAnswer
 from flmm_lightning.data.images import UnreadableImageError
 from flmm_lightning.inspection import AttentionView
+from flmm_lightning.outputs import empty_mask_notices, finite_values, json_document
 from flmm_lightning.predict import Grounder, PhraseError
 from flmm_lightning.visualize import object_hex_color, overlay_heatmap, overlay_masks
 
 # Errors a user fixes by changing the request: shown as the request's error message, the app goes on.
-USER_ERRORS = (AppInputError, UnreadableImageError, ChatInputError, ContextOverflowError, PhraseError)
+USER_ERRORS = (
+    AppInputError,
+    UnreadableImageError,
+    UploadError,
+    ChatInputError,
+    ContextOverflowError,
+    PhraseError,
+)
 
 
 @contextlib.contextmanager
@@ -148,6 +155,21 @@ def notify(notice: str) -> None:
         gr.Warning(notice)
 
 
+def chat_notices(turn: GroundedAnswer) -> list[str]:
+    """What a person should know about a turn's result: nothing grounded, or phrases without a mask."""
+    if not turn.phrases:
+        return [f"No phrase of the answer was grounded (selector: {turn.selector})."]
+    return [
+        f"No mask for {phrase.text!r}: no pixel of the photo was assigned to it."
+        for phrase in turn.phrases
+        if not bool(phrase.mask.any())
+    ]
+
+
+def box_cells(box: list[float] | None) -> list[float | None]:
+    return [None] * 4 if box is None else [round(v, 1) for v in box]
+
+
 class AppService:
     """The app's requests over one ``Grounder`` (one model per process)."""
 
@@ -175,12 +197,12 @@ class AppService:
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's way of asking for a progress bar)
     ) -> tuple[Any, ...]:
         """One turn about ``photo``; the earlier turns about the same photo are its history."""
-        self.folders.note_upload(request.session_hash, photo)
-        with shown_to_user():
+        with self.folders.in_use(request.session_hash), shown_to_user():
+            source = self.folders.own_copy(request.session_hash, photo)
             question = checked_question(question, self.limits)
             given = checked_phrases(phrases, self.limits) if selector == "given" else None
-            if session is None or session.photo != photo:
-                session = ChatSession(str(photo), *read_photo(photo, self.limits))
+            if session is None or session.photo != str(photo):
+                session = ChatSession(str(photo), *read_photo(source, self.limits))
             notify(session.notice)
             progress(0.1, desc="The LMM is answering…")
             turn = self.grounder.chat(
@@ -204,7 +226,7 @@ class AppService:
             str(overlay_path),
             gr.CheckboxGroup(choices=choices, value=shown),
             [str(overlay_path), str(json_path)],
-            session.notice,
+            "\n\n".join(filter(None, [session.notice, *chat_notices(turn)])),
         )
 
     def show_phrases(
@@ -229,10 +251,10 @@ class AppService:
         progress: gr.Progress = gr.Progress(),  # noqa: B008
     ) -> tuple[Any, ...]:
         """Masks, scores, boxes and areas of the typed phrases (referring segmentation)."""
-        self.folders.note_upload(request.session_hash, photo)
-        with shown_to_user():
+        with self.folders.in_use(request.session_hash), shown_to_user():
+            source = self.folders.own_copy(request.session_hash, photo)
             phrases = checked_phrases(phrases, self.limits)
-            image, notice = read_photo(photo, self.limits)
+            image, notice = read_photo(source, self.limits)
             notify(notice)
             progress(0.1, desc="Grounding…")
             grounding = self.grounder.ground(image, phrases)
@@ -240,20 +262,22 @@ class AppService:
         number = len(list(folder.glob("ground_*.json"))) + 1
         overlay_path = folder / f"ground_{number:02d}_overlay.png"
         overlay_masks(grounding.image, grounding.masks, grounding.phrases).save(overlay_path)
-        records = grounding.to_json()
+        records, _ = finite_values(grounding.to_json())
         json_path = folder / f"ground_{number:02d}.json"
-        json_path.write_text(json.dumps({"objects": records}, indent=2, ensure_ascii=False) + "\n")
+        text, notices = json_document({"objects": grounding.to_json()}, empty_mask_notices(records))
+        json_path.write_text(text)
         rows = [
             [
                 k + 1,
                 record["phrase"],
-                round(record["mask_score"], 3),
-                *(round(v, 1) for v in record["bbox_xyxy"]),
+                None if record["mask_score"] is None else round(record["mask_score"], 3),
+                *box_cells(record["bbox_xyxy"]),
                 record["area"],
             ]
             for k, record in enumerate(records)
         ]
-        return str(overlay_path), rows, [str(overlay_path), str(json_path)], notice
+        shown = "\n\n".join(filter(None, [notice, *notices]))
+        return str(overlay_path), rows, [str(overlay_path), str(json_path)], shown
 
     def attention(
         self,
@@ -273,16 +297,20 @@ class AppService:
         answer's words ranked by the share of their attention inside it. The attention is read once per
         photo, question and answer (an empty answer: the LMM answers first); the chat's last turn is read
         with the chat's earlier turns as history."""
-        self.folders.note_upload(request.session_hash, photo)
-        with shown_to_user():
+        with self.folders.in_use(request.session_hash), shown_to_user():
+            source = self.folders.own_copy(request.session_hash, photo)
             question = checked_question(question, self.limits)
             answer = (answer or "").strip()
-            if len(answer) > self.limits.max_question_chars:
-                raise AppInputError(f"the answer is longer than {self.limits.max_question_chars} characters")
+            own_answer = chat is not None and any(turn.answer.strip() == answer for turn in chat.turns)
+            if not own_answer and len(answer) > self.limits.max_answer_chars:
+                raise AppInputError(
+                    f"the answer has {len(answer)} characters; the limit for a typed answer is "
+                    f"{self.limits.max_answer_chars}: shorten it"
+                )
             history = chat_history(chat, str(photo), question, answer)
             key = (str(photo), question, answer, len(history))
             if session is None or not session.holds(key):
-                image, notice = read_photo(photo, self.limits)
+                image, notice = read_photo(source, self.limits)
                 notify(notice)
                 progress(0.1, desc="Reading the LMM's attention…")
                 view = self.grounder.attention(image, question, answer or None, history, **self.generation)
@@ -315,6 +343,12 @@ class AppService:
             ranking,
             session.notice,
         )
+
+    def keep_upload(self, photo: str | None, request: gr.Request) -> None:
+        """The session's own copy of a photo, made as soon as it is uploaded (another tab or the upload
+        cache's time-to-live may remove the cached file before the first request)."""
+        with shown_to_user():
+            self.folders.own_copy(request.session_hash, photo)
 
     def close_session(self, request: gr.Request) -> None:
         """Removes what the session sent and what was written for it (its tab closed)."""

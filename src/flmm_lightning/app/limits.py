@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from flmm_lightning.data.images import load_photo
+from flmm_lightning.data.images import ImageLimits, UnreadableImageError, load_photo
 from flmm_lightning.predict import phrase_list
 
 
@@ -22,11 +22,18 @@ class Limits:
     max_pixels: int = 4_194_304  # larger photos are downscaled to this many pixels
     max_file_mb: float = 20.0
     max_question_chars: int = 1000
+    # an answer typed in "Look inside"; the answers the app itself gave in the session are always taken
+    max_answer_chars: int = 4000
     max_phrases: int = 10
+    # what a photo may cost to decode, measured from its header before it is decoded (refused above)
+    image: ImageLimits = field(default_factory=ImageLimits)
 
     @classmethod
-    def from_config(cls, settings: Any) -> Limits:
-        return cls(**{key: settings[key] for key in cls.__dataclass_fields__ if key in settings})
+    def from_config(cls, settings: Any, image_settings: Any = None) -> Limits:
+        values = {
+            key: settings[key] for key in cls.__dataclass_fields__ if key in settings and key != "image"
+        }
+        return cls(**values, image=ImageLimits.from_config(image_settings or {}))
 
     @property
     def max_file_bytes(self) -> int:
@@ -36,7 +43,8 @@ class Limits:
 def read_photo(path: str | Path | None, limits: Limits) -> tuple[Image.Image, str]:
     """The uploaded photo as viewers show it (EXIF orientation applied) and a notice ("" when none): above
     ``limits.max_pixels`` it is downscaled, keeping its aspect ratio. A missing, oversized, truncated or
-    non-image file raises (``AppInputError``, ``UnreadableImageError``)."""
+    non-image file, or one whose header declares more than ``limits.image`` allows, raises
+    (``AppInputError``, ``UnreadableImageError``)."""
     if path is None:
         raise AppInputError("upload a photo first")
     path = Path(path)
@@ -46,7 +54,11 @@ def read_photo(path: str | Path | None, limits: Limits) -> tuple[Image.Image, st
             f"the file is {size / 2**20:.1f} MB; the limit is {limits.max_file_mb:g} MB: "
             "upload a smaller photo"
         )
-    image = load_photo(path)
+    try:
+        image = load_photo(path, limits.image)
+    except UnreadableImageError as error:
+        # The file is the session's copy of the upload: its name is the person's, its folder the server's.
+        raise type(error)(str(error).replace(str(path), path.name)) from None
     width, height = image.size
     if width * height <= limits.max_pixels:
         return image, ""

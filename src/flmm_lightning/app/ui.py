@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import gradio as gr
 
 from flmm_lightning.app.handlers import AppService, last_turn_texts, pick_corner
@@ -13,7 +15,6 @@ INTRO = (
     "## flmm-lightning\nAsk about a photo: the frozen LMM answers, and the phrases of its answer that name "
     "things in the photo are segmented, each in its own colour. *Look inside* shows where each word looks."
 )
-PHOTO_TYPES = ["image"]
 DOWNLOADS = "Downloads (overlay PNG, JSON)"
 RANKING = "Answer words by their attention's share in the box"
 # Every request that runs the model waits in one queue: one model per process, and Gradio's concurrency
@@ -21,7 +22,24 @@ RANKING = "Answer words by their attention's share in the box"
 MODEL = {"concurrency_id": "model"}
 
 
-def chat_tab(service: AppService, photo: gr.File, session: gr.State) -> None:
+def uploaded_path(payload: Any) -> str | None:
+    """The photo's value for the handlers: the uploaded file's path, not opened (they check first that it is
+    this session's upload and that its header is within limits)."""
+    return None if payload is None else payload.path
+
+
+def photo_input() -> gr.Image:
+    """The photo, shown as a picture. ``gr.Image`` would open the file before the handlers run (and fail with
+    a raw error once the upload has expired); this one hands over its path. (Not a subclass: Gradio writes
+    a ``.pyi`` stub beside the module of every component subclass.)"""
+    photo = gr.Image(
+        label="Photo", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="photo"
+    )
+    photo.preprocess = uploaded_path
+    return photo
+
+
+def chat_tab(service: AppService, photo: gr.Image, session: gr.State) -> None:
     with gr.Row():
         with gr.Column():
             question = gr.Textbox(label="Question", placeholder="What is in the photo?", elem_id="question")
@@ -46,7 +64,7 @@ def chat_tab(service: AppService, photo: gr.File, session: gr.State) -> None:
     photo.change(lambda: (None, [], None, None), None, [session, history, answer, overlay], queue=False)
 
 
-def ground_tab(service: AppService, photo: gr.File) -> None:
+def ground_tab(service: AppService, photo: gr.Image) -> None:
     with gr.Row():
         with gr.Column():
             phrases = gr.Textbox(label="Phrases (one per line)", lines=4, placeholder="a man\nthe ball")
@@ -64,7 +82,7 @@ def ground_tab(service: AppService, photo: gr.File) -> None:
     run.click(service.ground, [photo, phrases], outputs, api_name="ground", **MODEL)
 
 
-def look_inside_tab(service: AppService, photo: gr.File, chat_session: gr.State) -> None:
+def look_inside_tab(service: AppService, photo: gr.Image, chat_session: gr.State) -> None:
     session, corner = gr.State(None), gr.State(None)
     with gr.Row():
         with gr.Column():
@@ -109,7 +127,8 @@ def build_app(service: AppService, upload_ttl_s: int = 900) -> gr.Blocks:
     gr.set_static_paths([str(service.folders.sessions)])
     with gr.Blocks(title="flmm-lightning", analytics_enabled=False, delete_cache=cleaning) as app:
         gr.Markdown(INTRO)
-        photo = gr.File(label="Photo", file_types=PHOTO_TYPES, elem_id="photo")
+        photo = photo_input()
+        photo.upload(service.keep_upload, photo, None, queue=False, api_visibility="private")
         chat_session = gr.State(None)
         with gr.Tab("Chat"):
             chat_tab(service, photo, chat_session)

@@ -30,11 +30,14 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 def ensure_built(target: Path, spec: dict, build: Callable[[Path], None]) -> Path:
     """Build into a sibling temp dir, then rename it into place: a killed build never leaves a half directory.
 
-    An existing directory whose recorded spec differs from ``spec`` is replaced.
+    An existing directory whose recorded spec differs from ``spec`` is replaced; one without one is refused.
     """
     spec_path = target / SPEC_FILE
     if spec_path.is_file() and json.loads(spec_path.read_text()) == spec:
         return target
+    if target.exists() and not spec_path.is_file():
+        # Only a build of ours (its spec file says so) is ever replaced: this folder is someone else's.
+        raise FileExistsError(f"{target} exists and is not a tiny asset built here (no {SPEC_FILE}); move it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would make a shared cache unreadable to others

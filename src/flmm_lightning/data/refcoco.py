@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +20,7 @@ from flmm_lightning.data.bad_samples import (
     load_or_skip,
 )
 from flmm_lightning.data.images import load_rgb_image
+from flmm_lightning.data.records import read_field, read_json, read_records
 from flmm_lightning.data.safe_pickle import load_refs
 
 TextMode = Literal["random_once", "random_per_epoch", "first", "all"]
@@ -53,6 +53,20 @@ def decode_segmentation(segmentation: list | dict, height: int, width: int) -> n
     else:
         raise ValueError(f"unknown segmentation type {type(segmentation).__name__}")
     return mask_utils.decode(rle)
+
+
+def checked_ref(ref: Any, index: int, path: Path) -> dict[str, Any]:
+    """A record of a refs file with the fields the dataset reads (``ref_id``, ``ann_id``, ``image_id``,
+    ``split``, ``sentences`` with their ``raw`` text); a ``RecordError`` names the file, ref and field."""
+    where = f"ref #{index}"
+    ref_id = read_field(ref, "ref_id", (int,), path, where)
+    where = f"ref #{index} (ref_id={ref_id})"
+    for field in ("ann_id", "image_id"):
+        read_field(ref, field, (int,), path, where)
+    read_field(ref, "split", (str,), path, where)
+    for number, sentence in enumerate(read_field(ref, "sentences", (list,), path, where)):
+        read_field(sentence, "raw", (str,), path, f"{where}, sentences[{number}]")
+    return ref
 
 
 @dataclass(frozen=True)
@@ -131,24 +145,47 @@ class RefCocoDataset(Dataset):
         self.refs_path = Path(data_root) / dataset / f"refs({split_by}).p"
         self.instances_path = Path(data_root) / dataset / "instances.json"
 
-        all_refs = load_refs(self.refs_path)
+        all_refs = [
+            checked_ref(ref, index, self.refs_path) for index, ref in enumerate(load_refs(self.refs_path))
+        ]
         splits = sorted({str(ref["split"]) for ref in all_refs})
         if split not in splits:
             raise ValueError(f"{self.refs_path}: no split {split!r}; splits in this file: {splits}")
         refs = [ref for ref in all_refs if ref["split"] == split]
-        with self.instances_path.open() as file:
-            instances = json.load(file)
-        images = {image["id"]: image for image in instances["images"]}
-        annotations = {annotation["id"]: annotation for annotation in instances["annotations"]}
+        instances = read_json(self.instances_path)
+        images, annotations = self._index_instances(instances)
         # Only the annotations this split uses are kept: a full instances.json is large, and every
         # dataloader worker holds a copy of the dataset.
-        self._segmentations: dict[int, Any] = {
-            ann_id: annotations[ann_id]["segmentation"]
-            for ann_id in (ref["ann_id"] for ref in refs)
-            if ann_id in annotations
-        }
+        self._segmentations: dict[int, Any] = {}
+        for ann_id in (ref["ann_id"] for ref in refs):
+            if ann_id in annotations:
+                index, annotation = annotations[ann_id]
+                where = f"annotations[{index}] (id={ann_id})"
+                read_field(annotation, "image_id", (int,), self.instances_path, where)
+                segmentation = read_field(
+                    annotation, "segmentation", (list, dict), self.instances_path, where
+                )
+                self._segmentations[ann_id] = segmentation
+        annotations = {ann_id: annotation for ann_id, (_, annotation) in annotations.items()}
         self._items = self._index(refs, images, annotations)
         self.epoch = 0
+
+    def _index_instances(self, instances: Any) -> tuple[dict[int, dict], dict[int, tuple[int, dict]]]:
+        """instances.json's images by id (their fields checked), its annotations by id (with their index)."""
+        path = self.instances_path
+        images = {}
+        for index, image in enumerate(read_records(instances, "images", path)):
+            where = f"images[{index}]"
+            image_id = read_field(image, "id", (int,), path, where)
+            read_field(image, "file_name", (str,), path, f"{where} (id={image_id})")
+            for field in ("width", "height"):
+                read_field(image, field, (int,), path, f"{where} (id={image_id})")
+            images[image_id] = image
+        annotations = {
+            read_field(annotation, "id", (int,), path, f"annotations[{index}]"): (index, annotation)
+            for index, annotation in enumerate(read_records(instances, "annotations", path))
+        }
+        return images, annotations
 
     def _index(
         self, refs: list[dict[str, Any]], images: dict[int, dict], annotations: dict[int, dict]

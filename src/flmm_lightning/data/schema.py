@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # The keys of ``DataConfig`` that are not ``GroundingDataModule`` arguments: only other values read them.
-INTERPOLATION_HELPERS = ("synthetic",)
+INTERPOLATION_HELPERS = ("synthetic", "custom")
 DATASET_GROUPS = ("train_sets", "val_sets", "test_sets")
 
 
@@ -21,6 +21,18 @@ class SyntheticSettings:
     num_train: int = 240
     num_val: int = 60
     root: str = ""
+
+
+@dataclass
+class CustomSettings:
+    """``data/custom.yaml``'s files in the simple format (docs/own-data.md), read by its set nodes."""
+
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+    image_root: str | None = None
+    on_bad_sample: str = "raise"
+    check_images: bool = True
 
 
 @dataclass
@@ -39,3 +51,4 @@ class DataConfig:
     val_sets: dict[str, Any] | None = None
     test_sets: dict[str, Any] | None = None
     synthetic: SyntheticSettings | None = None
+    custom: CustomSettings | None = None

@@ -22,7 +22,6 @@ from __future__ import annotations
 import fcntl
 import json
 import pickle
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,11 @@ REFCOCO_SPLIT_BY = "unc"
 IMAGE_DIR = "images"
 REASONSEG_DIR = "reasonseg"
 SPLITS = ("train", "val")
+# Bounds of what one call may write: a config (or a checkpoint's) cannot fill a disk through the generator.
+MAX_IMAGES = 10_000
+MAX_IMAGE_SIDE = 4096
+# What a folder holds before the first build: the lock file of a build that was interrupted early.
+_OWN_BEFORE_BUILD = {".lock"}
 
 CATEGORIES: list[dict[str, Any]] = [
     {"id": 1, "name": "circle", "supercategory": "shape", "isthing": 1, "color": [220, 20, 60]},
@@ -136,7 +140,12 @@ def write_synthetic_dataset(
     ``image_size`` is (width, height) of the even-numbered images; odd-numbered ones are 3/4 as high, so
     that loaders and heads see non-square inputs. A marker file records the parameters: when it is missing
     or differs, the dataset is (re)built; a lock keeps concurrent callers (DDP ranks) from racing.
+
+    Only this generator's own files are ever removed: a rebuild deletes the files the marker's parameters
+    name (those the earlier build wrote), and folders they leave empty; a folder that holds anything but a
+    marker is refused, never written into. At most ``MAX_IMAGES`` images of at most ``MAX_IMAGE_SIDE``.
     """
+    _check_sizes(root, num_train, num_val, image_size)
     paths = synthetic_paths(root)
     params = {
         "version": FORMAT_VERSION,
@@ -145,26 +154,93 @@ def write_synthetic_dataset(
         "image_size": list(image_size),
         "seed": seed,
     }
-    paths.root.mkdir(parents=True, exist_ok=True)
     marker = paths.root / MARKER_NAME
+    if paths.root.is_dir() and not marker.is_file() and not (paths.root / ".lock").exists():
+        _refuse_foreign_files(paths.root)  # before the lock file: nothing is written into a stranger's folder
+    paths.root.mkdir(parents=True, exist_ok=True)
     with (paths.root / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.is_file() and json.loads(marker.read_text()) == params:
+        previous = _read_marker(marker)
+        if previous == params:
             return paths
-        if marker.is_file():
-            # Only what an earlier build wrote (the marker proves it) is removed: stale files would linger.
+        if previous is not None:
+            # Only what the earlier build wrote (its marker names the parameters) is removed.
             marker.unlink()
-            stale = (
-                paths.image_dir,
-                paths.refcoco_refs.parent,
-                paths.root / "annotations",
-                paths.root / REASONSEG_DIR,
-            )
-            for directory in stale:
-                shutil.rmtree(directory, ignore_errors=True)
+            _remove_build(paths, previous["num_train"], previous["num_val"])
+        else:
+            _refuse_foreign_files(paths.root)
         _write(paths, num_train, num_val, image_size, seed)
         marker.write_text(json.dumps(params))
     return paths
+
+
+def _check_sizes(root: str | Path, num_train: Any, num_val: Any, image_size: Any) -> None:
+    counts = (num_train, num_val)
+    sides = tuple(image_size) if isinstance(image_size, tuple | list) else ()
+    if (
+        any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts)
+        or sum(counts) > MAX_IMAGES
+        or len(sides) != 2
+        or any(isinstance(n, bool) or not isinstance(n, int) or not 16 <= n <= MAX_IMAGE_SIDE for n in sides)
+    ):
+        raise ValueError(
+            f"synthetic dataset {root}: num_train={num_train!r}, num_val={num_val!r}, "
+            f"image_size={image_size!r}: at most {MAX_IMAGES} images in all, sides from 16 to "
+            f"{MAX_IMAGE_SIDE} pixels"
+        )
+
+
+def _refuse_foreign_files(root: Path) -> None:
+    if {entry.name for entry in root.iterdir()} - _OWN_BEFORE_BUILD:
+        raise FileExistsError(
+            f"{root} holds files that the synthetic generator did not write (no {MARKER_NAME}): it writes "
+            "only into an empty folder or one it built; choose another folder"
+        )
+
+
+def _read_marker(marker: Path) -> dict[str, Any] | None:
+    """The parameters of the build that wrote ``marker``; None when there is none; an error for a marker this
+    generator could not have written (its file list would be unbounded or unknown)."""
+    if not marker.is_file():
+        return None
+    try:
+        params = json.loads(marker.read_text())
+        _check_sizes(marker.parent, params["num_train"], params["num_val"], params["image_size"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{marker}: not a marker of the synthetic generator ({error}); remove it by hand"
+        ) from None
+    return params
+
+
+def _built_files(paths: SyntheticPaths, num_train: int, num_val: int) -> list[Path]:
+    """Every file a build of ``num_train`` + ``num_val`` images writes (``_write``)."""
+    files = [paths.refcoco_instances, paths.refcoco_refs]
+    for split in SPLITS:
+        files += [paths.png_narratives[split], paths.panoptic_json[split]]
+    for index in range(num_train + num_val):
+        split = "train" if index < num_train else "val"
+        stem = f"synthetic_{index + 1:06d}"
+        files += [paths.image_dir / f"{stem}.jpg", paths.panoptic_dir[split] / f"{stem}.png"]
+        files += [paths.reasonseg_dir[split] / f"{stem}.jpg", paths.reasonseg_dir[split] / f"{stem}.json"]
+    return files
+
+
+def _remove_build(paths: SyntheticPaths, num_train: int, num_val: int) -> None:
+    """Removes the files of an earlier build, then the folders it created where they are left empty."""
+    for file in _built_files(paths, num_train, num_val):
+        file.unlink(missing_ok=True)
+    folders = [
+        paths.image_dir,
+        paths.refcoco_refs.parent,
+        *paths.panoptic_dir.values(),
+        paths.root / "annotations",
+        *paths.reasonseg_dir.values(),
+        paths.root / REASONSEG_DIR,
+    ]
+    for folder in folders:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _write(
