@@ -170,6 +170,12 @@ def test_every_documented_command_names_what_exists_and_composes(
     assert importlib.util.find_spec(module) is not None, f"{page}: `{line}`: no module {module}"
     entry = module.removeprefix("flmm_lightning.")
     rest = words[words.index("-m") + 2 :]
+    if entry == "convert":  # argparse (files, --model/--sam/--data), then the overrides of train's config
+        from flmm_lightning.convert import compose_model_config, parse_args
+
+        args = parse_args(rest)
+        compose_model_config(args.model, args.sam, args.data, hydra_overrides(args.overrides, multirun=False))
+        return
     overrides = hydra_overrides(rest, multirun=rest[:1] == ["-m"])
     if entry == "bench":  # the bench composes train's config with its overrides
         entry = "train"

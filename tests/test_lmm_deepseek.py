@@ -41,8 +41,9 @@ def test_prompt_puts_objects_after_the_image(variant, sample):
     for k in range(sample.num_objects):
         assert (mask_ids == k).nonzero().min() > image_positions.max()
     text = tokenizer.decode(ids[(mask_ids < 0) & (ids != image_token)], skip_special_tokens=True)
-    assert text.startswith(f"{DEEPSEEK_SYSTEM_PROMPT}\n\nUser: Please give me a description of the image.")
-    assert "\n\nAssistant:" in text and ids[0] == tokenizer.bos_token_id
+    # The reference's grounding prompt has no system text (its DeepSeek-VL configs: SYSTEM='').
+    assert text.startswith("User: Please give me a description of the image.\n\nAssistant:")
+    assert DEEPSEEK_SYSTEM_PROMPT not in text and ids[0] == tokenizer.bos_token_id
 
 
 def _background_rows_and_columns(pixels: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
@@ -76,6 +77,44 @@ def test_content_box_is_where_the_image_lies_in_the_padded_square(variant, sampl
     content = pixels[:, top : top + height, left : left + width] - outside[:, :1, None]
     for edge in (content[:, 0], content[:, -1], content[..., 0], content[..., -1]):
         assert edge.abs().amax(dim=0).mean() > 0.1
+
+
+def test_plain_square_is_the_references_resize_and_padding(fixtures_dir):
+    """The reference's processor: longer side to 128 px, the other ``int(h / longest * 128)``, PIL bicubic,
+    centred on a square of ``int(255 * 0.5) = 127``, then (x / 255 - 0.5) / 0.5."""
+    from PIL import Image
+
+    builder = DeepseekVLPromptBuilder(ensure_tiny_deepseek_vl())
+    with Image.open(fixtures_dir / "coco_sample/images/000000142238.jpg") as photo:
+        image = photo.convert("RGB")
+    sample = make_sample(image.height, image.width, ["a man"], 0)
+    sample.image = image
+    prompt = builder(sample)
+    height = int(image.height / image.width * 128)
+    top = (128 - height) // 2
+    assert prompt.content_box == (top, 0, height, 128)
+    resized = torch.tensor(
+        list(image.resize((128, height), Image.Resampling.BICUBIC).getdata()), dtype=torch.float32
+    )
+    expected = (resized.T.reshape(3, height, 128) / 255 - 0.5) / 0.5
+    pixels = prompt.pixel_inputs["pixel_values"][0]
+    torch.testing.assert_close(pixels[:, top : top + height], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        pixels[:, :top], torch.full((3, top, 128), (127 / 255 - 0.5) / 0.5), atol=1e-6, rtol=0
+    )
+
+
+def test_siglip_mlp_uses_the_exact_gelu():
+    """The reference's timm SigLIP uses ``nn.GELU`` (erf); transformers' config names the tanh one."""
+    adapter = DeepseekVLAdapter(ensure_tiny_deepseek_vl(), text_proj_dim=8, torch_dtype="float32")
+    mlps = [m for m in adapter.model.modules() if type(m).__name__ == "SiglipMLP"]
+    assert mlps and all(
+        isinstance(m.activation_fn, torch.nn.GELU) and m.activation_fn.approximate == "none" for m in mlps
+    )
+    x = torch.linspace(-3, 3, 101)
+    torch.testing.assert_close(
+        mlps[0].activation_fn(x), 0.5 * x * (1 + torch.erf(x / 2**0.5)), atol=1e-6, rtol=0
+    )
 
 
 def test_refuses_another_family():

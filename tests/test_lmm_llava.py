@@ -50,8 +50,10 @@ def test_prompt_puts_objects_after_the_image(family, sample):
 
 def test_llava_pads_to_a_square_in_the_mean_colour():
     builder = LlavaPromptBuilder(ensure_tiny_llava())
-    prompt = builder(WIDE)  # 150 wide, 100 high: 25 rows of padding above and below
-    assert prompt.padded_hw == (150, 150) and prompt.content_box == (25, 0, 100, 150)
+    prompt = builder(WIDE)  # 150 wide, 100 high
+    # As the reference's processor: the longer side resized to 112 px, the other truncated (100 * 112 / 150 =
+    # 74.67 -> 74), then 112 - 74 = 38 rows of padding, 19 above and 19 below; the square is the padded frame.
+    assert prompt.padded_hw == (112, 112) and prompt.content_box == (19, 0, 74, 112)
     assert prompt.grid_hw == (8, 8)
     assert (prompt.input_ids == builder.processor.image_token_id).sum() == 64
 
@@ -59,15 +61,35 @@ def test_llava_pads_to_a_square_in_the_mean_colour():
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     colour = torch.tensor([int(m * 255) for m in CLIP_MEAN], dtype=torch.float32)[:, None, None] / 255
     expected = (colour - mean) / std
-    rows = 25 * 112 // 150  # whole padding rows after the resize to 112 px
-    torch.testing.assert_close(pixels[:, : rows - 1], expected.expand(3, rows - 1, 112), atol=1e-3, rtol=0)
-    torch.testing.assert_close(pixels[:, -(rows - 1) :], expected.expand(3, rows - 1, 112), atol=1e-3, rtol=0)
+    # padding rows hold the colour exactly (float32 round-off of rescale and normalise only)
+    torch.testing.assert_close(pixels[:, :19], expected.expand(3, 19, 112), atol=1e-6, rtol=0)
+    torch.testing.assert_close(pixels[:, -19:], expected.expand(3, 19, 112), atol=1e-6, rtol=0)
     assert (pixels[:, 56] - expected).abs().amax() > 0.1  # the noise image itself
 
-    # The coarse mask loses the padding rows: 64x64 logits keep the 43 middle rows (10 to 52).
+    # The coarse mask loses the padding rows: of 64x64 logits, rows from int(19 * 64 / 112) = 10, as many as
+    # int(74 * 64 / 112 + 0.5) = 42.
     logits = torch.arange(64.0).repeat_interleave(64).view(1, 64, 64)
     cropped = crop_to_content(logits, prompt.padded_hw, prompt.content_box)
-    assert cropped.shape == (1, 43, 64) and cropped[0, 0, 0] == 10 and cropped[0, -1, 0] == 52
+    assert cropped.shape == (1, 42, 64) and cropped[0, 0, 0] == 10 and cropped[0, -1, 0] == 51
+
+
+def test_phrase_separator_is_one_token_as_in_the_reference(family):
+    """RefCOCO and inference: after each phrase the reference appends ``encode(".")[-1]`` alone (a
+    SentencePiece tokeniser encodes "." as "▁", "."); a narrative's own "." utterance keeps all its tokens."""
+    _, builder, _ = family
+    tokenizer = builder.processor.tokenizer
+    separator = tokenizer.encode(".", add_special_tokens=False)
+    prompt = builder(WIDE)
+    start = prompt.utterance_start
+    after_phrases = prompt.input_ids[start:][prompt.mask_ids[start:] == -1]
+    assert after_phrases.tolist() == [separator[-1]] * WIDE.num_objects
+
+    narrative = png_like(230, 90)
+    narrative.utterances = [(narrative.phrases[0], 0), (narrative.phrases[1], 1), (".", -1)]
+    narrative.narrative = True
+    prompt = builder(narrative)
+    assert prompt.input_ids[-len(separator) :].tolist() == separator
+    assert (prompt.mask_ids[-len(separator) :] == -1).all()
 
 
 def test_llava_next_grid_is_the_unpadded_anyres_grid():

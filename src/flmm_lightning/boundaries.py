@@ -15,6 +15,9 @@ import torch
 from PIL import Image
 
 NOT_GROUNDED = -1
+# The ungrounded piece after each phrase of a non-narrative sample (RefCOCO, inference): one token, the last
+# of the tokeniser's encoding of ".", as the reference appends it (SentencePiece tokenisers give "▁", ".").
+PHRASE_SEPARATOR = "."
 
 
 @dataclass
@@ -48,9 +51,8 @@ class GroundingSample:
 
     def __post_init__(self) -> None:
         if not self.utterances:
-            self.utterances = [
-                piece for k, p in enumerate(self.phrases) for piece in ((p, k), (".", NOT_GROUNDED))
-            ]
+            separator = (PHRASE_SEPARATOR, NOT_GROUNDED)
+            self.utterances = [piece for k, p in enumerate(self.phrases) for piece in ((p, k), separator)]
 
     @classmethod
     def for_inference(

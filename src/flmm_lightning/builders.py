@@ -28,6 +28,7 @@ from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.data.schema import DATASET_GROUPS, INTERPOLATION_HELPERS, DataConfig
 from flmm_lightning.data.synthetic import write_synthetic_dataset
 from flmm_lightning.model import FLMMModule
+from flmm_lightning.pretrained import is_pretrained_dir, load_pretrained
 from flmm_lightning.reporting import read_metrics_json
 from flmm_lightning.safe_config import parse_stored_config
 
@@ -177,8 +178,11 @@ def finish_wandb(trainer: Trainer) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Loads a checkpoint without executing anything it carries (``weights_only=True``) and without reading
     its tensors (``mmap=True``: a tensor is read from the file when used, after ``core.FLMM`` checked its
-    shape and dtype; a compressed record, whose declared size the file need not hold, is refused)."""
+    shape and dtype; a compressed record, whose declared size the file need not hold, is refused). A
+    directory is read as a ``save_pretrained`` one (``pretrained.load_pretrained``: safetensors and JSON)."""
     path = Path(path)
+    if is_pretrained_dir(path):
+        return load_pretrained(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:

@@ -44,6 +44,7 @@ from flmm_lightning.data.reasonseg import ANSWER_PREFIX
 from flmm_lightning.inspection import AttentionView, read_attention
 from flmm_lightning.masks import mask_record, mask_scores
 from flmm_lightning.outputs import empty_mask_notices, json_document
+from flmm_lightning.pretrained import save_pretrained
 from flmm_lightning.reasoning import EmptyAnswerError, ReasonedSegmentation, reason_and_segment
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
 from flmm_lightning.selection import KEYWORD_THRESHOLD
@@ -83,10 +84,19 @@ class Grounder(GroundingRunner):
 
     image_limits: ImageLimits = ImageLimits()
 
-    def __init__(self, model: FLMM, prompt_builder: PromptBuilder, sam_image_size: int, device: str = "auto"):
+    def __init__(
+        self,
+        model: FLMM,
+        prompt_builder: PromptBuilder,
+        sam_image_size: int,
+        device: str = "auto",
+        run_config: Mapping[str, Any] | None = None,
+    ):
+        """``run_config``: the stored model config (``builders.run_config``), for ``save_pretrained``."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(model.to(torch.device(device)).eval(), prompt_builder, sam_image_size)
+        self.run_config = dict(run_config or {})
 
     @classmethod
     def from_checkpoint(
@@ -99,7 +109,30 @@ class Grounder(GroundingRunner):
         """``paths``: this machine's ``paths.*`` (data, SAM weights, asset cache), the defaults when None;
         ``overrides``: patches of stored settings by section (``{"model": {"pretrained": <dir>}}``)."""
         module, config = module_from_checkpoint(path, paths=paths, overrides=overrides)
-        return cls(module.model, build_prompt_builder(config), config.sam.image_size, device=device)
+        return cls(
+            module.model, build_prompt_builder(config), config.sam.image_size, device, module.run_config
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory_or_hub_id: str | Path, **kwargs: Any) -> Grounder:
+        """A ``save_pretrained`` directory, or a Hugging Face hub repository holding one (downloaded to, or
+        read offline from, the hub cache); ``kwargs`` as ``from_checkpoint``."""
+        path = Path(directory_or_hub_id)
+        if not path.is_dir():
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(directory_or_hub_id)))
+        return cls.from_checkpoint(path, **kwargs)
+
+    def save_pretrained(
+        self, directory: str | Path, metrics: Mapping[str, Mapping[str, float]] | None = None
+    ) -> Path:
+        """The trainable weights as ``model.safetensors``, the model config and a model card listing
+        ``metrics`` (``metrics.json``'s content) in ``directory``: no pickle; every entry point loads it as
+        ``ckpt=``."""
+        if not self.run_config:
+            raise ValueError("this Grounder has no stored model config: load it with from_checkpoint first")
+        return save_pretrained(directory, self.model.trainable_state_dict(), self.run_config, metrics)
 
     def chat(
         self,

@@ -41,6 +41,7 @@ from flmm_lightning.metrics import ReferringSegmentationMetric
 from flmm_lightning.model import FLMMModule
 from flmm_lightning.narration import ground_what_you_say
 from flmm_lightning.predict import Grounder
+from flmm_lightning.pretrained import save_pretrained
 from flmm_lightning.reporting import print_metrics, write_metrics_json
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
 from flmm_lightning.selection import every_word_baseline
@@ -193,6 +194,11 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
         print_metrics(results, title=f"{cfg.task_name}: test metrics (%)")
         path = write_metrics_json(results, metrics_path)
         print(f"metrics written to {path}")
+    if trainer.is_global_zero and cfg.get("export_pretrained"):
+        exported = save_pretrained(
+            output_dir / "pretrained", module.model.trainable_state_dict(), stored, results
+        )
+        print(f"trained heads exported to {exported} (Grounder.from_pretrained, or ckpt=)")
     chat_images = extra("chat_after_fit.split")
     if trainer.is_global_zero and chat_images is not None:
         chat_after_fit(module, prompt_builder, cfg, chat_images, output_dir)

@@ -12,16 +12,23 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from PIL import Image
+from torch import nn
+from transformers.models.siglip.modeling_siglip import SiglipMLP
+
 from flmm_lightning.boundaries import GroundingSample
 from flmm_lightning.lmm.hf import HFGroundingAdapter
 from flmm_lightning.lmm.prompting import ChatPromptBuilder, EncodedImage
 
 HIGH_RES_PIXELS = "high_res_pixel_values"
+# Where the DeepSeek conversation's user turn starts (after the system text).
+USER_TURN = "User:"
 
 
 class DeepseekVLPromptBuilder(ChatPromptBuilder):
-    """Chat prompt (the DeepSeek conversation: system text, ``User: <image><instruction>``, ``Assistant:``),
-    then the utterances."""
+    """The DeepSeek conversation's user turn (``User: <image><instruction>``) and ``Assistant:``, then the
+    utterances. No system text: the reference's DeepSeek-VL configs set ``SYSTEM=''`` for grounding (the
+    released heads saw no system text; measured with scripts/parity). Conversations keep the template's."""
 
     processor_classes = ("DeepseekVLProcessor", "DeepseekVLHybridProcessor")
 
@@ -32,28 +39,51 @@ class DeepseekVLPromptBuilder(ChatPromptBuilder):
                 f"{self.pretrained}: {processor.num_image_tokens} image tokens do not make a square grid"
             )
 
+    def _grounding_prompt(self, processor: Any, messages: list[dict[str, Any]]) -> str:
+        prompt = super()._grounding_prompt(processor, messages)
+        user_turn = prompt.find(USER_TURN)
+        if user_turn < 0:
+            raise ValueError(f"{self.pretrained}: the chat template has no {USER_TURN!r} turn: {prompt!r}")
+        return prompt[user_turn:]
+
     def _image_tokens(self, sample: GroundingSample) -> int:
         return self.processor.num_image_tokens
 
     def content_box(self, height: int, width: int) -> tuple[int, tuple[int, int, int, int]]:
         """The padded square's side and the ``(top, left, height, width)`` of a ``height`` x ``width`` image
-        in it, as the image processor resizes and pads (the hybrid's low-res square is its high-res one
-        shrunk)."""
+        in it: as the reference resizes and pads (plain DeepSeek-VL), or as the hybrid's image processor does
+        (its low-res square is its high-res one shrunk)."""
         image_processor = self.processor.image_processor
-        size = getattr(image_processor, "high_res_size", None) or image_processor.size
-        side = size["height"]
-        scale = side / max(height, width)
-        # Python's round, as the image processor (ties to even).
-        resized_h = max(round(height * scale), image_processor.min_size)
-        resized_w = max(round(width * scale), image_processor.min_size)
+        high_res = getattr(image_processor, "high_res_size", None)
+        if high_res is None:
+            side = image_processor.size["height"]
+            resized_h, resized_w = reference_resized_size(height, width, side, image_processor.min_size)
+        else:
+            side = high_res["height"]
+            scale = side / max(height, width)
+            # Python's round, as the image processor (ties to even).
+            resized_h = max(round(height * scale), image_processor.min_size)
+            resized_w = max(round(width * scale), image_processor.min_size)
         return side, ((side - resized_h) // 2, (side - resized_w) // 2, resized_h, resized_w)
 
     def _encode_image(self, sample: GroundingSample, prompt: str) -> EncodedImage:
-        encoded = self.processor(images=[sample.image], text=[prompt], return_tensors="pt")
+        image_processor = self.processor.image_processor
+        side, box = self.content_box(sample.image.height, sample.image.width)
+        if getattr(image_processor, "high_res_size", None) is None:
+            # The reference's resize (PIL bicubic, sizes truncated) and padding; the processor only rescales
+            # and normalises.
+            top, left, height, width = box
+            background = tuple(int(channel * 255) for channel in image_processor.image_mean)
+            square = Image.new("RGB", (side, side), background)
+            square.paste(sample.image.resize((width, height), Image.Resampling.BICUBIC), (left, top))
+            encoded = self.processor(
+                images=[square], text=[prompt], do_resize=False, do_pad=False, return_tensors="pt"
+            )
+        else:
+            encoded = self.processor(images=[sample.image], text=[prompt], return_tensors="pt")
         pixel_inputs = {"pixel_values": encoded["pixel_values"]}  # [1, 3, 384, 384]
         if HIGH_RES_PIXELS in encoded:
             pixel_inputs[HIGH_RES_PIXELS] = encoded[HIGH_RES_PIXELS]  # [1, 3, 1024, 1024]
-        side, box = self.content_box(sample.image.height, sample.image.width)
         cells = math.isqrt(self.processor.num_image_tokens)  # a square grid, checked when the processor loads
         return EncodedImage(
             prompt_ids=encoded["input_ids"][0],
@@ -64,7 +94,25 @@ class DeepseekVLPromptBuilder(ChatPromptBuilder):
         )
 
 
+def reference_resized_size(height: int, width: int, side: int, min_size: int) -> tuple[int, int]:
+    """The image's size after the reference's resize: the longer side to ``side``, each side truncated (in the
+    reference's order of operations) and at least ``min_size``."""
+    longest = max(height, width)
+    return max(int(height / longest * side), min_size), max(int(width / longest * side), min_size)
+
+
 class DeepseekVLAdapter(HFGroundingAdapter):
-    """A frozen DeepSeek-VL (plain or hybrid) read out as phrase-token attention maps and hidden states."""
+    """A frozen DeepSeek-VL (plain or hybrid) read out as phrase-token attention maps and hidden states.
+
+    The SigLIP tower's MLPs use the exact (erf) GELU of the reference's timm tower (``nn.GELU``) whatever
+    the config's ``hidden_act`` says (transformers' SigLIP default is the tanh approximation): on the tiny
+    model the approximation alone moves the attention maps by 2.2e-4 (maps up to 0.37), the exact GELU
+    leaves 5.7e-7 (scripts/parity)."""
 
     model_types = ("deepseek_vl", "deepseek_vl_hybrid")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for module in self.model.modules():
+            if isinstance(module, SiglipMLP):
+                module.activation_fn = nn.GELU()

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
 from flmm_lightning.boundaries import (
     NOT_GROUNDED,
+    PHRASE_SEPARATOR,
     ContextOverflowError,
     GroundingSample,
     LMMBatch,
@@ -96,7 +97,7 @@ class ChatPromptBuilder(PromptBuilder):
         self._configure(processor)
         content = [{"type": "image"}, {"type": "text", "text": self.instruction}]
         messages = [{"role": "user", "content": content}]
-        self._prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        self._prompt = self._grounding_prompt(processor, messages)
         # Tokenised as the processor does it (special tokens such as BOS included); the one image placeholder
         # becomes as many tokens as the image has.
         self._template_tokens = len(processor.tokenizer(self._prompt)["input_ids"]) - 1
@@ -108,6 +109,10 @@ class ChatPromptBuilder(PromptBuilder):
 
     def _configure(self, processor: Any) -> None:
         """Family settings read from the freshly loaded processor (before the prompt is built)."""
+
+    def _grounding_prompt(self, processor: Any, messages: list[dict[str, Any]]) -> str:
+        """The text before the utterances: by default the chat template's, with the generation prompt."""
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @property
     def processor(self) -> Any:
@@ -152,8 +157,7 @@ class ChatPromptBuilder(PromptBuilder):
         When only ungrounded text after the last object overflows, that text is cut without a warning: no
         object's maps or hidden states depend on it.
         """
-        tokenizer = self.processor.tokenizer
-        counts = [len(tokenizer.encode(text, add_special_tokens=False)) for text, _ in sample.utterances]
+        counts = [len(self._piece_ids(sample, text, obj)) for text, obj in sample.utterances]
         prompt_tokens = self._prompt_tokens(sample)
         budget = self.context_length - prompt_tokens
         if sum(counts) <= budget:
@@ -196,8 +200,15 @@ class ChatPromptBuilder(PromptBuilder):
             is_sentence=None if sample.is_sentence is None else sample.is_sentence[:kept],
         )
 
+    def _piece_ids(self, sample: GroundingSample, text: str, obj: int) -> list[int]:
+        """The token ids of one utterance, tokenised on its own as the reference does (a phrase's tokens
+        never depend on its neighbours); a non-narrative sample's separator is the last of its ids."""
+        ids = self.processor.tokenizer.encode(text, add_special_tokens=False)
+        if not sample.narrative and obj == NOT_GROUNDED and text == PHRASE_SEPARATOR:
+            return ids[-1:]
+        return ids
+
     def _utterance_ids(self, sample: GroundingSample) -> tuple[list[int], list[int]]:
-        tokenizer = self.processor.tokenizer
         input_ids: list[int] = []
         mask_ids: list[int] = []
         tokens_per_object = [0] * sample.num_objects
@@ -207,8 +218,7 @@ class ChatPromptBuilder(PromptBuilder):
                     f"sample {sample.image_id} ({sample.file_name}): utterance {text!r} refers to object "
                     f"{obj}, but there are {sample.num_objects} phrases"
                 )
-            # Each piece on its own, as the reference does: a phrase's tokens never depend on its neighbours.
-            ids = tokenizer.encode(text, add_special_tokens=False)
+            ids = self._piece_ids(sample, text, obj)
             input_ids += ids
             mask_ids += [obj] * len(ids)
             if obj >= 0:
