@@ -176,6 +176,11 @@ def test_every_documented_command_names_what_exists_and_composes(
         args = parse_args(rest)
         compose_model_config(args.model, args.sam, args.data, hydra_overrides(args.overrides, multirun=False))
         return
+    if entry == "cache":  # argparse (size | fill), then the overrides of train's config
+        from flmm_lightning.cache import parse_args as parse_cache_args
+
+        rest = parse_cache_args(rest).overrides
+        entry = "train"
     overrides = hydra_overrides(rest, multirun=rest[:1] == ["-m"])
     if entry == "bench":  # the bench composes train's config with its overrides
         entry = "train"
