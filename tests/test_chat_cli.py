@@ -19,7 +19,7 @@ from samples import make_sample
 
 from flmm_lightning import chat as chat_entry
 from flmm_lightning.chat import chat
-from flmm_lightning.predict import Grounder
+from flmm_lightning.inference.grounder import Grounder
 from flmm_lightning.run_dirs import RunDirectoryInUseError
 from flmm_lightning.visualize import object_color
 

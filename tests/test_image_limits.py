@@ -22,7 +22,7 @@ from flmm_lightning.data.images import (
     open_image_checked,
     to_rgb,
 )
-from flmm_lightning.predict import Grounder
+from flmm_lightning.inference.grounder import Grounder
 
 # The bar for predict on the 13000x13000 16-bit PNG (its decode alone would be 338 MB of 16-bit
 # pixels and gigabytes of float working arrays).

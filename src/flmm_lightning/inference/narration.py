@@ -5,20 +5,16 @@ scored by PNG's average recall, a phrase the selector missed with an empty mask 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from tqdm.auto import tqdm
 
 from flmm_lightning.boundaries import GroundingSample
-from flmm_lightning.conversation import decode_token_spans
+from flmm_lightning.inference.conversation import GroundingRunner, decode_token_spans
 from flmm_lightning.metrics import PanopticNarrativeRecall
 from flmm_lightning.selection import KEYWORD_THRESHOLD, phrases_from_scores
 from flmm_lightning.selection.targets import narrative_phrase_spans, narrative_token_offsets
-
-if TYPE_CHECKING:
-    from flmm_lightning.predict import Grounder
 
 Span = tuple[int, int]
 
@@ -44,7 +40,7 @@ def match_selected_phrases(
 
 @torch.no_grad()
 def ground_what_you_say(
-    grounder: Grounder, samples: Iterable[GroundingSample], threshold: float = KEYWORD_THRESHOLD
+    grounder: GroundingRunner, samples: Iterable[GroundingSample], threshold: float = KEYWORD_THRESHOLD
 ) -> dict[str, float]:
     """PNG's figures (``PanopticNarrativeRecall``) of grounding what the keyword selector chooses from each
     narrative of ``samples`` (PNG samples; skipped ones are left out), rather than the annotated phrases."""

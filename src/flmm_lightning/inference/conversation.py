@@ -47,8 +47,8 @@ Turn = tuple[str, str]
 
 class GroundingRunner:
     """The model core with the input encoding of its checkpoint: what a chat turn and a reasoning segmentation
-    run on, on the device of the model's weights. ``predict.Grounder`` is one (loaded from a checkpoint);
-    the Lightning module's evaluation of reasoning splits builds one around its own core."""
+    run on, on the device of the model's weights. ``grounder.Grounder`` is one (loaded from a checkpoint); the
+    Lightning module's evaluation of reasoning splits builds one around its own core."""
 
     def __init__(self, model: FLMM, prompt_builder: PromptBuilder, sam_image_size: int) -> None:
         self.model = model
@@ -100,7 +100,7 @@ class GroundedAnswer:
 
 
 class Chatter(Protocol):
-    """What a ``Conversation`` talks to: ``predict.Grounder``."""
+    """What a ``Conversation`` talks to: ``grounder.Grounder``."""
 
     def chat(
         self, image: Image.Image | str, question: str, history: Sequence[GroundedAnswer], **options: Any

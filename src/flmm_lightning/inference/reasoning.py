@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from flmm_lightning.conversation import (
+from flmm_lightning.data.reasonseg import ANSWER_PREFIX, is_sentence_query, reasoning_prompt
+from flmm_lightning.inference.conversation import (
     ChatInputError,
     GroundingRunner,
     Span,
@@ -19,7 +20,6 @@ from flmm_lightning.conversation import (
     fitting_prompt,
     image_sample,
 )
-from flmm_lightning.data.reasonseg import ANSWER_PREFIX, is_sentence_query, reasoning_prompt
 from flmm_lightning.selection import phrases_from_scores, token_char_offsets
 
 

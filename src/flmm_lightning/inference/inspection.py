@@ -17,15 +17,17 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from flmm_lightning.conversation import (
+from flmm_lightning.heads.unet import crop_to_content
+from flmm_lightning.inference.conversation import (
     GroundedAnswer,
+    GroundingRunner,
     Turn,
     check_question,
     encode_turn,
@@ -33,13 +35,9 @@ from flmm_lightning.conversation import (
     image_sample,
     turn_texts,
 )
-from flmm_lightning.heads.unet import crop_to_content
 from flmm_lightning.lmm.hf import DEFAULT_MAX_NEW_TOKENS
 from flmm_lightning.selection import token_char_offsets
 from flmm_lightning.selection.phrases import token_span_of
-
-if TYPE_CHECKING:
-    from flmm_lightning.predict import Grounder
 
 PARTS = ("question", "answer")
 # Stands for the question while the chat template's text after it is worked out (no template changes it).
@@ -211,7 +209,7 @@ def _in_question(offsets: Sequence[Span], mapping: Sequence[int]) -> list[Span]:
 
 @torch.no_grad()
 def read_attention(
-    grounder: Grounder,
+    grounder: GroundingRunner,
     image: Image.Image,
     question: str,
     answer: str | None = None,
