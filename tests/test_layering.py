@@ -75,9 +75,10 @@ def test_the_inference_pipeline_lies_between_the_model_and_the_core() -> None:
         return next(i for i, layer in enumerate(layers) if module in layer.replace("|", ":").split(" : "))
 
     assert layer_of("flmm_lightning.inference.grounder") < layer_of("flmm_lightning.builders")
-    pipeline = layer_of("flmm_lightning.inference.conversation")
-    assert layer_of("flmm_lightning.model") < layer_of("flmm_lightning.inference.reasoning") <= pipeline
-    assert pipeline < layer_of("flmm_lightning.core")
+    model, core = layer_of("flmm_lightning.model"), layer_of("flmm_lightning.core")
+    reasoning = layer_of("flmm_lightning.inference.reasoning")
+    conversation = layer_of("flmm_lightning.inference.conversation")
+    assert model < reasoning < conversation < layer_of("flmm_lightning.inference.pipeline") < core
 
 
 def test_the_package_keeps_every_contract() -> None:

@@ -19,7 +19,7 @@ from flmm_lightning.data.batch import GroundingBatch
 from flmm_lightning.data.reasonseg import is_sentence_query
 from flmm_lightning.heads.sam_refiner import SamRefiner, binarize_coarse
 from flmm_lightning.heads.unet import UNetMaskHead
-from flmm_lightning.inference.conversation import GroundingRunner
+from flmm_lightning.inference.pipeline import GroundingRunner
 from flmm_lightning.inference.reasoning import EmptyAnswerError, reason_and_segment
 from flmm_lightning.lmm.base import FrozenLMM
 from flmm_lightning.masks import mask_iou

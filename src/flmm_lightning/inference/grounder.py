@@ -31,8 +31,9 @@ from flmm_lightning.data.images import (
     measure_image,
 )
 from flmm_lightning.data.reasonseg import ANSWER_PREFIX
-from flmm_lightning.inference.conversation import GroundedAnswer, GroundingRunner, answer_and_ground
+from flmm_lightning.inference.conversation import GroundedAnswer, answer_and_ground
 from flmm_lightning.inference.inspection import AttentionView, read_attention
+from flmm_lightning.inference.pipeline import GroundingRunner
 from flmm_lightning.inference.reasoning import ReasonedSegmentation, reason_and_segment
 from flmm_lightning.masks import mask_record, mask_scores
 from flmm_lightning.pretrained import save_pretrained
