@@ -10,7 +10,7 @@ export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 export MALLOC_TOP_PAD_ := 536870912
 
-.PHONY: setup demo app test lint bench docs figures dist clean
+.PHONY: setup demo app test test-fast lint bench docs figures dist clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -31,6 +31,10 @@ app: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The edit-test loop: every test but those marked slow (`make test` and CI run them too)
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: setup
 	$(VENV)/bin/ruff check src tests

@@ -29,7 +29,7 @@ from PIL import Image
 from flmm_lightning.batch_predict import predict_batch
 from flmm_lightning.builders import build_module, run_config
 from flmm_lightning.config import CONF_DIR, register_resolvers
-from flmm_lightning.predict import Grounder
+from flmm_lightning.inference.grounder import Grounder
 
 PHOTOS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "coco_sample" / "images"
 PHRASES = ["the person on the left", "the ground"]

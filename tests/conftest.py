@@ -107,6 +107,14 @@ def compose_config():
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_dir() -> Path:
+    """The tiny Qwen2.5-VL checkpoint folder (``flmm_lightning.assets`` builds it offline, once)."""
+    from flmm_lightning.assets import ensure_tiny_qwen2_5_vl
+
+    return ensure_tiny_qwen2_5_vl()
+
+
+@pytest.fixture(scope="session")
 def tiny_config(compose_config, tmp_path_factory: pytest.TempPathFactory):
     """The demo experiment on a small synthetic dataset (12 train / 6 val images) in a temporary folder."""
     return compose_config(tiny_overrides(tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("run")))

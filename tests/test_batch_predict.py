@@ -26,7 +26,8 @@ from flmm_lightning.batch_predict import (
     read_manifest,
 )
 from flmm_lightning.batch_predict.output import PREDICTIONS, prediction_line
-from flmm_lightning.predict import Grounder, main
+from flmm_lightning.inference.grounder import Grounder
+from flmm_lightning.predict import main
 
 pytestmark = pytest.mark.usefixtures("pinned_threads")
 

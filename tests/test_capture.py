@@ -8,7 +8,6 @@ import pytest
 import torch
 from samples import make_sample
 
-from flmm_lightning.assets import ensure_tiny_qwen2_5_vl
 from flmm_lightning.lmm.capture import build_capture, gather_rows_cols, recording, selected_attention_probs
 from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter, Qwen2VLPromptBuilder
 
@@ -28,19 +27,14 @@ SAMPLES = [
 
 
 @pytest.fixture(scope="module")
-def tiny_dir():
-    return ensure_tiny_qwen2_5_vl()
+def builder(tiny_qwen_dir):
+    return Qwen2VLPromptBuilder(tiny_qwen_dir)
 
 
 @pytest.fixture(scope="module")
-def builder(tiny_dir):
-    return Qwen2VLPromptBuilder(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_dir):
-    fused = Qwen2VLAdapter(tiny_dir, text_proj_dim=8, capture="fused", torch_dtype="float32")
-    eager = Qwen2VLAdapter(tiny_dir, text_proj_dim=8, capture="eager", torch_dtype="float32")
+def adapters(tiny_qwen_dir):
+    fused = Qwen2VLAdapter(tiny_qwen_dir, text_proj_dim=8, capture="fused", torch_dtype="float32")
+    eager = Qwen2VLAdapter(tiny_qwen_dir, text_proj_dim=8, capture="eager", torch_dtype="float32")
     eager.load_state_dict(fused.state_dict())
     return fused, eager
 
@@ -119,9 +113,9 @@ def test_maps_are_informative(batch_outputs):
         assert spread.max() > 2.0
 
 
-def test_capture_everywhere_records_decoder_layers_only(tiny_dir, builder, batch_outputs):
+def test_capture_everywhere_records_decoder_layers_only(tiny_qwen_dir, builder, batch_outputs):
     """With the capture attention set on the vision tower too, only decoder self-attention is recorded."""
-    adapter = Qwen2VLAdapter(tiny_dir, text_proj_dim=8, capture="fused", torch_dtype="float32")
+    adapter = Qwen2VLAdapter(tiny_qwen_dir, text_proj_dim=8, capture="fused", torch_dtype="float32")
     adapter.model.set_attn_implementation("flmm_capture")
     assert adapter.model.config.vision_config._attn_implementation == "flmm_capture"
     features = adapter(builder.collate([builder(SAMPLES[0])]))[0]

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_exit import cli_exit
 from omegaconf import DictConfig
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -19,7 +19,7 @@ from samples import make_sample
 
 from flmm_lightning import chat as chat_entry
 from flmm_lightning.chat import chat
-from flmm_lightning.predict import Grounder
+from flmm_lightning.inference.grounder import Grounder
 from flmm_lightning.run_dirs import RunDirectoryInUseError
 from flmm_lightning.visualize import object_color
 
@@ -137,10 +137,7 @@ def test_an_empty_question_ends_the_cli_with_one_line(
         "question=' '",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exited:
-        chat_entry.main()
-    message = exited.value.code
+    message = cli_exit(chat_entry.main, argv, monkeypatch)
     assert (
         isinstance(message, str) and "\n" not in message and message.startswith("chat: the question is empty")
     )

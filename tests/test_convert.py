@@ -14,7 +14,7 @@ from flmm_lightning.builders import build_module, build_prompt_builder, run_conf
 from flmm_lightning.convert import OfficialCheckpointError, compose_model_config, convert, main
 from flmm_lightning.core import CheckpointMismatchError
 from flmm_lightning.eval import evaluate
-from flmm_lightning.predict import Grounder
+from flmm_lightning.inference.grounder import Grounder
 
 pytestmark = pytest.mark.usefixtures("pinned_threads")
 

@@ -73,7 +73,7 @@ def test_the_site_builds_strictly_with_every_page_and_the_api_reference(tmp_path
         assert html.is_file(), page
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     # mkdocstrings renders each documented object under its dotted path, docstring included
-    assert 'id="flmm_lightning.predict.Grounder"' in api
+    assert 'id="flmm_lightning.inference.grounder.Grounder"' in api
     assert "A trained F-LMM ready to ground phrases in images." in api
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flmm_lightning.predict import Grounder
+from flmm_lightning.inference.grounder import Grounder
 from flmm_lightning.visualize import overlay_masks, side_by_side
 
 REPO = Path(__file__).resolve().parents[1]

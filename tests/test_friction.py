@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import io
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cli_exit import cli_exit
 from omegaconf import DictConfig
 from rich.console import Console
 from samples import make_sample
@@ -107,10 +107,8 @@ def test_ctrl_c_at_the_prompt_ends_the_chat(
 def test_earlier_spellings_of_the_generation_length_name_the_new_key(
     entry, old: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sys, "argv", [entry.__name__, "ckpt=model.ckpt", old])
-    with pytest.raises(SystemExit) as info:
-        entry.main()
-    assert "is now generation.max_new_tokens; write generation.max_new_tokens=16" in str(info.value.code)
+    message = str(cli_exit(entry.main, [entry.__name__, "ckpt=model.ckpt", old], monkeypatch))
+    assert "is now generation.max_new_tokens; write generation.max_new_tokens=16" in message
 
 
 def test_generation_length_has_one_key_in_every_entry_point(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_exit import cli_exit
 from hostile_images import GREY, rgb_bomb, sixteen_bit_bomb, write_zero_png
 from PIL import Image
 
@@ -22,7 +23,7 @@ from flmm_lightning.data.images import (
     open_image_checked,
     to_rgb,
 )
-from flmm_lightning.predict import Grounder
+from flmm_lightning.inference.grounder import Grounder
 
 # The bar for predict on the 13000x13000 16-bit PNG (its decode alone would be 338 MB of 16-bit
 # pixels and gigabytes of float working arrays).
@@ -106,10 +107,7 @@ def test_chat_refuses_the_bomb_with_one_line(
     bombs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     argv = ["chat", "ckpt=never_read.ckpt", f"image={bombs['rgb']}", f"hydra.run.dir={tmp_path / 'run'}"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:
-        chat_main()
-    message = exit_info.value.code
+    message = cli_exit(chat_main, argv, monkeypatch)
     assert isinstance(message, str) and "\n" not in message
     assert message.startswith(f"chat: image too large: {bombs['rgb']} is 9000x9000")
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from samples import make_sample
 
-from flmm_lightning.assets import ensure_tiny_qwen2_5_vl
 from flmm_lightning.boundaries import NOT_GROUNDED
 from flmm_lightning.builders import build_module, build_prompt_builder
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
@@ -40,19 +39,14 @@ PNG_LIKE.narrative = True
 
 
 @pytest.fixture(scope="module")
-def tiny_dir():
-    return ensure_tiny_qwen2_5_vl()
+def builder(tiny_qwen_dir):
+    return Qwen2VLPromptBuilder(tiny_qwen_dir)
 
 
 @pytest.fixture(scope="module")
-def builder(tiny_dir):
-    return Qwen2VLPromptBuilder(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_dir):
+def adapter(tiny_qwen_dir):
     torch.manual_seed(0)
-    return Qwen2VLAdapter(tiny_dir, text_proj_dim=32, torch_dtype="float32", keyword_selector=True)
+    return Qwen2VLAdapter(tiny_qwen_dir, text_proj_dim=32, torch_dtype="float32", keyword_selector=True)
 
 
 def utterance_token_labels(builder, sample) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pkgutil
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,42 @@ def test_the_contracts_state_the_layering() -> None:
     assert set(ROOMS) <= set(contracts["no-test-assets"]["source_modules"])
 
 
+def layered_modules() -> set[str]:
+    """Every module or package the layers contract names."""
+    settings = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = [contract["layers"] for contract in settings["contracts"] if contract["id"] == "layers"]
+    return {name.strip() for layer in layers for name in layer.replace("|", ":").split(":")}
+
+
+def test_every_module_of_the_package_is_in_a_layer() -> None:
+    """A module in no layer is checked by no contract; a package counts when it or each of its modules is
+    named (``inference`` spans layers: ``Grounder`` above the builders, its pipeline below the model)."""
+    named = layered_modules()
+    missing = []
+    for module in pkgutil.iter_modules([str(SOURCE)]):
+        name = f"flmm_lightning.{module.name}"
+        if name in named:
+            continue
+        inner = [f"{name}.{m.name}" for m in pkgutil.iter_modules([str(SOURCE / module.name)])]
+        if not module.ispkg or not inner or not set(inner) <= named:
+            missing.append(name)
+    assert missing == []
+
+
+def test_the_inference_pipeline_lies_between_the_model_and_the_core() -> None:
+    settings = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = [contract["layers"] for contract in settings["contracts"] if contract["id"] == "layers"]
+
+    def layer_of(module: str) -> int:
+        return next(i for i, layer in enumerate(layers) if module in layer.replace("|", ":").split(" : "))
+
+    assert layer_of("flmm_lightning.inference.grounder") < layer_of("flmm_lightning.builders")
+    model, core = layer_of("flmm_lightning.model"), layer_of("flmm_lightning.core")
+    reasoning = layer_of("flmm_lightning.inference.reasoning")
+    conversation = layer_of("flmm_lightning.inference.conversation")
+    assert model < reasoning < conversation < layer_of("flmm_lightning.inference.pipeline") < core
+
+
 def test_the_package_keeps_every_contract() -> None:
     result = lint_imports(SOURCE.parent)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -58,3 +95,15 @@ def test_data_importing_lmm_breaks_the_layers_contract(tmp_path: Path) -> None:
     result = lint_imports(copy.parent)
     assert result.returncode != 0
     assert "BROKEN" in result.stdout and "flmm_lightning.data.batch -> flmm_lightning.lmm.hf" in result.stdout
+
+
+def test_the_core_importing_the_inference_package_breaks_the_layers_contract(tmp_path: Path) -> None:
+    copy = tmp_path / "src" / "flmm_lightning"
+    shutil.copytree(SOURCE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    core = copy / "core.py"
+    core.write_text(
+        core.read_text() + "\nfrom flmm_lightning.inference.reasoning import reason_and_segment  # noqa\n"
+    )
+    result = lint_imports(copy.parent)
+    assert result.returncode != 0
+    assert "flmm_lightning.core -> flmm_lightning.inference.reasoning" in result.stdout

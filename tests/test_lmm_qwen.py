@@ -8,7 +8,6 @@ import pytest
 import torch
 from samples import make_sample, png_like
 
-from flmm_lightning.assets import ensure_tiny_qwen2_5_vl
 from flmm_lightning.boundaries import GroundingFeatures, LMMBatch, PromptInputs
 from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter, Qwen2VLPromptBuilder
 
@@ -20,18 +19,13 @@ PNG_LIKE = png_like(180, 90)
 
 
 @pytest.fixture(scope="module")
-def tiny_dir():
-    return ensure_tiny_qwen2_5_vl()
+def builder(tiny_qwen_dir):
+    return Qwen2VLPromptBuilder(tiny_qwen_dir)
 
 
 @pytest.fixture(scope="module")
-def builder(tiny_dir):
-    return Qwen2VLPromptBuilder(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_dir):
-    return Qwen2VLAdapter(tiny_dir, text_proj_dim=32, capture="fused", torch_dtype="float32")
+def adapter(tiny_qwen_dir):
+    return Qwen2VLAdapter(tiny_qwen_dir, text_proj_dim=32, capture="fused", torch_dtype="float32")
 
 
 @pytest.mark.parametrize("sample", [REFCOCO_LIKE, PNG_LIKE], ids=["refcoco", "png"])
@@ -77,8 +71,8 @@ def test_refcoco_separators_are_ungrounded_dots(builder):
     assert tail_ids[tail_mask == -1].tolist() == dot * REFCOCO_LIKE.num_objects
 
 
-def test_max_pixels_shrinks_grid(tiny_dir):
-    small = Qwen2VLPromptBuilder(tiny_dir, max_pixels=56 * 56, min_pixels=28 * 28)
+def test_max_pixels_shrinks_grid(tiny_qwen_dir):
+    small = Qwen2VLPromptBuilder(tiny_qwen_dir, max_pixels=56 * 56, min_pixels=28 * 28)
     assert small(REFCOCO_LIKE).grid_hw == (1, 2)
 
 
@@ -148,30 +142,30 @@ def test_adapter_outputs_and_gradients(builder, adapter):
     adapter.eval()
 
 
-def test_merge_max_bounds_mean(tiny_dir, builder, adapter):
+def test_merge_max_bounds_mean(tiny_qwen_dir, builder, adapter):
     batch = builder.collate([builder(REFCOCO_LIKE)])
-    maxed = Qwen2VLAdapter(tiny_dir, text_proj_dim=32, merge="max", torch_dtype="float32")
+    maxed = Qwen2VLAdapter(tiny_qwen_dir, text_proj_dim=32, merge="max", torch_dtype="float32")
     mean_maps = adapter(batch)[0].attention_maps
     max_maps = maxed(batch)[0].attention_maps
     assert torch.all(max_maps >= mean_maps - 1e-6) and torch.any(max_maps > mean_maps + 1e-6)
 
 
-def test_adapter_rejects_bad_options(tiny_dir):
+def test_adapter_rejects_bad_options(tiny_qwen_dir):
     with pytest.raises(ValueError, match="merge"):
-        Qwen2VLAdapter(tiny_dir, text_proj_dim=8, merge="sum")
+        Qwen2VLAdapter(tiny_qwen_dir, text_proj_dim=8, merge="sum")
     with pytest.raises(ValueError, match="torch_dtype"):
-        Qwen2VLAdapter(tiny_dir, text_proj_dim=8, torch_dtype="float16")
+        Qwen2VLAdapter(tiny_qwen_dir, text_proj_dim=8, torch_dtype="float16")
 
 
-def test_use_fast_picks_the_image_processor(tiny_dir):
+def test_use_fast_picks_the_image_processor(tiny_qwen_dir):
     from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 
     # default: the PIL ("slow") processor the reference's transformers used
-    assert isinstance(Qwen2VLPromptBuilder(tiny_dir).processor.image_processor, PilBackend)
-    fast = Qwen2VLPromptBuilder(tiny_dir, use_fast=True)
+    assert isinstance(Qwen2VLPromptBuilder(tiny_qwen_dir).processor.image_processor, PilBackend)
+    fast = Qwen2VLPromptBuilder(tiny_qwen_dir, use_fast=True)
     assert isinstance(fast.processor.image_processor, TorchvisionBackend)
     # both give the same patch grid; the pixels differ by round-off and resampling
-    slow_prompt, fast_prompt = Qwen2VLPromptBuilder(tiny_dir)(REFCOCO_LIKE), fast(REFCOCO_LIKE)
+    slow_prompt, fast_prompt = Qwen2VLPromptBuilder(tiny_qwen_dir)(REFCOCO_LIKE), fast(REFCOCO_LIKE)
     assert torch.equal(slow_prompt.input_ids, fast_prompt.input_ids)
     assert slow_prompt.grid_hw == fast_prompt.grid_hw
 

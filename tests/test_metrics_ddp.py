@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import results_of_gloo_ranks
 from lightning import LightningModule, Trainer
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -25,8 +22,6 @@ from flmm_lightning.metrics import (
     ReferringSegmentationMetric,
     SplitMetrics,
 )
-
-WORLD_SIZE = 2
 
 
 class MaskPairDataset(Dataset):
@@ -91,12 +86,6 @@ def single_process_result(length: int) -> dict[str, float]:
     return compute_metrics(metrics)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # (dataset length, indices of rank 0, indices of rank 1); None = UnpaddedDistributedSampler's shards.
 SCENARIOS: list[tuple[int, list[int] | None, list[int] | None]] = [
     (7, None, None),
@@ -105,31 +94,22 @@ SCENARIOS: list[tuple[int, list[int] | None, list[int] | None]] = [
 ]
 
 
-def _metrics_worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    try:
-        results = []
-        for length, *shards in SCENARIOS:
-            dataset = MaskPairDataset(length)
-            indices = shards[rank] if shards[rank] is not None else UnpaddedDistributedSampler(dataset)
-            metrics = make_metrics()
-            for index in indices:
-                update_metrics(metrics, dataset[index])
-            results.append(compute_metrics(metrics))
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    finally:
-        dist.destroy_process_group()
+def _metrics_of_rank(rank: int) -> list[dict[str, float]]:
+    results = []
+    for length, *shards in SCENARIOS:
+        dataset = MaskPairDataset(length)
+        indices = shards[rank] if shards[rank] is not None else UnpaddedDistributedSampler(dataset)
+        metrics = make_metrics()
+        for index in indices:
+            update_metrics(metrics, dataset[index])
+        results.append(compute_metrics(metrics))
+    return results
 
 
 @pytest.mark.timeout(180)
 def test_metrics_sync_across_two_gloo_ranks(tmp_path: Path) -> None:
-    mp.spawn(_metrics_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     expected = [single_process_result(length) for length, *_ in SCENARIOS]
-    for rank in range(WORLD_SIZE):
-        results = json.loads(Path(tmp_path, f"rank{rank}.json").read_text())
+    for results in results_of_gloo_ranks(_metrics_of_rank, tmp_path):
         for result, want in zip(results, expected, strict=True):
             assert result == pytest.approx(want, abs=1e-12, nan_ok=True)
 

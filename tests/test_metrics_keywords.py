@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_metrics_ddp import WORLD_SIZE, _free_port
+from gloo import results_of_gloo_ranks
 
 from flmm_lightning.data.sampler import UnpaddedDistributedSampler
 from flmm_lightning.metrics import KeywordSelectionMetric
@@ -127,35 +122,26 @@ SCENARIOS: list[tuple[int, list[int] | None, list[int] | None]] = [
 ]
 
 
-def _keywords_worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    try:
-        results = []
-        for length, *shards in SCENARIOS:
-            texts = list(range(length))
-            indices = shards[rank] if shards[rank] is not None else UnpaddedDistributedSampler(texts)
-            metric = KeywordSelectionMetric()
-            for index in indices:
-                metric.update(*text_item(index))
-            results.append(metric.compute())
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    finally:
-        dist.destroy_process_group()
+def _keywords_of_rank(rank: int) -> list[dict[str, float]]:
+    results = []
+    for length, *shards in SCENARIOS:
+        texts = list(range(length))
+        indices = shards[rank] if shards[rank] is not None else UnpaddedDistributedSampler(texts)
+        metric = KeywordSelectionMetric()
+        for index in indices:
+            metric.update(*text_item(index))
+        results.append(metric.compute())
+    return results
 
 
 @pytest.mark.timeout(180)
 def test_exact_across_two_gloo_ranks(tmp_path: Path):
-    mp.spawn(_keywords_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     expected = []
     for length, *_ in SCENARIOS:
         metric = KeywordSelectionMetric()
         for index in range(length):
             metric.update(*text_item(index))
         expected.append(metric.compute())
-    for rank in range(WORLD_SIZE):
-        results = json.loads(Path(tmp_path, f"rank{rank}.json").read_text())
+    for results in results_of_gloo_ranks(_keywords_of_rank, tmp_path):
         for result, want in zip(results, expected, strict=True):
             assert result == pytest.approx(want, abs=0, nan_ok=True)

@@ -8,9 +8,9 @@ import torch
 
 from flmm_lightning.builders import build_module, build_prompt_builder
 from flmm_lightning.data.png import PNGDataset
+from flmm_lightning.inference.grounder import Grounder
+from flmm_lightning.inference.narration import ground_what_you_say, match_selected_phrases
 from flmm_lightning.metrics import PanopticNarrativeRecall
-from flmm_lightning.narration import ground_what_you_say, match_selected_phrases
-from flmm_lightning.predict import Grounder
 
 NOT = -1
 

@@ -7,13 +7,13 @@ import io
 import json
 import math
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_exit import cli_exit
 from fontTools.ttLib import TTFont
 from omegaconf import DictConfig
 from PIL import Image
@@ -21,8 +21,9 @@ from pycocotools import mask as mask_utils
 
 from flmm_lightning.data import RefCocoDataset
 from flmm_lightning.data.images import UnreadableImageError, as_displayed, load_photo, to_rgb
+from flmm_lightning.inference.grounder import Grounder, PhraseError, phrase_list
 from flmm_lightning.masks import mask_scores
-from flmm_lightning.predict import Grounder, PhraseError, main, phrase_list, predict
+from flmm_lightning.predict import main, predict
 from flmm_lightning.visualize import legend_entry, overlay_masks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -242,10 +243,7 @@ def test_unreadable_image_ends_predict_with_one_line(
         "phrases=a man",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    message = exit_info.value.code
+    message = cli_exit(main, argv, monkeypatch)
     assert isinstance(message, str) and "\n" not in message
     assert message.startswith("predict: ") and str(broken_image) in message
 

@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_exit import cli_exit
 from omegaconf import DictConfig
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from flmm_lightning.data import ReasonSegDataset
 from flmm_lightning.eval import evaluate
-from flmm_lightning.predict import Grounder, PredictInputError, main, predict
+from flmm_lightning.inference.grounder import Grounder
+from flmm_lightning.predict import PredictInputError, main, predict
 from flmm_lightning.reporting import read_metrics_json
 
 PHOTO = "coco_sample/images/000000142238.jpg"
@@ -187,9 +188,7 @@ def test_predict_takes_exactly_one_of_phrases_and_query(
     overrides = [*common, *given, f"paths.output_dir={tmp_path / 'out'}"]
     with pytest.raises(PredictInputError, match=f"exactly one of phrases=.* and query=.*; {word} given"):
         predict(compose_config(overrides, config_name="predict"))
-    monkeypatch.setattr(sys, "argv", ["predict", *common, *given, f"hydra.run.dir={tmp_path / 'run'}"])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    message = exit_info.value.code
+    argv = ["predict", *common, *given, f"hydra.run.dir={tmp_path / 'run'}"]
+    message = cli_exit(main, argv, monkeypatch)
     assert isinstance(message, str) and "\n" not in message
     assert message.startswith("predict: give exactly one of phrases") and f"{word} given" in message

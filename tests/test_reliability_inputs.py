@@ -41,7 +41,7 @@ from flmm_lightning.core import CheckpointMismatchError
 from flmm_lightning.data.batch import EncodedDataset
 from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.eval import evaluate
-from flmm_lightning.predict import Grounder
+from flmm_lightning.inference.grounder import Grounder
 from flmm_lightning.train import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -18,7 +18,7 @@ from test_reliability_resume import FAST, QUIET
 from flmm_lightning.builders import load_checkpoint
 from flmm_lightning.config import CONF_DIR
 from flmm_lightning.eval import evaluate
-from flmm_lightning.predict import Grounder
+from flmm_lightning.inference.grounder import Grounder
 from flmm_lightning.safe_config import ALLOWED_TARGETS, UnsafeConfigError, parse_stored_config
 from flmm_lightning.train import train
 

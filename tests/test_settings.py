@@ -3,11 +3,11 @@ predict refuse model overrides (the model comes from the checkpoint)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cli_exit import cli_exit
 from omegaconf import DictConfig
 from test_entrypoints import run_overrides
 
@@ -70,10 +70,7 @@ def test_the_cli_refuses_model_overrides(
     """``model=`` used to fail with Hydra's "No match in the defaults list" and ``+model=`` to be ignored."""
     name = entry.__name__.rsplit(".", 1)[-1]
     argv = [name, f"ckpt={tmp_path / 'x.ckpt'}", f"hydra.run.dir={tmp_path / 'run'}", override]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exited:
-        entry.main()
-    message = str(exited.value.code)
+    message = str(cli_exit(entry.main, argv, monkeypatch))
     assert f"`{override}`" in message and "come from the checkpoint" in message
     assert not (tmp_path / "run").exists()
 

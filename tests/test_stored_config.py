@@ -23,7 +23,7 @@ from flmm_lightning.builders import load_checkpoint, module_from_checkpoint, run
 from flmm_lightning.config import config_on_this_machine, default_paths
 from flmm_lightning.core import CheckpointMismatchError
 from flmm_lightning.data.synthetic import MARKER_NAME, MAX_IMAGES, write_synthetic_dataset
-from flmm_lightning.predict import Grounder
+from flmm_lightning.inference.grounder import Grounder
 from flmm_lightning.safe_config import (
     ALLOWED_TARGETS,
     SETTINGS,

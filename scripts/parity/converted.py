@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from flmm_lightning.convert import compose_model_config, convert
-from flmm_lightning.predict import Grounder
+from flmm_lightning.inference.grounder import Grounder
 
 
 def main() -> None:

@@ -26,10 +26,10 @@ from rich.text import Text
 from flmm_lightning.boundaries import ContextOverflowError
 from flmm_lightning.builders import ConfigError, output_dir_of
 from flmm_lightning.config import CONF_DIR, register_resolvers
-from flmm_lightning.conversation import ChatInputError, Conversation, GroundedAnswer
 from flmm_lightning.data.images import ImageLimits, UnreadableImageError, load_photo
+from flmm_lightning.inference.conversation import ChatInputError, Conversation, GroundedAnswer
+from flmm_lightning.inference.grounder import Grounder, Grounding, PhraseError, phrase_list
 from flmm_lightning.outputs import empty_mask_notices, json_document
-from flmm_lightning.predict import Grounder, Grounding, PhraseError, phrase_list
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest
 from flmm_lightning.settings import (
     CHECKPOINT_GROUPS,

@@ -1,7 +1,7 @@
 """The F-LMM model core: frozen LMM -> U-Net mask head -> SAM refiner, and the losses of its predictions.
 
 A plain ``torch.nn.Module``, the one place the stages are wired: the Lightning module (training, evaluation),
-``predict.Grounder``, the bench and the tests all call it.
+``inference.grounder.Grounder``, the bench and the tests all call it.
 """
 
 from __future__ import annotations

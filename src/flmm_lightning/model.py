@@ -14,16 +14,16 @@ from lightning import LightningModule
 from torch import nn
 
 from flmm_lightning.boundaries import GroundingSample
-from flmm_lightning.conversation import GroundingRunner
 from flmm_lightning.core import FLMM, SELECTOR_TERM, GroundingPrediction
 from flmm_lightning.data.batch import GroundingBatch
 from flmm_lightning.data.reasonseg import is_sentence_query
 from flmm_lightning.heads.sam_refiner import SamRefiner, binarize_coarse
 from flmm_lightning.heads.unet import UNetMaskHead
+from flmm_lightning.inference.pipeline import GroundingRunner
+from flmm_lightning.inference.reasoning import EmptyAnswerError, reason_and_segment
 from flmm_lightning.lmm.base import FrozenLMM
 from flmm_lightning.masks import mask_iou
 from flmm_lightning.metrics import SplitMetrics
-from flmm_lightning.reasoning import EmptyAnswerError, reason_and_segment
 from flmm_lightning.selection.targets import narrative_selection_spans
 
 # The core's state-dict keys inside this module's (``self.model``); checkpoints written before the core

@@ -90,7 +90,7 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Mapping[str, flo
         f"- data: {', '.join(f'`{s}`' for s in splits) if splits else 'not stored'}",
         "",
         "```python",
-        "from flmm_lightning.predict import Grounder",
+        "from flmm_lightning.inference.grounder import Grounder",
         "",
         'grounder = Grounder.from_pretrained("<this directory or hub id>")',
         'grounding = grounder.ground("photo.jpg", ["the dog"])',

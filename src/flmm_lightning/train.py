@@ -37,10 +37,10 @@ from flmm_lightning.chat import write_turn
 from flmm_lightning.config import CONF_DIR, register_resolvers
 from flmm_lightning.data.datamodule import GroundingDataModule, split_name
 from flmm_lightning.feature_cache import FeatureCacheWriter, open_feature_cache
+from flmm_lightning.inference.grounder import Grounder
+from flmm_lightning.inference.narration import ground_what_you_say
 from flmm_lightning.metrics import ReferringSegmentationMetric
 from flmm_lightning.model import FLMMModule
-from flmm_lightning.narration import ground_what_you_say
-from flmm_lightning.predict import Grounder
 from flmm_lightning.pretrained import save_pretrained
 from flmm_lightning.reporting import print_metrics, write_metrics_json
 from flmm_lightning.run_dirs import claim_run_dir, mark_latest

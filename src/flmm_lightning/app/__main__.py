@@ -14,7 +14,7 @@ from flmm_lightning.app.sessions import SessionFolders
 from flmm_lightning.builders import ConfigError
 from flmm_lightning.chat import generation_settings
 from flmm_lightning.config import CONF_DIR, register_resolvers
-from flmm_lightning.predict import Grounder
+from flmm_lightning.inference.grounder import Grounder
 from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups
 
 register_resolvers()

@@ -15,11 +15,11 @@ from flmm_lightning.app.limits import AppInputError, Limits, checked_phrases, ch
 from flmm_lightning.app.sessions import SessionFolders, UploadError
 from flmm_lightning.boundaries import ContextOverflowError
 from flmm_lightning.chat import write_turn
-from flmm_lightning.conversation import ChatInputError, GroundedAnswer
 from flmm_lightning.data.images import UnreadableImageError
-from flmm_lightning.inspection import AttentionView
+from flmm_lightning.inference.conversation import ChatInputError, GroundedAnswer
+from flmm_lightning.inference.grounder import Grounder, PhraseError
+from flmm_lightning.inference.inspection import AttentionView
 from flmm_lightning.outputs import empty_mask_notices, finite_values, json_document
-from flmm_lightning.predict import Grounder, PhraseError
 from flmm_lightning.visualize import object_hex_color, overlay_heatmap, overlay_masks
 
 # Errors a user fixes by changing the request: shown as the request's error message, the app goes on.

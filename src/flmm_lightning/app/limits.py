@@ -10,7 +10,7 @@ from typing import Any
 from PIL import Image
 
 from flmm_lightning.data.images import ImageLimits, UnreadableImageError, load_photo
-from flmm_lightning.predict import phrase_list
+from flmm_lightning.inference.grounder import phrase_list
 
 
 class AppInputError(ValueError):

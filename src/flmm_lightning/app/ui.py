@@ -8,7 +8,7 @@ from typing import Any
 import gradio as gr
 
 from flmm_lightning.app.handlers import AppService, last_turn_texts, pick_corner
-from flmm_lightning.conversation import SELECTORS
+from flmm_lightning.inference.conversation import SELECTORS
 from flmm_lightning.selection import KEYWORD_THRESHOLD
 
 INTRO = (

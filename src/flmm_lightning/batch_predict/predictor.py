@@ -14,11 +14,12 @@ from flmm_lightning.batch_predict.dataset import PredictionBatch
 from flmm_lightning.batch_predict.manifest import ManifestEntry
 from flmm_lightning.batch_predict.output import InputResult
 from flmm_lightning.boundaries import ContextOverflowError, GroundingSample, PromptBuilder
-from flmm_lightning.conversation import ChatInputError, GroundingRunner
 from flmm_lightning.core import FLMM, GroundingPrediction
+from flmm_lightning.inference.conversation import ChatInputError
+from flmm_lightning.inference.pipeline import GroundingRunner
+from flmm_lightning.inference.reasoning import EmptyAnswerError, reason_and_segment
 from flmm_lightning.masks import mask_record, mask_scores
 from flmm_lightning.outputs import empty_mask_notices
-from flmm_lightning.reasoning import EmptyAnswerError, reason_and_segment
 from flmm_lightning.visualize import overlay_masks
 
 

@@ -17,29 +17,27 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from flmm_lightning.conversation import (
-    GroundedAnswer,
+from flmm_lightning.heads.unet import crop_to_content
+from flmm_lightning.inference.conversation import GroundedAnswer, check_question, turn_texts
+from flmm_lightning.inference.pipeline import (
+    GroundingRunner,
     Turn,
-    check_question,
     encode_turn,
     fitting_prompt,
+    generate,
     image_sample,
-    turn_texts,
+    read,
 )
-from flmm_lightning.heads.unet import crop_to_content
 from flmm_lightning.lmm.hf import DEFAULT_MAX_NEW_TOKENS
 from flmm_lightning.selection import token_char_offsets
 from flmm_lightning.selection.phrases import token_span_of
-
-if TYPE_CHECKING:
-    from flmm_lightning.predict import Grounder
 
 PARTS = ("question", "answer")
 # Stands for the question while the chat template's text after it is worked out (no template changes it).
@@ -211,7 +209,7 @@ def _in_question(offsets: Sequence[Span], mapping: Sequence[int]) -> list[Span]:
 
 @torch.no_grad()
 def read_attention(
-    grounder: Grounder,
+    grounder: GroundingRunner,
     image: Image.Image,
     question: str,
     answer: str | None = None,
@@ -220,15 +218,15 @@ def read_attention(
 ) -> AttentionView:
     """``Grounder.attention`` (which documents the arguments); ``image`` is an RGB PIL image as displayed."""
     check_question(question)
-    lmm = grounder.model.lmm
+    lmm = grounder.lmm
     builder = grounder.encode.prompt_builder
-    tokenizer = builder.processor.tokenizer
+    tokenizer = grounder.tokenizer
     turns = turn_texts(history)
     sample = image_sample(image)
     if answer is None:
         room = int(generation.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         prompt, dropped = fitting_prompt(grounder, sample, turns, question, room)
-        answer_ids = lmm.generate(encode_turn(grounder, sample, prompt, []).lmm, **generation)
+        answer_ids = generate(grounder, sample, prompt, **generation)
         answer, answer_offsets = token_char_offsets(tokenizer, answer_ids)
     else:
         if not isinstance(answer, str):
@@ -237,7 +235,8 @@ def read_attention(
         answer_ids, answer_offsets = encoded["input_ids"], [tuple(span) for span in encoded["offset_mapping"]]
         prompt, dropped = fitting_prompt(grounder, sample, turns, question, len(answer_ids))
 
-    batch = encode_turn(grounder, sample, prompt, answer_ids).lmm
+    turn = encode_turn(grounder, sample, prompt, answer_ids)
+    batch = turn.lmm
     input_ids = batch.input_ids[0].cpu()  # [S]
     answer_start = int(batch.utterance_start[0])
     after_image = int((input_ids == lmm.image_token_id).nonzero().max()) + 1
@@ -252,7 +251,7 @@ def read_attention(
 
     # Read from the question's first token on: its tokens, the template's between, the answer's.
     from_question = dataclasses.replace(batch, utterance_start=torch.tensor([question_start]))
-    readout = lmm.read(from_question, every_utterance_token=True)
+    readout = read(grounder, dataclasses.replace(turn, lmm=from_question))
     rows = torch.cat(
         [torch.arange(last - first), torch.arange(len(answer_ids)) + answer_start - question_start]
     )  # [T] rows of the readout: the question's tokens, the answer's

@@ -1,6 +1,6 @@
-"""Reasoning segmentation (F-LMM's ReasonSeg protocol) on the grounded-conversation path: the frozen LMM
-answers a query briefly after a forced prefix ("It is"), and the generated tokens' attention is merged into
-one object and decoded by the U-Net and SAM as in training."""
+"""Reasoning segmentation (F-LMM's ReasonSeg protocol) on the inference pipeline: the frozen LMM answers a
+query briefly after a forced prefix ("It is"), and the generated tokens' attention is merged into one object
+and decoded by the U-Net and SAM as in training."""
 
 from __future__ import annotations
 
@@ -10,17 +10,18 @@ from typing import Any
 import torch
 from PIL import Image
 
-from flmm_lightning.conversation import (
-    ChatInputError,
+from flmm_lightning.data.reasonseg import ANSWER_PREFIX, is_sentence_query, reasoning_prompt
+from flmm_lightning.inference.conversation import ChatInputError
+from flmm_lightning.inference.pipeline import (
     GroundingRunner,
+    ReadAnswer,
     Span,
-    decode_token_spans,
-    encode_turn,
+    answer,
     fitting_prompt,
     image_sample,
+    select_and_decode,
 )
-from flmm_lightning.data.reasonseg import ANSWER_PREFIX, is_sentence_query, reasoning_prompt
-from flmm_lightning.selection import phrases_from_scores, token_char_offsets
+from flmm_lightning.selection import AnswerPhrase, phrases_from_scores
 
 
 class EmptyAnswerError(ValueError):
@@ -64,8 +65,7 @@ def reason_and_segment(
         raise ChatInputError(f"the query is empty: say what to segment, got {query!r}")
     if tokens not in SEGMENT_TOKENS:
         raise ChatInputError(f"tokens must be one of {SEGMENT_TOKENS}, got {tokens!r}")
-    lmm = grounder.model.lmm
-    if tokens == "keywords" and getattr(lmm, "keyword_selector", None) is None:
+    if tokens == "keywords" and not grounder.model.has_keyword_selector:
         raise ChatInputError("tokens='keywords': this checkpoint has no keyword selector; use tokens='all'")
     if is_sentence is None:
         is_sentence = is_sentence_query(query)
@@ -73,28 +73,25 @@ def reason_and_segment(
     sample = image_sample(image)
     prompt, _ = fitting_prompt(grounder, sample, [], question, max_new_tokens + 8)
     prompt += answer_prefix
-    answer_ids = lmm.generate(
-        encode_turn(grounder, sample, prompt, []).lmm, max_new_tokens=max_new_tokens, **generation
-    )
-    tokenizer = grounder.encode.prompt_builder.processor.tokenizer
-    text, offsets = token_char_offsets(tokenizer, answer_ids)
-    if not answer_ids:
+    read = answer(grounder, sample, prompt, max_new_tokens=max_new_tokens, **generation)
+    if not read.token_ids:
         raise EmptyAnswerError(f"the LMM ended its answer right after {answer_prefix!r}: nothing to segment")
-    batch = encode_turn(grounder, sample, prompt, answer_ids)
-    readout = lmm.read(batch.lmm, every_utterance_token=True)
-    span = (0, len(answer_ids))
-    if tokens == "keywords":
-        scores = lmm.selector_logits(readout)[0].float().sigmoid()  # [T_answer]
-        chosen = phrases_from_scores(text, offsets, scores)
-        if chosen:
-            span = max(chosen, key=lambda phrase: phrase.score).token_span
-    decoded = decode_token_spans(grounder, batch, readout, [span])
+
+    def select(read: ReadAnswer) -> list[AnswerPhrase]:
+        everything = AnswerPhrase(read.text, (0, len(read.text)), (0, len(read.token_ids)), None)
+        if tokens == "all":
+            return [everything]
+        chosen = phrases_from_scores(read.text, read.offsets, read.keyword_scores(grounder))
+        return [max(chosen, key=lambda phrase: phrase.score)] if chosen else [everything]
+
+    grounded = select_and_decode(grounder, read, select)
+    decoded = grounded.decoded
     return ReasonedSegmentation(
         query=query,
         question=question,
-        answer=answer_prefix + text,
-        token_ids=answer_ids,
-        token_span=span,
+        answer=answer_prefix + read.text,
+        token_ids=read.token_ids,
+        token_span=grounded.chosen[0].token_span,
         mask=decoded.fine[0],
         coarse_mask=decoded.coarse[0],
         box=decoded.box(0),

@@ -5,20 +5,16 @@ scored by PNG's average recall, a phrase the selector missed with an empty mask 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from tqdm.auto import tqdm
 
 from flmm_lightning.boundaries import GroundingSample
-from flmm_lightning.conversation import decode_token_spans
+from flmm_lightning.inference.pipeline import GroundingRunner, ReadAnswer, read, select_and_decode
 from flmm_lightning.metrics import PanopticNarrativeRecall
-from flmm_lightning.selection import KEYWORD_THRESHOLD, phrases_from_scores
+from flmm_lightning.selection import KEYWORD_THRESHOLD, AnswerPhrase, phrases_from_scores
 from flmm_lightning.selection.targets import narrative_phrase_spans, narrative_token_offsets
-
-if TYPE_CHECKING:
-    from flmm_lightning.predict import Grounder
 
 Span = tuple[int, int]
 
@@ -44,34 +40,38 @@ def match_selected_phrases(
 
 @torch.no_grad()
 def ground_what_you_say(
-    grounder: Grounder, samples: Iterable[GroundingSample], threshold: float = KEYWORD_THRESHOLD
+    grounder: GroundingRunner, samples: Iterable[GroundingSample], threshold: float = KEYWORD_THRESHOLD
 ) -> dict[str, float]:
     """PNG's figures (``PanopticNarrativeRecall``) of grounding what the keyword selector chooses from each
     narrative of ``samples`` (PNG samples; skipped ones are left out), rather than the annotated phrases."""
     if not grounder.model.has_keyword_selector:
         raise ValueError("ground what you say needs a checkpoint with a keyword selector")
-    lmm = grounder.model.lmm
-    tokenizer = grounder.encode.prompt_builder.processor.tokenizer
     metric = PanopticNarrativeRecall()
     for sample in tqdm(samples, desc="ground what you say", leave=False):
         if not isinstance(sample, GroundingSample):
             continue
         encoded = grounder.encode.encode(sample)
         batch = move_data_to_device(grounder.collate([encoded]), grounder.device)
-        readout = lmm.read(batch.lmm, every_utterance_token=True)
+        readout = read(grounder, batch)
         start, count = int(batch.lmm.utterance_start[0]), int(readout.hidden_counts[0])
         token_objects = batch.lmm.mask_ids[0, start : start + count].cpu()  # [u]
         utterances = encoded.sample.utterances
         text, _ = narrative_phrase_spans(utterances)
-        scores = lmm.selector_logits(readout)[0].float().sigmoid()  # [u]
-        chosen = phrases_from_scores(text, narrative_token_offsets(tokenizer, utterances), scores, threshold)
+        token_ids = batch.lmm.input_ids[0, start : start + count].tolist()
+        offsets = narrative_token_offsets(grounder.tokenizer, utterances)
+        narrative = ReadAnswer(token_ids, text, offsets, batch, readout)
+
+        def select(narrative: ReadAnswer) -> list[AnswerPhrase]:
+            scores = narrative.keyword_scores(grounder)  # [u]
+            return phrases_from_scores(narrative.text, narrative.offsets, scores, threshold)
+
+        grounded = select_and_decode(grounder, narrative, select)
         gt_masks = encoded.sample.masks
         predicted = torch.zeros_like(gt_masks)  # [n, H, W]: missed phrases stay empty
-        if chosen:
-            decoded = decode_token_spans(grounder, batch, readout, [phrase.token_span for phrase in chosen])
-            spans = [phrase.token_span for phrase in chosen]
+        if grounded.decoded is not None:
+            spans = [phrase.token_span for phrase in grounded.chosen]
             for k, match in enumerate(match_selected_phrases(token_objects, spans, len(gt_masks))):
                 if match is not None:
-                    predicted[k] = decoded.fine[match]
+                    predicted[k] = grounded.decoded.fine[match]
         metric.update(predicted, gt_masks, encoded.sample.is_thing, encoded.sample.is_plural)
     return {name: float(value) for name, value in metric.compute().items()}
