@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightning.fabric.utilities import move_data_to_device
 
 from flmm_lightning.builders import build_module, build_prompt_builder
 from flmm_lightning.data.png import PNGDataset
 from flmm_lightning.inference.grounder import Grounder
 from flmm_lightning.inference.narration import ground_what_you_say, match_selected_phrases
+from flmm_lightning.inference.pipeline import decode_token_spans, read
 from flmm_lightning.metrics import PanopticNarrativeRecall
 
 NOT = -1
@@ -50,3 +52,18 @@ def test_a_selector_that_marks_nothing_recalls_nothing(grounder: Grounder, narra
         {name: float(value) for name, value in expected.compute().items()}, nan_ok=True
     )
     assert results["Acc@0.5"] == 0.0 and results["AR"] < 2e-5
+
+
+def test_decoding_chosen_spans_leaves_the_narratives_own_object_marks(
+    grounder: Grounder, narratives: list
+) -> None:
+    # Ground what you say matches the chosen phrases to the narrative's annotated objects after decoding
+    # them; on the CPU its read of those marks shares the batch's memory, so decoding must not rewrite them.
+    encoded = grounder.encode.encode(narratives[0])
+    batch = move_data_to_device(grounder.collate([encoded]), grounder.device)
+    readout = read(grounder, batch)
+    marks = batch.lmm.mask_ids.clone()  # [1, S]
+    assert int((marks >= 0).sum()) > 0
+    decoded = decode_token_spans(grounder, batch, readout, [(0, 2), (2, 3)])
+    assert torch.equal(batch.lmm.mask_ids, marks)
+    assert decoded.fine.shape[0] == 2

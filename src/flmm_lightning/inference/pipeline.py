@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -191,13 +191,13 @@ def decode_token_spans(
     runner: GroundingRunner, batch: GroundingBatch, readout: TokenReadout, spans: Sequence[Span]
 ) -> DecodedSpans:
     """Masks of the objects whose answer tokens are ``spans`` (token spans of the utterance): each span's
-    tokens marked as one object (replacing the batch's own marks), merged and decoded by the U-Net and SAM
-    as in training."""
+    tokens marked as one object (in place of the batch's own marks, which stay as they are for the caller),
+    merged and decoded by the U-Net and SAM as in training."""
     start = int(batch.lmm.utterance_start[0])
-    batch.lmm.mask_ids[0].fill_(NOT_GROUNDED)
+    mask_ids = torch.full_like(batch.lmm.mask_ids, NOT_GROUNDED)  # [B, S]
     for k, (first, last) in enumerate(spans):
-        batch.lmm.mask_ids[0, start + first : start + last] = k
-    features = runner.lmm.features(batch.lmm, readout)
+        mask_ids[0, start + first : start + last] = k
+    features = runner.lmm.features(replace(batch.lmm, mask_ids=mask_ids), readout)
     prediction = runner.model.decode(batch, features)[0]
     size = (batch.samples[0].image.height, batch.samples[0].image.width)
     fine_logits = prediction.fine_logits.cpu()  # [n, H, W]
