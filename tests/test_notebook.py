@@ -54,10 +54,12 @@ def install_kernel(folder: Path) -> None:
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
 
 
-@pytest.mark.slow
-def test_quickstart_notebook_runs(
-    tmp_path: Path, fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def run_notebook(
+    path: Path, tmp_path: Path, fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> nbformat.NotebookNode:
+    """``path`` executed top to bottom on this interpreter's kernel (its work folder under ``tmp_path``, the
+    fixtures from ``fixtures_dir``); fails on an error output or on a kernel that runs another interpreter.
+    Returns the executed cells."""
     install_kernel(tmp_path / "jupyter")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("FLMM_NOTEBOOK_DIR", str(tmp_path / "work"))
@@ -68,8 +70,7 @@ def test_quickstart_notebook_runs(
     # one intra-op thread: on a small shared machine, spinning OpenMP threads cost more than they give
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    num_cells = len(notebook.cells)
+    notebook = nbformat.read(path, as_version=4)
     notebook.cells.append(new_code_cell("import sys; print(sys.executable)"))
     client = NotebookClient(
         notebook, kernel_name=KERNEL, timeout=600, resources={"metadata": {"path": str(tmp_path)}}
@@ -78,10 +79,18 @@ def test_quickstart_notebook_runs(
 
     errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, errors
-    assert notebook.cells[-1].outputs[0]["text"].strip() == sys.executable
+    assert notebook.cells.pop().outputs[0]["text"].strip() == sys.executable
+    return notebook
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_runs(
+    tmp_path: Path, fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notebook = run_notebook(NOTEBOOK, tmp_path, fixtures_dir, monkeypatch)
     images = [
         output
-        for cell in notebook.cells[:num_cells]
+        for cell in notebook.cells
         for output in cell.get("outputs", [])
         if "image/png" in output.get("data", {})
     ]
