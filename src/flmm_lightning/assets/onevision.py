@@ -12,7 +12,7 @@ from transformers import (
     LlavaOnevisionVideoProcessor,
 )
 
-from flmm_lightning.assets.qwen import QWEN2_5_VL_VOCAB_SIZE, TINY_TEXT_HEADS, TINY_TEXT_HIDDEN
+from flmm_lightning.assets.qwen import tiny_qwen2_text_config
 from flmm_lightning.assets.store import DEFAULT_INITIALIZER_RANGE, DEFAULT_SEED, write_tiny_lmm
 from flmm_lightning.assets.text_tokenizers import build_qwen2_5_tokenizer_with
 
@@ -54,21 +54,7 @@ def tiny_llava_onevision_config(initializer_range: float = DEFAULT_INITIALIZER_R
             patch_size=14,
             initializer_range=initializer_range,
         ),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=QWEN2_5_VL_VOCAB_SIZE,
-            hidden_size=TINY_TEXT_HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=TINY_TEXT_HEADS,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            rms_norm_eps=1e-6,
-            initializer_range=initializer_range,
-            bos_token_id=151643,
-            eos_token_id=151645,
-            dtype="float32",
-        ),
+        text_config=tiny_qwen2_text_config(initializer_range),
         image_token_id=tokenizer.image_token_id,
         video_token_id=tokenizer.video_token_id,
         vision_feature_select_strategy="full",

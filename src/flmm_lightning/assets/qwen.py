@@ -220,3 +220,23 @@ def build_tiny_qwen3_vl(
         build_tiny_qwen3_vl_processor(),
         seed,
     )
+
+
+def tiny_qwen2_text_config(initializer_range: float = DEFAULT_INITIALIZER_RANGE) -> dict[str, Any]:
+    """The tiny Qwen2 decoder the tiny InternVL and LLaVA-OneVision share: 4 layers x 4 heads on 2 kv heads,
+    hidden 64, the real Qwen2.5 vocabulary."""
+    return dict(
+        model_type="qwen2",
+        vocab_size=QWEN2_5_VL_VOCAB_SIZE,
+        hidden_size=TINY_TEXT_HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=TINY_TEXT_HEADS,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        initializer_range=initializer_range,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        dtype="float32",
+    )
