@@ -26,10 +26,10 @@ from hydra.core.hydra_config import HydraConfig
 from lightning import Callback, LightningModule, Trainer
 from PIL import Image
 
-from flmm_lightning.batch_predict import predict_batch
-from flmm_lightning.builders import build_module, run_config
-from flmm_lightning.config import CONF_DIR, register_resolvers
+from flmm_lightning.config.composition import CONF_DIR, register_resolvers
+from flmm_lightning.inference.batch import predict_batch
 from flmm_lightning.inference.grounder import Grounder
+from flmm_lightning.runs.build import build_module, run_config
 
 PHOTOS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "coco_sample" / "images"
 PHRASES = ["the person on the left", "the ground"]

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from flmm_lightning.data.refcoco import RefCocoDataset  # noqa: E402
 from flmm_lightning.heads.unet import crop_to_content  # noqa: E402
 from flmm_lightning.inference.grounder import Grounder  # noqa: E402
-from flmm_lightning.visualize import heat_colors, mask_outline, object_color  # noqa: E402
+from flmm_lightning.outputs.overlays import heat_colors, mask_outline, object_color  # noqa: E402
 
 # The most any committed picture may weigh: the README loads them all on its first screen.
 MAX_BYTES = 1_000_000

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from flmm_lightning.data.synthetic import SyntheticPaths
+    from flmm_lightning.assets.synthetic_data import SyntheticPaths
 
 # The small real-data fixtures, inside the repository (tests/fixtures/README.md: origin and licence of each).
 FIXTURES_DIR = Path(__file__).parent / "fixtures"
@@ -79,7 +79,7 @@ def coco_sample(fixtures_dir: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> SyntheticPaths:
     """A small synthetic dataset in the real RefCOCO / PNG formats, written once per session."""
-    from flmm_lightning.data.synthetic import write_synthetic_dataset
+    from flmm_lightning.assets.synthetic_data import write_synthetic_dataset
 
     return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), num_train=12, num_val=6)
 
@@ -92,7 +92,7 @@ def compose_config():
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    from flmm_lightning.config import CONF_DIR, register_resolvers
+    from flmm_lightning.config.composition import CONF_DIR, register_resolvers
 
     register_resolvers()
 
@@ -127,7 +127,7 @@ def tiny_checkpoint(tiny_config, tmp_path_factory: pytest.TempPathFactory) -> Pa
     change it."""
     import torch
 
-    from flmm_lightning.builders import build_module, run_config
+    from flmm_lightning.runs.build import build_module, run_config
 
     torch.manual_seed(0)
     module = build_module(tiny_config)

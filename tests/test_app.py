@@ -23,7 +23,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from flmm_lightning.inference.grounder import Grounder
-from flmm_lightning.visualize import object_color, object_hex_color, overlay_heatmap
+from flmm_lightning.outputs.overlays import object_color, object_hex_color, overlay_heatmap
 
 gradio_client = pytest.importorskip("gradio_client", reason="the app extra (gradio) is not installed")
 pytestmark = pytest.mark.slow

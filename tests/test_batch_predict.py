@@ -18,14 +18,14 @@ from omegaconf import DictConfig
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from flmm_lightning.batch_predict import (
+from flmm_lightning.inference.batch import (
     ManifestError,
     OutputMismatchError,
     PredictionOutput,
     predict_batch,
     read_manifest,
 )
-from flmm_lightning.batch_predict.output import PREDICTIONS, prediction_line
+from flmm_lightning.inference.batch.output import PREDICTIONS, prediction_line
 from flmm_lightning.inference.grounder import Grounder
 from flmm_lightning.predict import main
 

@@ -13,12 +13,12 @@ import pytest
 from hydra.utils import instantiate
 from transformers import Qwen2_5_VLConfig
 
+from flmm_lightning.assets.synthetic_data import SyntheticPaths
 from flmm_lightning.bench import PATHS, STAGES
 from flmm_lightning.bench.build import SIZES, compose_bench_config
 from flmm_lightning.bench.flops import lmm_forward_flops
-from flmm_lightning.builders import build_prompt_builder
 from flmm_lightning.data.refcoco import RefCocoDataset
-from flmm_lightning.data.synthetic import SyntheticPaths
+from flmm_lightning.runs.build import build_prompt_builder
 
 
 def test_tiny_bench_writes_a_sane_report(tmp_path: Path):

@@ -20,8 +20,8 @@ from samples import make_sample
 from flmm_lightning import chat as chat_entry
 from flmm_lightning.chat import chat
 from flmm_lightning.inference.grounder import Grounder
-from flmm_lightning.run_dirs import RunDirectoryInUseError
-from flmm_lightning.visualize import object_color
+from flmm_lightning.outputs.overlays import object_color
+from flmm_lightning.runs.folders import RunDirectoryInUseError
 
 QUESTION = "What is in the image?"
 SHORT = ["generation.max_new_tokens=8", "threshold=0.0", "device=cpu"]

@@ -19,20 +19,15 @@ from omegaconf import DictConfig
 
 from flmm_lightning.assets import TINY_QWEN2_5_VL, TINY_SAM, ensure_tiny_sam
 from flmm_lightning.assets.sam import TINY_SAM_FILE
-from flmm_lightning.builders import (
-    ConfigError,
-    build_module,
-    check_resume,
-    load_checkpoint,
-    module_from_checkpoint,
-    run_config,
-)
-from flmm_lightning.config import config_on_this_machine
+from flmm_lightning.assets.synthetic_data import REFCOCO_DATASET, REFCOCO_SPLIT_BY, write_synthetic_dataset
+from flmm_lightning.config.composition import config_on_this_machine
+from flmm_lightning.config.errors import ConfigError
+from flmm_lightning.config.stored import UnsafeConfigError
 from flmm_lightning.core import CheckpointMismatchError
-from flmm_lightning.data.synthetic import REFCOCO_DATASET, REFCOCO_SPLIT_BY, write_synthetic_dataset
 from flmm_lightning.eval import evaluate
 from flmm_lightning.eval import main as eval_main
-from flmm_lightning.safe_config import UnsafeConfigError
+from flmm_lightning.runs.build import build_module, run_config
+from flmm_lightning.runs.checkpoints import check_resume, load_checkpoint, module_from_checkpoint
 from flmm_lightning.train import train
 
 STEPS = 3
@@ -198,7 +193,7 @@ def test_stored_config_keeps_path_placeholders_and_resolves_everything_else(
         ]
     )
     stored = run_config(cfg)
-    # the SAM cache is this machine's choice: a checkpoint never names a folder to write to (safe_config)
+    # the SAM cache is this machine's choice: a checkpoint never names a folder to write to (config.stored)
     assert stored["sam"]["refiner"]["embedding_cache"] is None
     assert stored["model"]["prompt"]["instruction"] == "demo"  # every interpolation resolved now
     assert stored["model"]["lmm"]["text_proj_dim"] == cfg.sam.embed_dim

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -18,9 +19,9 @@ from lightning import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from omegaconf import DictConfig
 
-from flmm_lightning.builders import load_checkpoint
-from flmm_lightning.callbacks import StepAwareProgressBar
+from flmm_lightning.runs.checkpoints import load_checkpoint
 from flmm_lightning.train import main as train_main
+from flmm_lightning.training.callbacks import StepAwareProgressBar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -110,4 +111,6 @@ def test_progress_bar_of_a_run_trained_by_steps_names_its_step_budget() -> None:
 
 def test_progress_bar_of_a_run_trained_by_epochs_counts_epochs() -> None:
     text = rendered_progress(max_epochs=2, max_steps=-1)
-    assert "Epoch 1/1" in text and "max_steps" not in text
+    # Which epoch's frame reaches the terminal last depends on rich's refresh thread (a loaded machine may
+    # skip the last one); every frame counts epochs out of the last one.
+    assert re.search(r"Epoch [01]/1", text) and "max_steps" not in text and "/-" not in text

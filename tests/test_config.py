@@ -16,10 +16,10 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from flmm_lightning.assets.synthetic_data import SyntheticPaths
 from flmm_lightning.boundaries import GroundingSample
-from flmm_lightning.builders import build_callbacks, build_datamodule, build_module, build_prompt_builder
-from flmm_lightning.config import CONF_DIR
-from flmm_lightning.data.synthetic import SyntheticPaths
+from flmm_lightning.config.composition import CONF_DIR
+from flmm_lightning.runs.build import build_callbacks, build_datamodule, build_module, build_prompt_builder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -11,11 +11,17 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from flmm_lightning.builders import ConfigError, build_datamodule, build_prompt_builder, check_data_config
-from flmm_lightning.config import CONF_DIR, prepare_inputs
+from flmm_lightning.assets.synthetic_data import synthetic_paths
+from flmm_lightning.config.composition import CONF_DIR, prepare_inputs
+from flmm_lightning.config.data_schema import (
+    DATASET_GROUPS,
+    INTERPOLATION_HELPERS,
+    DataConfig,
+    check_data_config,
+)
+from flmm_lightning.config.errors import ConfigError
 from flmm_lightning.data.datamodule import GroundingDataModule
-from flmm_lightning.data.schema import DATASET_GROUPS, INTERPOLATION_HELPERS, DataConfig
-from flmm_lightning.data.synthetic import synthetic_paths
+from flmm_lightning.runs.build import build_datamodule, build_prompt_builder
 
 
 def files_under(folder: Path) -> list[Path]:

@@ -12,9 +12,9 @@ import torch
 from samples import make_sample
 
 from flmm_lightning.boundaries import ContextOverflowError
-from flmm_lightning.builders import build_module, build_prompt_builder
 from flmm_lightning.inference.conversation import ChatInputError, Conversation, GroundedAnswer
 from flmm_lightning.inference.grounder import Grounder
+from flmm_lightning.runs.build import build_module, build_prompt_builder
 from flmm_lightning.selection import SelectorReplyWarning
 
 IMAGE = make_sample(100, 150, [], 7).image  # not square: masks must come back 100 x 150

@@ -10,11 +10,11 @@ import pytest
 import torch
 from omegaconf import DictConfig, open_dict
 
-from flmm_lightning.builders import build_module, build_prompt_builder, run_config
 from flmm_lightning.convert import OfficialCheckpointError, compose_model_config, convert, main
 from flmm_lightning.core import CheckpointMismatchError
 from flmm_lightning.eval import evaluate
 from flmm_lightning.inference.grounder import Grounder
+from flmm_lightning.runs.build import build_module, build_prompt_builder, run_config
 
 pytestmark = pytest.mark.usefixtures("pinned_threads")
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from flmm_lightning.assets.synthetic_data import COLOUR_THINGS, COLOURS
 from flmm_lightning.boundaries import GroundingSample, SkippedSample
-from flmm_lightning.builders import build_datamodule, build_prompt_builder
 from flmm_lightning.data import (
     BadSampleError,
     BadSampleReason,
@@ -27,7 +27,7 @@ from flmm_lightning.data import (
 )
 from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.data.reasonseg import ANSWER_PREFIX, is_sentence_query, polygon_mask
-from flmm_lightning.data.synthetic import COLOUR_THINGS, COLOURS
+from flmm_lightning.runs.build import build_datamodule, build_prompt_builder
 
 WIDTH, HEIGHT = 12, 8
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from flmm_lightning.assets.synthetic_data import COLOURS, SHAPE_KINDS
 from flmm_lightning.boundaries import GroundingSample
 from flmm_lightning.data import PNGDataset, RefCocoDataset, SyntheticPaths, write_synthetic_dataset
-from flmm_lightning.data.synthetic import COLOURS, SHAPE_KINDS
 
 
 def mean_colour(sample: GroundingSample, k: int) -> np.ndarray:

@@ -25,12 +25,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from wandb.proto import wandb_internal_pb2
 
-from flmm_lightning.builders import load_checkpoint
-from flmm_lightning.data.synthetic import REFCOCO_DATASET, REFCOCO_SPLIT_BY
+from flmm_lightning.assets.synthetic_data import REFCOCO_DATASET, REFCOCO_SPLIT_BY
 from flmm_lightning.eval import evaluate
 from flmm_lightning.inference.grounder import Grounder
+from flmm_lightning.outputs.reporting import read_metrics_json
 from flmm_lightning.predict import predict
-from flmm_lightning.reporting import read_metrics_json
+from flmm_lightning.runs.checkpoints import load_checkpoint
 from flmm_lightning.train import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

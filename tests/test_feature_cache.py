@@ -17,11 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from test_reliability_resume import FAST, QUIET
 
-from flmm_lightning.builders import build_datamodule, build_module, build_prompt_builder
 from flmm_lightning.cache import fill, size_report
-from flmm_lightning.callbacks import with_training_guards
-from flmm_lightning.feature_cache import FeatureCacheWriter, check_cacheable, open_feature_cache
-from flmm_lightning.feature_store import FeatureCacheError, FeatureStore, feature_key
+from flmm_lightning.common.feature_store import FeatureCacheError, FeatureStore, feature_key
+from flmm_lightning.runs.build import build_datamodule, build_module, build_prompt_builder
+from flmm_lightning.training.callbacks import with_training_guards
+from flmm_lightning.training.feature_cache import FeatureCacheWriter, check_cacheable, open_feature_cache
 
 pytestmark = pytest.mark.usefixtures("pinned_threads")
 
@@ -185,7 +185,7 @@ def test_corrupt_or_truncated_shard_is_recomputed_never_served(tiny_parts, tmp_p
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
     reader = FeatureStore(tmp_path, store.identity)
-    with caplog.at_level(logging.WARNING, logger="flmm_lightning.feature_store"):
+    with caplog.at_level(logging.WARNING, logger="flmm_lightning.common.feature_store"):
         results = [reader.get(key) for key in keys]
     assert sum(result is None for result in results) == 1 and reader.stats.corrupt == 1
     assert "fails its CRC-32" in caplog.text
@@ -196,7 +196,7 @@ def test_corrupt_or_truncated_shard_is_recomputed_never_served(tiny_parts, tmp_p
     # A truncated shard: unreadable, reported, nothing served.
     shard.write_bytes(bytes(data[: len(data) // 2]))
     reader = FeatureStore(tmp_path, store.identity)
-    with caplog.at_level(logging.WARNING, logger="flmm_lightning.feature_store"):
+    with caplog.at_level(logging.WARNING, logger="flmm_lightning.common.feature_store"):
         assert [reader.get(key) for key in keys] == [None, None]
     assert f"unreadable shard {shard}" in caplog.text
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from flmm_lightning.inference.grounder import Grounder
-from flmm_lightning.visualize import overlay_masks, side_by_side
+from flmm_lightning.outputs.overlays import overlay_masks, side_by_side
 
 REPO = Path(__file__).resolve().parents[1]
 

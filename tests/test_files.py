@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flmm_lightning.files import atomic_write
+from flmm_lightning.common.files import atomic_write
 
 
 def test_a_finished_write_replaces_the_file_and_leaves_nothing_else(tmp_path: Path) -> None:

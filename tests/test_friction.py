@@ -19,8 +19,8 @@ from flmm_lightning import eval as eval_entry
 from flmm_lightning import predict as predict_entry
 from flmm_lightning.chat import chat
 from flmm_lightning.data.images import UnreadableImageError
+from flmm_lightning.outputs.reporting import print_metrics
 from flmm_lightning.predict import predict
-from flmm_lightning.reporting import print_metrics
 
 pytestmark = pytest.mark.usefixtures("pinned_threads")
 

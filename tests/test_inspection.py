@@ -12,10 +12,10 @@ from conftest import tiny_overrides
 from PIL import Image
 from samples import make_sample
 
-from flmm_lightning.builders import build_module, build_prompt_builder
 from flmm_lightning.inference.conversation import ChatInputError
 from flmm_lightning.inference.grounder import Grounder
 from flmm_lightning.inference.inspection import AttentionView, AttentionWord
+from flmm_lightning.runs.build import build_module, build_prompt_builder
 
 IMAGE = make_sample(100, 150, [], 7).image  # not square
 QUESTION = "What is in the image?"

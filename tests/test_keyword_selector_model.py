@@ -11,11 +11,11 @@ import torch
 from samples import make_sample
 
 from flmm_lightning.boundaries import NOT_GROUNDED
-from flmm_lightning.builders import build_module, build_prompt_builder
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.heads import keyword_selector_loss
 from flmm_lightning.lmm.qwen2_vl import Qwen2VLAdapter, Qwen2VLPromptBuilder
 from flmm_lightning.metrics import KeywordSelectionMetric
+from flmm_lightning.runs.build import build_module, build_prompt_builder
 from flmm_lightning.selection import narrative_phrase_spans
 from flmm_lightning.selection.targets import narrative_selection_spans
 

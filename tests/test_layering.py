@@ -74,8 +74,8 @@ def test_the_inference_pipeline_lies_between_the_model_and_the_core() -> None:
     def layer_of(module: str) -> int:
         return next(i for i, layer in enumerate(layers) if module in layer.replace("|", ":").split(" : "))
 
-    assert layer_of("flmm_lightning.inference.grounder") < layer_of("flmm_lightning.builders")
-    model, core = layer_of("flmm_lightning.model"), layer_of("flmm_lightning.core")
+    assert layer_of("flmm_lightning.inference.grounder") < layer_of("flmm_lightning.runs.build")
+    model, core = layer_of("flmm_lightning.training.module"), layer_of("flmm_lightning.core")
     reasoning = layer_of("flmm_lightning.inference.reasoning")
     conversation = layer_of("flmm_lightning.inference.conversation")
     assert model < reasoning < conversation < layer_of("flmm_lightning.inference.pipeline") < core

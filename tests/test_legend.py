@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flmm_lightning.visualize import LEGEND_FREE_TOP, legend_layout, overlay_masks
+from flmm_lightning.outputs.overlays import LEGEND_FREE_TOP, legend_layout, overlay_masks
 
 PHOTO = "coco_sample/images/000000142238.jpg"  # 640x427
 

@@ -16,10 +16,11 @@ from samples import make_sample, png_like
 from transformers import AutoConfig
 
 from flmm_lightning.boundaries import ContextOverflowError
-from flmm_lightning.builders import build_datamodule, build_module, build_prompt_builder, load_checkpoint
-from flmm_lightning.config import CONF_DIR
+from flmm_lightning.config.composition import CONF_DIR
 from flmm_lightning.lmm.hf import HFGroundingAdapter
 from flmm_lightning.lmm.prompting import ChatPromptBuilder
+from flmm_lightning.runs.build import build_datamodule, build_module, build_prompt_builder
+from flmm_lightning.runs.checkpoints import load_checkpoint
 from flmm_lightning.train import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,9 +10,9 @@ from conftest import tiny_overrides
 from hydra.utils import instantiate
 from samples import make_sample
 
-from flmm_lightning.builders import build_prompt_builder
-from flmm_lightning.config import CONF_DIR
+from flmm_lightning.config.composition import CONF_DIR
 from flmm_lightning.lmm.base import FrozenLMM
+from flmm_lightning.runs.build import build_prompt_builder
 
 TINY_FAMILIES = sorted(path.stem for path in (CONF_DIR / "model").glob("tiny_*.yaml"))
 INFERENCE_OPERATIONS = {"generate", "read", "features", "selector_logits", "image_maps"}

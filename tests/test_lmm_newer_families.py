@@ -20,12 +20,12 @@ from flmm_lightning.assets import (
     ensure_tiny_llava_onevision,
     tiny_gemma3_config,
 )
-from flmm_lightning.builders import build_module, run_config
 from flmm_lightning.chat import chat
 from flmm_lightning.lmm.gemma3 import Gemma3Adapter, Gemma3PromptBuilder
 from flmm_lightning.lmm.internvl import InternVLAdapter, InternVLPromptBuilder
 from flmm_lightning.lmm.llava_onevision import LlavaOnevisionAdapter, LlavaOnevisionPromptBuilder
 from flmm_lightning.predict import predict
+from flmm_lightning.runs.build import build_module, run_config
 
 pytestmark = pytest.mark.usefixtures("pinned_threads")
 

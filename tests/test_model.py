@@ -9,14 +9,10 @@ import os
 import pytest
 import torch
 
-from flmm_lightning.builders import (
-    build_datamodule,
-    build_module,
-    build_prompt_builder,
-    module_from_checkpoint,
-)
 from flmm_lightning.core import CheckpointMismatchError
-from flmm_lightning.model import MODEL_PREFIX, FLMMModule, warmup_cosine_factor
+from flmm_lightning.runs.build import build_datamodule, build_module, build_prompt_builder
+from flmm_lightning.runs.checkpoints import module_from_checkpoint
+from flmm_lightning.training.module import MODEL_PREFIX, FLMMModule, warmup_cosine_factor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -110,7 +106,7 @@ def before_the_core(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 @pytest.mark.parametrize("layout", ["current", "before_the_core"])
 def test_checkpoint_round_trip_gives_identical_predictions(parts, tmp_path, tiny_config, layout):
-    from flmm_lightning.builders import run_config
+    from flmm_lightning.runs.build import run_config
 
     module = fresh_module(parts)
     batch = parts[1]

@@ -7,12 +7,12 @@ import pytest
 import torch
 from lightning.fabric.utilities import move_data_to_device
 
-from flmm_lightning.builders import build_module, build_prompt_builder
 from flmm_lightning.data.png import PNGDataset
 from flmm_lightning.inference.grounder import Grounder
 from flmm_lightning.inference.narration import ground_what_you_say, match_selected_phrases
 from flmm_lightning.inference.pipeline import decode_token_spans, read
 from flmm_lightning.metrics import PanopticNarrativeRecall
+from flmm_lightning.runs.build import build_module, build_prompt_builder
 
 NOT = -1
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from flmm_lightning.chat import write_turn
 from flmm_lightning.inference.grounder import Grounder
-from flmm_lightning.outputs import json_document
+from flmm_lightning.outputs.documents import json_document
 from flmm_lightning.predict import predict
 
 pytestmark = pytest.mark.usefixtures("pinned_threads")

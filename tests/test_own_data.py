@@ -15,16 +15,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from flmm_lightning.boundaries import NOT_GROUNDED, GroundingSample, SkippedSample
-from flmm_lightning.builders import (
-    ConfigError,
-    build_datamodule,
-    build_module,
-    build_prompt_builder,
-    check_init_from,
-    initialize_from,
-    load_checkpoint,
-    run_config,
-)
+from flmm_lightning.config.errors import ConfigError
 from flmm_lightning.core import CheckpointMismatchError
 from flmm_lightning.data import BadSampleError, PNGDataset, RefCocoDataset
 from flmm_lightning.data import check as check_cli
@@ -34,6 +25,8 @@ from flmm_lightning.data.custom import CustomDataset
 from flmm_lightning.data.custom_format import FormatError, encode_mask
 from flmm_lightning.eval import evaluate
 from flmm_lightning.predict import predict
+from flmm_lightning.runs.build import build_datamodule, build_module, build_prompt_builder, run_config
+from flmm_lightning.runs.checkpoints import check_init_from, initialize_from, load_checkpoint
 from flmm_lightning.train import train
 
 PHOTO = "images/000000142238.jpg"

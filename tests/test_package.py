@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flmm_lightning.reporting import read_metrics_json
+from flmm_lightning.outputs.reporting import read_metrics_json
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "flmm_lightning"

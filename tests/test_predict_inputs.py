@@ -19,12 +19,12 @@ from omegaconf import DictConfig
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from flmm_lightning.common.masks import mask_scores
 from flmm_lightning.data import RefCocoDataset
 from flmm_lightning.data.images import UnreadableImageError, as_displayed, load_photo, to_rgb
 from flmm_lightning.inference.grounder import Grounder, PhraseError, phrase_list
-from flmm_lightning.masks import mask_scores
+from flmm_lightning.outputs.overlays import legend_entry, overlay_masks
 from flmm_lightning.predict import main, predict
-from flmm_lightning.visualize import legend_entry, overlay_masks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flmm_lightning.builders import module_from_checkpoint
 from flmm_lightning.inference.grounder import Grounder
-from flmm_lightning.pretrained import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, load_pretrained
+from flmm_lightning.runs.checkpoints import module_from_checkpoint
+from flmm_lightning.runs.pretrained import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, load_pretrained
 
 pytestmark = pytest.mark.usefixtures("pinned_threads")
 

@@ -19,8 +19,8 @@ from pycocotools import mask as mask_utils
 from flmm_lightning.data import ReasonSegDataset
 from flmm_lightning.eval import evaluate
 from flmm_lightning.inference.grounder import Grounder
+from flmm_lightning.outputs.reporting import read_metrics_json
 from flmm_lightning.predict import PredictInputError, main, predict
-from flmm_lightning.reporting import read_metrics_json
 
 PHOTO = "coco_sample/images/000000142238.jpg"
 MAX_NEW_TOKENS = 4

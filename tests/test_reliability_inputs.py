@@ -27,22 +27,17 @@ from transformers import (
 
 from flmm_lightning.assets import build_tiny_qwen2_5_vl_processor, tiny_qwen2_5_vl_config
 from flmm_lightning.boundaries import ContextOverflowError, GroundingSample
-from flmm_lightning.builders import (
-    ConfigError,
-    build_datamodule,
-    build_module,
-    build_prompt_builder,
-    load_checkpoint,
-    module_from_checkpoint,
-)
-from flmm_lightning.callbacks import BadSampleReport
-from flmm_lightning.config import CONF_DIR
+from flmm_lightning.config.composition import CONF_DIR
+from flmm_lightning.config.errors import ConfigError
 from flmm_lightning.core import CheckpointMismatchError
 from flmm_lightning.data.batch import EncodedDataset
 from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.eval import evaluate
 from flmm_lightning.inference.grounder import Grounder
+from flmm_lightning.runs.build import build_datamodule, build_module, build_prompt_builder
+from flmm_lightning.runs.checkpoints import load_checkpoint, module_from_checkpoint
 from flmm_lightning.train import train
+from flmm_lightning.training.callbacks import BadSampleReport
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_overrides
 from lightning import Callback, LightningModule, Trainer
 
-from flmm_lightning.reliability import AtomicCheckpointIO
+from flmm_lightning.training.reliability import AtomicCheckpointIO
 
 TESTS_DIR = Path(__file__).parent
 
@@ -69,7 +69,7 @@ def run_module(module: str, args: list[str], timeout: float) -> subprocess.Compl
 SAVE_KILLED_MID_WRITE = textwrap.dedent(
     """
     import resource, signal, sys, torch
-    from flmm_lightning.reliability import AtomicCheckpointIO
+    from flmm_lightning.training.reliability import AtomicCheckpointIO
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
     AtomicCheckpointIO().save_checkpoint({"weights": torch.ones(1 << 20)}, sys.argv[1])

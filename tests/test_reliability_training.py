@@ -16,16 +16,16 @@ from hydra.utils import instantiate
 from lightning import Callback, LightningModule, Trainer
 from test_reliability_resume import FAST, QUIET, one_thread, run_module  # noqa: F401 - a fixture
 
+from flmm_lightning.assets.synthetic_data import synthetic_paths, write_synthetic_dataset
 from flmm_lightning.boundaries import SkippedSample
-from flmm_lightning.builders import build_datamodule, build_module, build_prompt_builder
-from flmm_lightning.callbacks import with_training_guards
 from flmm_lightning.data.refcoco import RefCocoDataset
 from flmm_lightning.data.safe_pickle import load_refs
 from flmm_lightning.data.sampler import TrainingSampler
-from flmm_lightning.data.synthetic import synthetic_paths, write_synthetic_dataset
-from flmm_lightning.model import FLMMModule
-from flmm_lightning.reliability import NonFiniteLossError
+from flmm_lightning.runs.build import build_datamodule, build_module, build_prompt_builder
 from flmm_lightning.train import train
+from flmm_lightning.training.callbacks import with_training_guards
+from flmm_lightning.training.module import FLMMModule
+from flmm_lightning.training.reliability import NonFiniteLossError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 from test_entrypoints import run_overrides
 from test_reliability_resume import FAST, QUIET, one_thread, run_env, run_module  # noqa: F401 - a fixture
 
-from flmm_lightning.builders import load_checkpoint
 from flmm_lightning.core import CheckpointMismatchError
+from flmm_lightning.runs.checkpoints import load_checkpoint
 from flmm_lightning.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,11 +15,11 @@ from omegaconf import DictConfig
 from test_entrypoints import run_overrides
 from test_reliability_resume import FAST, QUIET
 
-from flmm_lightning.builders import load_checkpoint
-from flmm_lightning.config import CONF_DIR
+from flmm_lightning.config.composition import CONF_DIR
+from flmm_lightning.config.stored import ALLOWED_TARGETS, UnsafeConfigError, parse_stored_config
 from flmm_lightning.eval import evaluate
 from flmm_lightning.inference.grounder import Grounder
-from flmm_lightning.safe_config import ALLOWED_TARGETS, UnsafeConfigError, parse_stored_config
+from flmm_lightning.runs.checkpoints import load_checkpoint
 from flmm_lightning.train import train
 
 # A checkpoint after every step, nothing else written by callbacks.
@@ -28,7 +28,7 @@ ONE_CHECKPOINT = [
     "callbacks.mask_overlays=null",
     "callbacks.rich_progress_bar=null",
 ]
-# The config groups a checkpoint stores (builders.run_config) and where the module config lives.
+# The config groups a checkpoint stores (runs.build.run_config) and where the module config lives.
 STORED_GROUPS = ("model", "sam", "data")
 
 

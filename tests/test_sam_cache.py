@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from flmm_lightning.assets.sam import build_tiny_sam
-from flmm_lightning.config import CONF_DIR
+from flmm_lightning.config.composition import CONF_DIR
 from flmm_lightning.heads.sam_cache import SamEmbeddingCache, image_key
 from flmm_lightning.heads.sam_refiner import SamRefiner
 

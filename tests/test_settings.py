@@ -15,7 +15,7 @@ from flmm_lightning import chat as chat_entry
 from flmm_lightning import eval as eval_entry
 from flmm_lightning import predict as predict_entry
 from flmm_lightning.app import __main__ as app_entry
-from flmm_lightning.builders import ConfigError
+from flmm_lightning.config.errors import ConfigError
 from flmm_lightning.eval import evaluate
 from flmm_lightning.train import train
 

@@ -19,18 +19,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flmm_lightning.assets.store import SPEC_FILE, ensure_built
-from flmm_lightning.builders import load_checkpoint, module_from_checkpoint, run_config
-from flmm_lightning.config import config_on_this_machine, default_paths
-from flmm_lightning.core import CheckpointMismatchError
-from flmm_lightning.data.synthetic import MARKER_NAME, MAX_IMAGES, write_synthetic_dataset
-from flmm_lightning.inference.grounder import Grounder
-from flmm_lightning.safe_config import (
+from flmm_lightning.assets.synthetic_data import MARKER_NAME, MAX_IMAGES, write_synthetic_dataset
+from flmm_lightning.config.composition import config_on_this_machine, default_paths
+from flmm_lightning.config.stored import (
     ALLOWED_TARGETS,
     SETTINGS,
     UnsafeConfigError,
     parameters_of,
     parse_stored_config,
 )
+from flmm_lightning.core import CheckpointMismatchError
+from flmm_lightning.inference.grounder import Grounder
+from flmm_lightning.runs.build import run_config
+from flmm_lightning.runs.checkpoints import load_checkpoint, module_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures("pinned_threads")
 
@@ -283,7 +284,7 @@ def test_an_asset_build_never_replaces_a_folder_it_did_not_build(tmp_path: Path)
 _BOMB = """
 import io, resource, struct, sys, zipfile
 import torch
-from flmm_lightning.builders import load_checkpoint
+from flmm_lightning.runs.checkpoints import load_checkpoint
 
 path, small, big = sys.argv[1], 100_003, 2**29  # 2**29 float32 = 2 GiB
 buffer = io.BytesIO()

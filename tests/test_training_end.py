@@ -16,9 +16,9 @@ import torch
 from conftest import tiny_overrides
 from test_reliability_resume import FAST, QUIET
 
-from flmm_lightning.builders import load_checkpoint
-from flmm_lightning.reliability import AtomicCheckpointIO, CheckpointSpaceError
+from flmm_lightning.runs.checkpoints import load_checkpoint
 from flmm_lightning.train import drop_unresolvable_reasonseg_data, train
+from flmm_lightning.training.reliability import AtomicCheckpointIO, CheckpointSpaceError
 
 pytestmark = pytest.mark.usefixtures("pinned_threads")
 

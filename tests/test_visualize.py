@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flmm_lightning.visualize import HEAT_COLORS, object_color, overlay_heatmap, overlay_masks
+from flmm_lightning.outputs.overlays import HEAT_COLORS, object_color, overlay_heatmap, overlay_masks
 
 
 def test_a_shown_subset_of_masks_keeps_each_ones_colour() -> None:

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from flmm_lightning.boundaries import GroundingSample
-from flmm_lightning.builders import build_module, build_prompt_builder, run_config
 from flmm_lightning.convert import compose_model_config
 from flmm_lightning.heads.sam_refiner import binarize_coarse, mask_boxes_exclusive
 from flmm_lightning.inference.grounder import Grounder
+from flmm_lightning.runs.build import build_module, build_prompt_builder, run_config
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "coco_sample" / "images"
 # (photo, phrases): real COCO images of the fixtures, a landscape and a portrait-free wide one

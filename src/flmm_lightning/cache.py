@@ -28,15 +28,15 @@ from rich.progress import track
 from torch.utils.data import DataLoader
 from transformers import AutoConfig
 
-from flmm_lightning.builders import build_datamodule, build_module, build_prompt_builder
-from flmm_lightning.config import CONF_DIR, register_resolvers
+from flmm_lightning.common.feature_store import entry_bytes
+from flmm_lightning.config.composition import CONF_DIR, register_resolvers
 from flmm_lightning.core import FLMM
 from flmm_lightning.data.batch import GroundingBatch
 from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.data.sampler import UnpaddedDistributedSampler
-from flmm_lightning.feature_cache import FeatureCacheWriter, open_feature_cache
-from flmm_lightning.feature_store import entry_bytes
 from flmm_lightning.lmm.hf import resolve_dtype
+from flmm_lightning.runs.build import build_datamodule, build_module, build_prompt_builder
+from flmm_lightning.training.feature_cache import FeatureCacheWriter, open_feature_cache
 
 # LMM families whose maps stack two grids per image (base and any-res: ``lmm.llava_next``).
 GRIDS_PER_IMAGE = {"llava_next": 2}

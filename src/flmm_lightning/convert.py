@@ -24,9 +24,9 @@ import torch
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from flmm_lightning.builders import build_module, run_config
-from flmm_lightning.config import CONF_DIR, register_resolvers
+from flmm_lightning.config.composition import CONF_DIR, register_resolvers
 from flmm_lightning.core import CheckpointMismatchError
+from flmm_lightning.runs.build import build_module, run_config
 
 # The official wrapper's attribute that holds the frozen LMM, per adapter class of ours.
 OFFICIAL_LMM_ATTRIBUTE = {

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from flmm_lightning.boundaries import GroundingFeatures
+from flmm_lightning.common.feature_store import FeatureStore
 from flmm_lightning.data.batch import GroundingBatch
-from flmm_lightning.feature_store import FeatureStore
 from flmm_lightning.heads.losses import mask_losses
 from flmm_lightning.heads.sam_refiner import SamRefiner
 from flmm_lightning.heads.unet import UNetMaskHead, crop_to_content
@@ -53,7 +53,7 @@ class FLMM(nn.Module):
     text projection that reads it) keeps the caller's precision. Training is unaffected.
 
     The frozen parts (the LMM's weights, SAM's image encoder) never train, stay in eval mode under
-    ``train()`` and are in no state dict (``frozen.FrozenParts``): ``trainable_state_dict()`` is what a
+    ``train()`` and are in no state dict (``common.frozen.FrozenParts``): ``trainable_state_dict()`` is what a
     checkpoint keeps.
     """
 

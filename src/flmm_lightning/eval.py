@@ -10,35 +10,35 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from flmm_lightning.builders import (
-    MODEL_KEYS,
-    ConfigError,
-    build_datamodule,
-    build_loggers,
-    build_prompt_builder,
-    finish_wandb,
-    module_from_checkpoint,
-    output_dir_of,
-    test_results,
-)
-from flmm_lightning.callbacks import (
-    BadSampleReport,
-    HyperparameterLogger,
-    MetricsJsonWriter,
-    PerObjectRecorder,
-)
-from flmm_lightning.config import CONF_DIR, register_resolvers
-from flmm_lightning.feature_cache import FeatureCacheWriter, open_feature_cache
-from flmm_lightning.reporting import print_metrics
-from flmm_lightning.run_dirs import claim_run_dir, mark_latest
-from flmm_lightning.safe_config import paths_read
-from flmm_lightning.settings import (
+from flmm_lightning.config.composition import CONF_DIR, register_resolvers
+from flmm_lightning.config.errors import ConfigError
+from flmm_lightning.config.settings import (
     check_choices,
     chosen_checkpoint_groups,
     generation_settings,
     refuse_checkpoint_groups,
     refuse_renamed,
 )
+from flmm_lightning.config.stored import paths_read
+from flmm_lightning.outputs.reporting import print_metrics
+from flmm_lightning.runs.build import (
+    MODEL_KEYS,
+    build_datamodule,
+    build_loggers,
+    build_prompt_builder,
+    finish_wandb,
+    output_dir_of,
+    test_results,
+)
+from flmm_lightning.runs.checkpoints import module_from_checkpoint
+from flmm_lightning.runs.folders import claim_run_dir, mark_latest
+from flmm_lightning.training.callbacks import (
+    BadSampleReport,
+    HyperparameterLogger,
+    MetricsJsonWriter,
+    PerObjectRecorder,
+)
+from flmm_lightning.training.feature_cache import FeatureCacheWriter, open_feature_cache
 
 register_resolvers()
 

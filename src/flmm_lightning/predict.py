@@ -19,28 +19,29 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from flmm_lightning.batch_predict import ManifestError, OutputMismatchError, predict_batch
-from flmm_lightning.builders import ConfigError, output_dir_of
-from flmm_lightning.config import CONF_DIR, register_resolvers
-from flmm_lightning.data.images import (
-    ImageLimits,
-    UnreadableImageError,
-    load_photo,
-)
-from flmm_lightning.inference.conversation import ChatInputError
-from flmm_lightning.inference.grounder import Grounder, PhraseError, phrase_list
-from flmm_lightning.inference.reasoning import EmptyAnswerError
-from flmm_lightning.masks import mask_record
-from flmm_lightning.outputs import empty_mask_notices, json_document
-from flmm_lightning.run_dirs import claim_run_dir, mark_latest
-from flmm_lightning.settings import (
+from flmm_lightning.common.masks import mask_record
+from flmm_lightning.config.composition import CONF_DIR, register_resolvers
+from flmm_lightning.config.errors import ConfigError
+from flmm_lightning.config.settings import (
     CHECKPOINT_GROUPS,
     chosen_checkpoint_groups,
     generation_settings,
     refuse_checkpoint_groups,
     refuse_renamed,
 )
-from flmm_lightning.visualize import overlay_masks
+from flmm_lightning.data.images import (
+    ImageLimits,
+    UnreadableImageError,
+    load_photo,
+)
+from flmm_lightning.inference.batch import ManifestError, OutputMismatchError, predict_batch
+from flmm_lightning.inference.conversation import ChatInputError
+from flmm_lightning.inference.grounder import Grounder, PhraseError, phrase_list
+from flmm_lightning.inference.reasoning import EmptyAnswerError
+from flmm_lightning.outputs.documents import empty_mask_notices, json_document
+from flmm_lightning.outputs.overlays import overlay_masks
+from flmm_lightning.runs.build import output_dir_of
+from flmm_lightning.runs.folders import claim_run_dir, mark_latest
 
 register_resolvers()
 

@@ -18,34 +18,32 @@ from omegaconf.errors import InterpolationResolutionError
 from torch.utils.data import Dataset
 
 from flmm_lightning.boundaries import PromptBuilder
-from flmm_lightning.builders import (
+from flmm_lightning.chat import write_turn
+from flmm_lightning.config.composition import CONF_DIR, register_resolvers
+from flmm_lightning.config.settings import check_choices
+from flmm_lightning.data.datamodule import GroundingDataModule, split_name
+from flmm_lightning.inference.grounder import Grounder
+from flmm_lightning.inference.narration import ground_what_you_say
+from flmm_lightning.metrics import ReferringSegmentationMetric
+from flmm_lightning.outputs.reporting import print_metrics, write_metrics_json
+from flmm_lightning.runs.build import (
     build_callbacks,
     build_datamodule,
     build_loggers,
     build_module,
     build_prompt_builder,
-    check_init_from,
-    check_resume,
     finish_wandb,
-    initialize_from,
     output_dir_of,
     run_config,
     test_results,
 )
-from flmm_lightning.callbacks import HyperparameterLogger, MetricsJsonWriter, with_training_guards
-from flmm_lightning.chat import write_turn
-from flmm_lightning.config import CONF_DIR, register_resolvers
-from flmm_lightning.data.datamodule import GroundingDataModule, split_name
-from flmm_lightning.feature_cache import FeatureCacheWriter, open_feature_cache
-from flmm_lightning.inference.grounder import Grounder
-from flmm_lightning.inference.narration import ground_what_you_say
-from flmm_lightning.metrics import ReferringSegmentationMetric
-from flmm_lightning.model import FLMMModule
-from flmm_lightning.pretrained import save_pretrained
-from flmm_lightning.reporting import print_metrics, write_metrics_json
-from flmm_lightning.run_dirs import claim_run_dir, mark_latest
+from flmm_lightning.runs.checkpoints import check_init_from, check_resume, initialize_from
+from flmm_lightning.runs.folders import claim_run_dir, mark_latest
+from flmm_lightning.runs.pretrained import save_pretrained
 from flmm_lightning.selection import every_word_baseline
-from flmm_lightning.settings import check_choices
+from flmm_lightning.training.callbacks import HyperparameterLogger, MetricsJsonWriter, with_training_guards
+from flmm_lightning.training.feature_cache import FeatureCacheWriter, open_feature_cache
+from flmm_lightning.training.module import FLMMModule
 
 register_resolvers()
 log = logging.getLogger(__name__)

@@ -11,11 +11,15 @@ from omegaconf import DictConfig
 
 from flmm_lightning.app.limits import Limits
 from flmm_lightning.app.sessions import SessionFolders
-from flmm_lightning.builders import ConfigError
 from flmm_lightning.chat import generation_settings
-from flmm_lightning.config import CONF_DIR, register_resolvers
+from flmm_lightning.config.composition import CONF_DIR, register_resolvers
+from flmm_lightning.config.errors import ConfigError
+from flmm_lightning.config.settings import (
+    CHECKPOINT_GROUPS,
+    chosen_checkpoint_groups,
+    refuse_checkpoint_groups,
+)
 from flmm_lightning.inference.grounder import Grounder
-from flmm_lightning.settings import CHECKPOINT_GROUPS, chosen_checkpoint_groups, refuse_checkpoint_groups
 
 register_resolvers()
 

@@ -19,8 +19,8 @@ from flmm_lightning.data.images import UnreadableImageError
 from flmm_lightning.inference.conversation import ChatInputError, GroundedAnswer
 from flmm_lightning.inference.grounder import Grounder, PhraseError
 from flmm_lightning.inference.inspection import AttentionView
-from flmm_lightning.outputs import empty_mask_notices, finite_values, json_document
-from flmm_lightning.visualize import object_hex_color, overlay_heatmap, overlay_masks
+from flmm_lightning.outputs.documents import empty_mask_notices, finite_values, json_document
+from flmm_lightning.outputs.overlays import object_hex_color, overlay_heatmap, overlay_masks
 
 # Errors a user fixes by changing the request: shown as the request's error message, the app goes on.
 USER_ERRORS = (

@@ -12,9 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from flmm_lightning.boundaries import PromptBuilder
-from flmm_lightning.builders import build_module, build_prompt_builder
-from flmm_lightning.config import CONF_DIR, register_resolvers
-from flmm_lightning.model import FLMMModule
+from flmm_lightning.config.composition import CONF_DIR, register_resolvers
+from flmm_lightning.runs.build import build_module, build_prompt_builder
+from flmm_lightning.training.module import FLMMModule
 
 
 @dataclass(frozen=True)

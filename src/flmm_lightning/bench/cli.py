@@ -26,8 +26,8 @@ from flmm_lightning.bench.flops import bf16_matmul_tflops, useful_lmm_flops
 from flmm_lightning.bench.inputs import BenchBatch, training_batches
 from flmm_lightning.bench.report import format_report
 from flmm_lightning.bench.steps import PATHS, bench_paths, precision, profile_paths, run_paths
+from flmm_lightning.common.feature_store import FeatureStore, feature_key
 from flmm_lightning.core import FLMM
-from flmm_lightning.feature_store import FeatureStore, feature_key
 from flmm_lightning.heads.sam_cache import SamEmbeddingCache
 
 

@@ -12,9 +12,9 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from flmm_lightning.boundaries import GroundingSample, PromptBuilder, PromptInputs
-from flmm_lightning.builders import build_datamodule
 from flmm_lightning.data.batch import GroundingBatch
-from flmm_lightning.model import FLMMModule
+from flmm_lightning.runs.build import build_datamodule
+from flmm_lightning.training.module import FLMMModule
 
 
 @dataclass

@@ -15,7 +15,7 @@ from flmm_lightning.bench.timing import MemoryMeter, NoTimer, StageTimer
 from flmm_lightning.core import FLMM
 from flmm_lightning.data.batch import GroundingBatch
 from flmm_lightning.heads.sam_cache import SamEmbeddingCache
-from flmm_lightning.model import FLMMModule
+from flmm_lightning.training.module import FLMMModule
 
 PATHS = ("per_sample_eager", "fast", "fast_cached", "fast_featcache")
 STAGES = (

@@ -23,8 +23,8 @@ _LAZY = {
     "PickleLimitError": "flmm_lightning.data.safe_pickle",
     "RecordError": "flmm_lightning.data.records",
     "load_refs": "flmm_lightning.data.safe_pickle",
-    "SyntheticPaths": "flmm_lightning.data.synthetic",
-    "write_synthetic_dataset": "flmm_lightning.data.synthetic",
+    "SyntheticPaths": "flmm_lightning.assets.synthetic_data",
+    "write_synthetic_dataset": "flmm_lightning.assets.synthetic_data",
 }
 
 __all__ = [

@@ -17,9 +17,9 @@ from flmm_lightning.boundaries import (
     PromptInputs,
     SkippedSample,
 )
+from flmm_lightning.common.feature_store import FeatureStore, feature_key
 from flmm_lightning.data.images import sam_input_image
 from flmm_lightning.data.sampler import EpochIndex
-from flmm_lightning.feature_store import FeatureStore, feature_key
 
 
 @dataclass
@@ -37,7 +37,7 @@ class GroundingBatch:
     lmm: LMMBatch | None  # None when every item of the batch was skipped
     sam_images: list[torch.Tensor]  # uint8 [3, h_b, w_b]
     skipped: list[SkippedSample]
-    # With a feature cache (``data.feature_cache``): each sample's ``feature_store.feature_key`` and its
+    # With a feature cache (``data.feature_cache``): each sample's ``common.feature_store.feature_key`` and its
     # cached frozen LMM features (None where the cache has none yet).
     feature_keys: list[str] | None = None
     cached_features: list[FrozenFeatures | None] | None = None

@@ -10,10 +10,10 @@ from lightning import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from flmm_lightning.boundaries import PromptBuilder
+from flmm_lightning.common.feature_store import FeatureStore
 from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
 from flmm_lightning.data.sampler import ResumableDataLoader, TrainingSampler, UnpaddedDistributedSampler
-from flmm_lightning.feature_store import FeatureStore
-from flmm_lightning.reliability import dataloader_worker_init
+from flmm_lightning.data.workers import dataloader_worker_init
 
 # Hydra's override grammar allows no "+" in a key: the RefCOCO+ splits are configured as ``refcocop_*`` (so
 # that ``data.test_sets.refcocop_val.<setting>=`` works on the command line) and reported under RefCOCO+'s

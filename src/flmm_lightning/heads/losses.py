@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flmm_lightning.masks import mask_iou
+from flmm_lightning.common.masks import mask_iou
 
 
 @dataclass

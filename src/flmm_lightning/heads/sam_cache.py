@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flmm_lightning.files import atomic_write
+from flmm_lightning.common.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

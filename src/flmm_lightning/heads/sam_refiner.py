@@ -15,10 +15,10 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from flmm_lightning.frozen import FrozenParts
+from flmm_lightning.common.frozen import FrozenParts
+from flmm_lightning.common.masks import mask_iou
 from flmm_lightning.heads.sam_attention import set_encoder_attention
 from flmm_lightning.heads.sam_cache import SamEmbeddingCache, encoder_identity, image_key
-from flmm_lightning.masks import mask_iou
 
 # segment-anything's architectures; the tiny one of the demo and the tests is ``assets.sam.build_tiny_sam``.
 SAM_NAMES = ("vit_b", "vit_l", "vit_h")

@@ -20,7 +20,7 @@ from PIL import Image
 from torchvision.ops import masks_to_boxes
 
 from flmm_lightning.boundaries import GroundingSample, PromptBuilder
-from flmm_lightning.builders import build_prompt_builder, module_from_checkpoint
+from flmm_lightning.common.masks import mask_record, mask_scores
 from flmm_lightning.core import FLMM
 from flmm_lightning.data.images import (
     ImageLimits,
@@ -35,8 +35,9 @@ from flmm_lightning.inference.conversation import GroundedAnswer, answer_and_gro
 from flmm_lightning.inference.inspection import AttentionView, read_attention
 from flmm_lightning.inference.pipeline import GroundingRunner
 from flmm_lightning.inference.reasoning import ReasonedSegmentation, reason_and_segment
-from flmm_lightning.masks import mask_record, mask_scores
-from flmm_lightning.pretrained import save_pretrained
+from flmm_lightning.runs.build import build_prompt_builder
+from flmm_lightning.runs.checkpoints import module_from_checkpoint
+from flmm_lightning.runs.pretrained import save_pretrained
 from flmm_lightning.selection import KEYWORD_THRESHOLD
 
 
@@ -72,7 +73,7 @@ class Grounder(GroundingRunner):
         device: str = "auto",
         run_config: Mapping[str, Any] | None = None,
     ):
-        """``run_config``: the stored model config (``builders.run_config``), for ``save_pretrained``."""
+        """``run_config``: the stored model config (``runs.build.run_config``), for ``save_pretrained``."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(model.to(torch.device(device)).eval(), prompt_builder, sam_image_size)

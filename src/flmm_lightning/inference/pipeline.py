@@ -23,13 +23,13 @@ from torchvision.ops import masks_to_boxes
 from transformers import PreTrainedTokenizerBase
 
 from flmm_lightning.boundaries import NOT_GROUNDED, ContextOverflowError, GroundingSample, PromptBuilder
+from flmm_lightning.common.masks import mask_scores
 from flmm_lightning.core import FLMM
 from flmm_lightning.data.batch import EncodedDataset, EncodedSample, GroundingBatch, GroundingCollate
 from flmm_lightning.data.images import sam_input_image
 from flmm_lightning.heads.sam_refiner import binarize_coarse
 from flmm_lightning.lmm.base import FrozenLMM
 from flmm_lightning.lmm.readout import TokenReadout
-from flmm_lightning.masks import mask_scores
 from flmm_lightning.selection import AnswerPhrase, token_char_offsets
 
 Span = tuple[int, int]
@@ -81,7 +81,7 @@ class DecodedSpans:
     fine: torch.Tensor  # bool [n, H, W]
     coarse: torch.Tensor  # bool [n, H, W]
     maps: torch.Tensor  # [n, C, h, w]
-    scores: torch.Tensor  # float [n], ``masks.mask_scores`` of ``fine``
+    scores: torch.Tensor  # float [n], ``common.masks.mask_scores`` of ``fine``
 
     def box(self, k: int) -> tuple[float, float, float, float] | None:
         mask = self.fine[k : k + 1]

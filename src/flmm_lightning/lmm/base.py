@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from flmm_lightning.boundaries import FrozenFeatures, GroundingFeatures, LMMBatch
-from flmm_lightning.frozen import FrozenParts
+from flmm_lightning.common.frozen import FrozenParts
 from flmm_lightning.lmm.readout import TokenReadout
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, PretrainedConfig
 
 from flmm_lightning.boundaries import FrozenFeatures, GroundingFeatures, LMMBatch
-from flmm_lightning.feature_store import module_digest
+from flmm_lightning.common.feature_store import module_digest
 from flmm_lightning.lmm.base import FrozenLMM
 from flmm_lightning.lmm.capture import build_capture
 from flmm_lightning.lmm.keyword_selector import KeywordSelector

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import masks_to_boxes
 
-from flmm_lightning.masks import intersection_union, iou_of_counts
+from flmm_lightning.common.masks import intersection_union, iou_of_counts
 
 PR_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
 BOX_ACC_THRESHOLD = 0.5

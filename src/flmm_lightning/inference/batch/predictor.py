@@ -10,17 +10,17 @@ import torch
 from lightning import LightningModule
 from torchvision.ops import masks_to_boxes
 
-from flmm_lightning.batch_predict.dataset import PredictionBatch
-from flmm_lightning.batch_predict.manifest import ManifestEntry
-from flmm_lightning.batch_predict.output import InputResult
 from flmm_lightning.boundaries import ContextOverflowError, GroundingSample, PromptBuilder
+from flmm_lightning.common.masks import mask_record, mask_scores
 from flmm_lightning.core import FLMM, GroundingPrediction
+from flmm_lightning.inference.batch.dataset import PredictionBatch
+from flmm_lightning.inference.batch.manifest import ManifestEntry
+from flmm_lightning.inference.batch.output import InputResult
 from flmm_lightning.inference.conversation import ChatInputError
 from flmm_lightning.inference.pipeline import GroundingRunner
 from flmm_lightning.inference.reasoning import EmptyAnswerError, reason_and_segment
-from flmm_lightning.masks import mask_record, mask_scores
-from flmm_lightning.outputs import empty_mask_notices
-from flmm_lightning.visualize import overlay_masks
+from flmm_lightning.outputs.documents import empty_mask_notices
+from flmm_lightning.outputs.overlays import overlay_masks
 
 
 def grounded_objects(prediction: GroundingPrediction) -> tuple[torch.Tensor, torch.Tensor, list[list | None]]:

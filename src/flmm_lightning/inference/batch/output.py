@@ -24,7 +24,7 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
-from flmm_lightning.outputs import finite_values
+from flmm_lightning.outputs.documents import finite_values
 
 PREDICTIONS = "predictions.jsonl"
 RUN_RECORD = "run.json"

@@ -1,13 +1,19 @@
 """The schema of a ``conf/data`` yaml: every key it may set, with its type.
 
-``builders.build_datamodule`` checks a data config against it, so that a misspelled key
-(``data.eval_batch_sise``) is an error naming it instead of a setting silently left at its default.
+``check_data_config`` (called by ``runs.build.build_datamodule``) checks a data config against it, so that a
+misspelled key (``data.eval_batch_sise``) is an error naming it instead of a setting silently left at its
+default.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from flmm_lightning.config.errors import ConfigError
 
 # The keys of ``DataConfig`` that are not ``GroundingDataModule`` arguments: only other values read them.
 INTERPOLATION_HELPERS = ("synthetic", "custom")
@@ -53,3 +59,21 @@ class DataConfig:
     test_sets: dict[str, Any] | None = None
     synthetic: SyntheticSettings | None = None
     custom: CustomSettings | None = None
+
+
+def check_data_config(data_cfg: DictConfig) -> None:
+    """Raises ``ConfigError`` naming a key of ``data_cfg`` that ``data.schema.DataConfig`` does not declare
+    (a misspelling) or a value of the wrong type."""
+    schema = OmegaConf.structured(DataConfig)
+    try:
+        # Resolving builds nothing (``prepare_inputs`` does); the dataset nodes' own keys are theirs to check.
+        OmegaConf.merge(schema, OmegaConf.to_container(data_cfg, resolve=True))
+    except OmegaConfBaseException as error:
+        key = f"data.{error.full_key}" if error.full_key else "data"
+        if isinstance(error, ConfigKeyError) and is_dataclass(error.object_type):
+            known = ", ".join(field.name for field in fields(error.object_type))
+            raise ConfigError(
+                f"{key} is not a key of a data config (known there: {known}; "
+                "see flmm_lightning.config.data_schema)"
+            ) from None
+        raise ConfigError(f"{key}: {str(error).splitlines()[0]}") from None

@@ -14,13 +14,13 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from flmm_lightning.boundaries import GroundingSample
+from flmm_lightning.common.distributed import all_gather_objects
 from flmm_lightning.data.bad_samples import BadSampleSummary
-from flmm_lightning.distributed import all_gather_objects
 from flmm_lightning.metrics.functional import mask_box_iou
-from flmm_lightning.model import EvalStepOutput
-from flmm_lightning.reliability import COUNTERS_KEY, FinalCheckpoint, NonFiniteLossGuard
-from flmm_lightning.reporting import write_metrics_json, write_per_object_csv
-from flmm_lightning.visualize import label_map, overlay_masks, pad_to, side_by_side
+from flmm_lightning.outputs.overlays import label_map, overlay_masks, pad_to, side_by_side
+from flmm_lightning.outputs.reporting import write_metrics_json, write_per_object_csv
+from flmm_lightning.training.module import EvalStepOutput
+from flmm_lightning.training.reliability import COUNTERS_KEY, FinalCheckpoint, NonFiniteLossGuard
 
 
 def _split_name(trainer: Trainer, dataloader_idx: int) -> str:
@@ -242,7 +242,7 @@ class PerObjectRecorder(Callback):
 class MetricsJsonWriter(Callback):
     """Writes the test metrics of every split (``FLMMModule.last_results``) to ``path`` on global rank 0 at
     the end of testing: from the process that computed them, so that they reach the caller under
-    ``ddp_spawn`` as well (read them back with ``reporting.read_metrics_json``)."""
+    ``ddp_spawn`` as well (read them back with ``outputs.reporting.read_metrics_json``)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

@@ -30,9 +30,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from flmm_lightning.data.images import panoptic_id_to_rgb
-from flmm_lightning.data.synthetic_reasonseg import COLOUR_THINGS, write_reasonseg
-from flmm_lightning.data.synthetic_shapes import (
+from flmm_lightning.assets.synthetic_reasonseg import COLOUR_THINGS, write_reasonseg
+from flmm_lightning.assets.synthetic_shapes import (
     COLOURS,
     SHAPE_KINDS,
     SyntheticShape,
@@ -40,6 +39,7 @@ from flmm_lightning.data.synthetic_shapes import (
     render_image,
     shape_mask,
 )
+from flmm_lightning.data.images import panoptic_id_to_rgb
 
 __all__ = [
     "COLOURS",

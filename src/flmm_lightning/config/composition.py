@@ -1,5 +1,5 @@
 """Hydra/OmegaConf glue: where the configs live, the resolvers that name offline assets and the step that
-builds them (``prepare_inputs``), and the config a checkpoint stores (``safe_config``'s plain data: this
+builds them (``prepare_inputs``), and the config a checkpoint stores (``config.stored``'s plain data: this
 machine's paths stay out of it) and how a loader reads it with its own paths."""
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from omegaconf.errors import OmegaConfBaseException
 from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
 from omegaconf.grammar_parser import parse
 
-from flmm_lightning.safe_config import on_this_machine, parse_stored_config, paths_read, stored_form
+from flmm_lightning.config.stored import on_this_machine, parse_stored_config, paths_read, stored_form
 
 
 def _conf_dir() -> Path:
     """An installed wheel's ``flmm_lightning/conf``, else the ``conf/`` at the top of the source tree (an
     editable install, or ``PYTHONPATH=src``)."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     installed = package / "conf"
     return installed if installed.is_dir() else package.parents[1] / "conf"
 
@@ -46,13 +46,13 @@ def _build_asset(name: str, cache_dir: str) -> Path:
 
 
 def _write_synthetic(root: str, num_train: int = 240, num_val: int = 60) -> Path:
-    from flmm_lightning.data.synthetic import write_synthetic_dataset
+    from flmm_lightning.assets.synthetic_data import write_synthetic_dataset
 
     return write_synthetic_dataset(root, num_train=int(num_train), num_val=int(num_val)).root
 
 
 def _run_dir(ckpt_path: str | None, fresh: str) -> str:
-    from flmm_lightning.run_dirs import run_dir
+    from flmm_lightning.runs.folders import run_dir
 
     return run_dir(ckpt_path, fresh)
 
@@ -144,7 +144,7 @@ INPUT_FILE_KEYS = ("model.pretrained", "sam.refiner.sam.checkpoint")
 
 
 def stored_config(cfg: DictConfig, keys: Iterable[str]) -> dict[str, Any]:
-    """The sections ``keys`` of ``cfg`` as a checkpoint stores them (``safe_config``): every value resolved
+    """The sections ``keys`` of ``cfg`` as a checkpoint stores them (``config.stored``): every value resolved
     now, then each path under one of this machine's ``paths.*`` written from its ``${paths.<key>}``
     placeholder, so that the machine that loads the checkpoint reads its own folders."""
     sections = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in keys}
@@ -168,7 +168,7 @@ def config_on_this_machine(
     overrides: Mapping[str, Any] | None = None,
     source: str = "the checkpoint",
 ) -> DictConfig:
-    """A checkpoint's stored config where it is loaded: checked against the schema (``safe_config``), its
+    """A checkpoint's stored config where it is loaded: checked against the schema (``config.stored``), its
     ``${paths.*}`` placeholders replaced as text by ``paths`` (this machine's, from its config and command
     line; ``default_paths()`` when None), and each section of ``overrides`` (the command line's
     ``++data.x=y``, ``++model.pretrained=...``) merged over the stored section of that name.

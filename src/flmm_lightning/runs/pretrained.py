@@ -2,8 +2,8 @@
 weights (``model.safetensors``), the model config a checkpoint stores (``flmm_config.json``) and a generated
 model card (``README.md``). Nothing in it is a pickle: reading it runs no code whatever the files hold.
 
-``builders.load_checkpoint`` reads such a directory wherever it reads a ``.ckpt``, so every entry point
-takes one as ``ckpt=``; the config is checked (``safe_config``) and the weights against the model, as for a
+``runs.checkpoints.load_checkpoint`` reads such a directory wherever it reads a ``.ckpt``, so every entry point
+takes one as ``ckpt=``; the config is checked (``config.stored``) and the weights against the model, as for a
 ``.ckpt``.
 """
 
@@ -36,7 +36,7 @@ def save_pretrained(
     metrics: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Path:
     """Writes the trainable ``state_dict`` (the core's keys), the stored model ``config`` (plain containers,
-    ``builders.run_config``) and a model card listing ``metrics`` (``metrics.json``'s ``{split: {name:
+    ``runs.build.run_config``) and a model card listing ``metrics`` (``metrics.json``'s ``{split: {name:
     value}}``) into ``directory``, created if needed. Returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

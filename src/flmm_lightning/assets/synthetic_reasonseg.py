@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from flmm_lightning.data.synthetic_shapes import SyntheticShape
+from flmm_lightning.assets.synthetic_shapes import SyntheticShape
 
 # ReasonSeg queries name a shape only through a property of it. Per kind: (short phrases, sentences).
 _KIND_QUERIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

@@ -12,9 +12,9 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 
+from flmm_lightning.common.feature_store import FeatureStore
 from flmm_lightning.data.datamodule import GroundingDataModule
-from flmm_lightning.feature_store import FeatureStore
-from flmm_lightning.model import FLMMModule
+from flmm_lightning.training.module import FLMMModule
 
 logger = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from flmm_lightning.batch_predict.manifest import ManifestEntry
-from flmm_lightning.batch_predict.output import PredictionOutput
 from flmm_lightning.boundaries import GroundingSample, PromptBuilder
 from flmm_lightning.data.batch import EncodedDataset, EncodedSample, GroundingBatch, GroundingCollate
 from flmm_lightning.data.images import ImageLimits, load_photo
 from flmm_lightning.data.sampler import UnpaddedDistributedSampler
-from flmm_lightning.reliability import dataloader_worker_init
+from flmm_lightning.data.workers import dataloader_worker_init
+from flmm_lightning.inference.batch.manifest import ManifestEntry
+from flmm_lightning.inference.batch.output import PredictionOutput
 
 
 @dataclass

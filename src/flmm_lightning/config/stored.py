@@ -63,7 +63,7 @@ DATASETS = frozenset(
         "flmm_lightning.data.refcoco.RefCocoDataset",
     }
 )
-MODULE = "flmm_lightning.model.FLMMModule"
+MODULE = "flmm_lightning.training.module.FLMMModule"
 MASK_HEAD = "flmm_lightning.heads.unet.UNetMaskHead"
 REFINER = "flmm_lightning.heads.sam_refiner.SamRefiner"
 DATAMODULE = "flmm_lightning.data.datamodule.GroundingDataModule"

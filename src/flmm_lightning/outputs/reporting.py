@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from flmm_lightning.files import atomic_write
+from flmm_lightning.common.files import atomic_write
 
 
 def metrics_table(results: dict[str, dict[str, float]], title: str = "Metrics (%)") -> Table:

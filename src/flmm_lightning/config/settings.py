@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from flmm_lightning.builders import ConfigError
+from flmm_lightning.config.errors import ConfigError
 from flmm_lightning.data.bad_samples import ON_BAD_SAMPLE_CHOICES
 from flmm_lightning.data.refcoco import ACCEPTED_TEXT_MODES
 from flmm_lightning.heads.sam_attention import ENCODER_ATTENTIONS

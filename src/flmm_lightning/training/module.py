@@ -1,6 +1,6 @@
 """The LightningModule: a thin Lightning shell around the model core (``core.FLMM``) that adds the optimiser
 and its schedule, the evaluation metrics, and the checkpoint format. Cross-cutting training policies are
-callbacks (``reliability.NonFiniteLossGuard``, ``callbacks.BadSampleReport``)."""
+callbacks (``training.reliability.NonFiniteLossGuard``, ``training.callbacks.BadSampleReport``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from lightning import LightningModule
 from torch import nn
 
 from flmm_lightning.boundaries import GroundingSample
+from flmm_lightning.common.masks import mask_iou
 from flmm_lightning.core import FLMM, SELECTOR_TERM, GroundingPrediction
 from flmm_lightning.data.batch import GroundingBatch
 from flmm_lightning.data.reasonseg import is_sentence_query
@@ -22,7 +23,6 @@ from flmm_lightning.heads.unet import UNetMaskHead
 from flmm_lightning.inference.pipeline import GroundingRunner
 from flmm_lightning.inference.reasoning import EmptyAnswerError, reason_and_segment
 from flmm_lightning.lmm.base import FrozenLMM
-from flmm_lightning.masks import mask_iou
 from flmm_lightning.metrics import SplitMetrics
 from flmm_lightning.selection.targets import narrative_selection_spans
 
@@ -82,7 +82,7 @@ class FLMMModule(LightningModule):
         ``eval_heads_fp32`` are the core's (``core.FLMM``; ``keyword_selector_weight`` weighs the keyword
         selector's token loss on narrative samples when the LMM adapter has a selector;
         ``keyword_selector_lr``, when set, is the selector's own learning rate, the optimizer's for the rest);
-        ``max_consecutive_nonfinite`` is read by ``reliability.NonFiniteLossGuard``."""
+        ``max_consecutive_nonfinite`` is read by ``training.reliability.NonFiniteLossGuard``."""
         super().__init__()
         self.model = FLMM(
             lmm,

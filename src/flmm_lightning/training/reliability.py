@@ -4,14 +4,11 @@ trainer, and the non-finite-loss guard of training (a callback)."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
-import multiprocessing
 import os
 import shutil
 import signal
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +18,12 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning import Callback, LightningModule, Trainer
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from flmm_lightning.distributed import all_gather_objects
-from flmm_lightning.files import atomic_write
+from flmm_lightning.common.distributed import all_gather_objects
+from flmm_lightning.common.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -118,29 +114,6 @@ def _no_room_message(checkpoint: dict[str, Any], target: Path, error: OSError) -
         f"{free:,} bytes are free there ({os.strerror(error.errno)}); free some space or set "
         f"callbacks.model_checkpoint.dirpath to another disk. The previous {target.name} is kept."
     )
-
-
-# prctl(2) option: the signal a process gets when the thread that forked it exits.
-_PR_SET_PDEATHSIG = 1
-
-
-def dataloader_worker_init(worker_id: int) -> None:
-    """``worker_init_fn`` of every DataLoader: the worker dies with the training process, then Lightning's
-    per-worker seeding runs (Lightning only adds that itself when no ``worker_init_fn`` is set).
-
-    A trainer killed with SIGKILL (by the OOM killer, by hand) cannot stop its workers; they would stay
-    forever, each holding a copy of the dataset, blocked on a result pipe nobody reads. On Linux the kernel
-    sends them SIGKILL when the thread that started them ends (Lightning starts them from the main thread).
-    """
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        parent = multiprocessing.parent_process()
-        if parent is not None and os.getppid() != parent.pid:
-            os._exit(1)  # the trainer died before prctl took effect
-    if int(os.environ.get("PL_SEED_WORKERS", "0")):
-        pl_worker_init_function(worker_id)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -14,19 +14,20 @@ from lightning import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from flmm_lightning.batch_predict.dataset import BatchPredictionData
-from flmm_lightning.batch_predict.manifest import ManifestError, read_manifest
-from flmm_lightning.batch_predict.output import PredictionOutput, PredictionWriter
-from flmm_lightning.batch_predict.predictor import BatchPredictor
-from flmm_lightning.batch_predict.progress import ImagesProgressBar
-from flmm_lightning.builders import build_prompt_builder, module_from_checkpoint
-from flmm_lightning.data.images import ImageLimits
-from flmm_lightning.settings import (
+from flmm_lightning.config.settings import (
     CHECKPOINT_GROUPS,
     chosen_checkpoint_groups,
     generation_settings,
     refuse_checkpoint_groups,
 )
+from flmm_lightning.data.images import ImageLimits
+from flmm_lightning.inference.batch.dataset import BatchPredictionData
+from flmm_lightning.inference.batch.manifest import ManifestError, read_manifest
+from flmm_lightning.inference.batch.output import PredictionOutput, PredictionWriter
+from flmm_lightning.inference.batch.predictor import BatchPredictor
+from flmm_lightning.inference.batch.progress import ImagesProgressBar
+from flmm_lightning.runs.build import build_prompt_builder
+from flmm_lightning.runs.checkpoints import module_from_checkpoint
 
 SUMMARY = "summary.json"
 
