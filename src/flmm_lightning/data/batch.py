@@ -37,8 +37,8 @@ class GroundingBatch:
     lmm: LMMBatch | None  # None when every item of the batch was skipped
     sam_images: list[torch.Tensor]  # uint8 [3, h_b, w_b]
     skipped: list[SkippedSample]
-    # With a feature cache (``data.feature_cache``): each sample's ``common.feature_store.feature_key`` and its
-    # cached frozen LMM features (None where the cache has none yet).
+    # With a feature cache (``data.feature_cache``): each sample's ``common.feature_store.feature_key`` and
+    # its cached frozen LMM features (None where the cache has none yet).
     feature_keys: list[str] | None = None
     cached_features: list[FrozenFeatures | None] | None = None
 

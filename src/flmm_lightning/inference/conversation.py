@@ -57,7 +57,8 @@ class GroundedPhrase:
     coarse_mask: torch.Tensor  # bool [H, W], the U-Net's mask resized to the image
     box: tuple[float, float, float, float] | None  # inclusive [x0, y0, x1, y1] of ``mask``; None when empty
     attention_map: torch.Tensor  # [C, h, w], the answer tokens' merged attention the masks came from
-    mask_score: float  # the mean SAM probability over ``mask``'s pixels (``common.masks.mask_scores``); 0 when empty
+    # the mean SAM probability over ``mask``'s pixels (``common.masks.mask_scores``); 0 when empty
+    mask_score: float
 
 
 @dataclass

@@ -26,8 +26,8 @@ MODEL_KEYS = ("model", "sam", "module")
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:
-    """The model-defining config a checkpoint stores: plain data (``config.composition.stored_config``: resolved, paths
-    as ``${paths.*}`` placeholders), checked now against the schema a loader checks it with
+    """The model-defining config a checkpoint stores: plain data (``config.composition.stored_config``:
+    resolved, paths as ``${paths.*}`` placeholders), checked now against the schema a loader checks it with
     (``config.stored``), so that a run whose checkpoints could not be loaded stops before it trains.
 
     The SAM embedding cache and the LMM feature cache are this machine's choice, not part of the model: they

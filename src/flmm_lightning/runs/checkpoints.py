@@ -22,7 +22,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Loads a checkpoint without executing anything it carries (``weights_only=True``) and without reading
     its tensors (``mmap=True``: a tensor is read from the file when used, after ``core.FLMM`` checked its
     shape and dtype; a compressed record, whose declared size the file need not hold, is refused). A
-    directory is read as a ``save_pretrained`` one (``runs.pretrained.load_pretrained``: safetensors and JSON)."""
+    directory is read as a ``save_pretrained`` one (``runs.pretrained.load_pretrained``: safetensors and
+    JSON)."""
     path = Path(path)
     if is_pretrained_dir(path):
         return load_pretrained(path)
@@ -46,8 +47,9 @@ def model_identity(config: DictConfig) -> dict[str, Any]:
     """What makes two runs the same model beyond tensor shapes: the LMM adapter (family), the model's name,
     its pretrained weights (the last path component: a hub id and a local copy of it agree) and the SAM
     variant. (Layers x heads are the U-Net's input channels: loading the weights compares those shapes.)
-    ``config``: a model-defining config on this machine (``config.composition.config_on_this_machine``), so values are
-    compared resolved, however they are written (a tiny asset's resolver, ``${paths.*}``, another key)."""
+    ``config``: a model-defining config on this machine (``config.composition.config_on_this_machine``), so
+    values are compared resolved, however they are written (a tiny asset's resolver, ``${paths.*}``,
+    another key)."""
     pretrained = str(OmegaConf.select(config, "model.pretrained", default="")).rstrip("/")
     return {
         "model.lmm._target_": OmegaConf.select(config, "model.lmm._target_"),
@@ -119,8 +121,8 @@ def module_from_checkpoint(
     """Rebuilds the module from the config stored in the checkpoint and loads its trainable weights.
 
     The stored config is checked first (``config.stored``), then resolved on this machine
-    (``config.composition.config_on_this_machine``): ``paths`` (this machine's ``paths.*``; the defaults when None)
-    and the command line's ``overrides`` of stored sections. Returns the module and that config."""
+    (``config.composition.config_on_this_machine``): ``paths`` (this machine's ``paths.*``; the defaults
+    when None) and the command line's ``overrides`` of stored sections. Returns the module and that config."""
     checkpoint = load_checkpoint(path)
     stored = _stored_config(checkpoint, path)
     config = config_on_this_machine(stored, paths, overrides, source=str(path))

@@ -2,9 +2,9 @@
 weights (``model.safetensors``), the model config a checkpoint stores (``flmm_config.json``) and a generated
 model card (``README.md``). Nothing in it is a pickle: reading it runs no code whatever the files hold.
 
-``runs.checkpoints.load_checkpoint`` reads such a directory wherever it reads a ``.ckpt``, so every entry point
-takes one as ``ckpt=``; the config is checked (``config.stored``) and the weights against the model, as for a
-``.ckpt``.
+``runs.checkpoints.load_checkpoint`` reads such a directory wherever it reads a ``.ckpt``, so every entry
+point takes one as ``ckpt=``; the config is checked (``config.stored``) and the weights against the model, as
+for a ``.ckpt``.
 """
 
 from __future__ import annotations
