@@ -104,6 +104,40 @@ def test_plain_square_is_the_references_resize_and_padding(fixtures_dir):
     )
 
 
+def test_hybrid_pixels_are_the_references_square_and_in_tower_resize():
+    """The reference's hybrid: its processor resizes the longer side to the SAM side (256 px here) and the
+    other to ``int(h / longest * 256)``, pads in ``int(255 * CLIP mean)`` and only rescales; the tower
+    normalises that square with CLIP's statistics for SAM, and resizes it to the SigLIP side (128)
+    bilinearly with antialiasing (halving: weights 1/8, 3/8, 3/8, 1/8 over four rows) before normalising
+    with 0.5 / 0.5."""
+    from PIL import Image
+
+    builder = DeepseekVLPromptBuilder(ensure_tiny_deepseek_vl_hybrid())
+    colour, background = (200, 50, 10), (122, 116, 104)  # int(255 * OpenAI CLIP mean)
+    # 300 x 199: 199 / 300 * 256 = 169.8, truncated to 169 rows (rounding gives 170)
+    sample = make_sample(199, 300, ["a man"], 0)
+    sample.image = Image.new("RGB", (300, 199), colour)
+    prompt = builder(sample)
+    top = (256 - 169) // 2  # 43: rows 43 .. 211 are the image
+    assert prompt.content_box == (top, 0, 169, 256)
+
+    def unit(rgb):
+        return torch.tensor(rgb, dtype=torch.float32)[:, None] / 255
+
+    clip_mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None]
+    clip_std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None]
+    high = prompt.pixel_inputs["high_res_pixel_values"][0]  # [3, 256, 256]
+    for rows, rgb in ((range(0, top), background), (range(top, 212), colour), (range(212, 256), background)):
+        expected = (unit(rgb) - clip_mean) / clip_std
+        torch.testing.assert_close(high[:, list(rows)].flatten(1), expected.expand(3, len(rows) * 256))
+    low = prompt.pixel_inputs["pixel_values"][0]  # [3, 128, 128]
+    # low row j averages high rows 2j-1 .. 2j+2: row 21 = rows 41-44 (half padding), row 105 = rows 209-212
+    # (one eighth padding), rows 22 .. 104 only image, row 19 only padding
+    for row, image_share in ((19, 0.0), (21, 0.5), (22, 1.0), (104, 1.0), (105, 7 / 8)):
+        mixed = image_share * unit(colour) + (1 - image_share) * unit(background)
+        torch.testing.assert_close(low[:, row], ((mixed - 0.5) / 0.5).expand(3, 128))
+
+
 def test_siglip_mlp_uses_the_exact_gelu():
     """The reference's timm SigLIP uses ``nn.GELU`` (erf); transformers' config names the tanh one."""
     adapter = DeepseekVLAdapter(ensure_tiny_deepseek_vl(), text_proj_dim=8, torch_dtype="float32")

@@ -43,6 +43,11 @@ def main() -> None:
             if o["mask_ids"].shape == t["expanded_mask_ids"].shape
             else False,
             "pixel_values": max_abs(o["pixel_values"], t["pixel_values"]),
+            **(
+                {"high_res_pixel_values": max_abs(o["high_res_pixel_values"], t["high_res_pixel_values"])}
+                if "high_res_pixel_values" in o
+                else {}
+            ),
             "attention_maps": max_abs(o["attention_maps"], t["attention_maps"]),
             "attention_maps_max": float(o["attention_maps"].abs().max()),
             "attention_maps (crossed: our pixels)": max_abs(o["attention_maps"], t["crossed_attention_maps"]),

@@ -18,11 +18,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="tiny_llava")
     parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.pretrained=<dir>")
     args = parser.parse_args()
     output = args.work / "converted.ckpt"
     output.unlink(missing_ok=True)
     counts = convert(
-        args.work / "official_state_dict.pth", output, compose_model_config(args.model, "tiny", None, [])
+        args.work / "official_state_dict.pth",
+        output,
+        compose_model_config(args.model, "tiny", None, args.overrides),
     )
     grounder = Grounder.from_checkpoint(output, device="cpu")
     ours = torch.load(args.work / "ours.pt", weights_only=True)["cases"]

@@ -85,6 +85,15 @@ def deepseek_439(lmm_dir: Path):
             state.update(siglip_key(key.removeprefix("model.vision_model."), value))
         else:
             raise KeyError(key)
+    merge_qkv(state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # the SigLIP attention-pool head is built but unused (ignore_head=True): its features skip it
+    assert not unexpected and all(".attn_pool." in key for key in missing), (missing, unexpected)
+    return model.eval()
+
+
+def merge_qkv(state: dict[str, torch.Tensor]) -> None:
+    """timm's SigLIP keeps q, k and v in one ``attn.qkv`` (concatenated on dim 0): merged in place."""
     qkv = {}
     for key in [k for k in state if ".attn.q." in k or ".attn.k." in k or ".attn.v." in k]:
         qkv.setdefault(
@@ -95,14 +104,11 @@ def deepseek_439(lmm_dir: Path):
         )[key.split(".attn.")[1][0]] = state.pop(key)
     for key, parts in qkv.items():
         state[key.replace(".attn.@.", ".attn.qkv.")] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # the SigLIP attention-pool head is built but unused (ignore_head=True): its features skip it
-    assert not unexpected and all(".attn_pool." in key for key in missing), (missing, unexpected)
-    return model.eval()
 
 
-def siglip_key(key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
-    tower = "vision_model.vision_tower."
+def siglip_key(
+    key: str, value: torch.Tensor, tower: str = "vision_model.vision_tower."
+) -> dict[str, torch.Tensor]:
     if key == "embeddings.patch_embedding.weight" or key == "embeddings.patch_embedding.bias":
         return {tower + "patch_embed.proj." + key.rsplit(".", 1)[1]: value}
     if key == "embeddings.position_embedding.weight":

@@ -1,8 +1,10 @@
 """DeepSeek-VL (``DeepseekVLForConditionalGeneration``, 1.3B) and its hybrid (``DeepseekVLHybrid...``, 7B).
 
-The processor resizes the longer side to the tower's size (384 px; the hybrid's 1024-px SAM branch first,
-its padded square then shrunk to 384 for SigLIP) and pads to a centred square in the mean colour, so the tower
-sees the whole image. Each image becomes ``num_image_tokens`` placeholder tokens (576), the row-major cells
+The longer side is resized to the tower's size (384 px; the hybrid's 1024-px SAM branch, its padded
+square then shrunk to 384 for SigLIP) and the image centred on a square in the mean colour, so the tower sees
+the whole image; done here as the reference does it (sizes truncated, PIL bicubic; the hybrid's shrinking
+bilinear, as its tower does), the processor only tokenises (and, plain, rescales and normalises). Each image
+becomes ``num_image_tokens`` placeholder tokens (576), the row-major cells
 of a 24x24 grid over the square; in the hybrid the two towers' features are fused per cell, so the grid is the
 same. ``content_box`` says where the image lies in the square, so the shared head crops the coarse mask.
 """
@@ -12,6 +14,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from transformers.models.siglip.modeling_siglip import SiglipMLP
@@ -50,48 +55,68 @@ class DeepseekVLPromptBuilder(ChatPromptBuilder):
         return self.processor.num_image_tokens
 
     def content_box(self, height: int, width: int) -> tuple[int, tuple[int, int, int, int]]:
-        """The padded square's side and the ``(top, left, height, width)`` of a ``height`` x ``width`` image
-        in it: as the reference resizes and pads (plain DeepSeek-VL), or as the hybrid's image processor does
-        (its low-res square is its high-res one shrunk)."""
+        """The padded square's side (the hybrid's: its high-res side) and the ``(top, left, height, width)``
+        of a ``height`` x ``width`` image in it, as the reference resizes and pads."""
         image_processor = self.processor.image_processor
-        high_res = getattr(image_processor, "high_res_size", None)
-        if high_res is None:
-            side = image_processor.size["height"]
-            resized_h, resized_w = reference_resized_size(height, width, side, image_processor.min_size)
-        else:
-            side = high_res["height"]
-            scale = side / max(height, width)
-            # Python's round, as the image processor (ties to even).
-            resized_h = max(round(height * scale), image_processor.min_size)
-            resized_w = max(round(width * scale), image_processor.min_size)
+        side = _square_side(image_processor)
+        resized_h, resized_w = reference_resized_size(height, width, side, image_processor.min_size)
         return side, ((side - resized_h) // 2, (side - resized_w) // 2, resized_h, resized_w)
 
     def _encode_image(self, sample: GroundingSample, prompt: str) -> EncodedImage:
         image_processor = self.processor.image_processor
-        side, box = self.content_box(sample.image.height, sample.image.width)
-        if getattr(image_processor, "high_res_size", None) is None:
-            # The reference's resize (PIL bicubic, sizes truncated) and padding; the processor only rescales
-            # and normalises.
-            top, left, height, width = box
-            background = tuple(int(channel * 255) for channel in image_processor.image_mean)
-            square = Image.new("RGB", (side, side), background)
-            square.paste(sample.image.resize((width, height), Image.Resampling.BICUBIC), (left, top))
+        hybrid = getattr(image_processor, "high_res_size", None) is not None
+        side, (top, left, height, width) = self.content_box(sample.image.height, sample.image.width)
+        # The reference's resize (PIL bicubic, sizes truncated) and padding, in the mean colour of the
+        # square's tower (the hybrid's: SAM's).
+        mean = image_processor.high_res_image_mean if hybrid else image_processor.image_mean
+        square = Image.new("RGB", (side, side), tuple(int(channel * 255) for channel in mean))
+        square.paste(sample.image.resize((width, height), Image.Resampling.BICUBIC), (left, top))
+        if hybrid:
+            # The processor's pixels are not the reference's (it would resize the square again): only its ids
+            encoded = self.processor(images=[square], text=[prompt], return_tensors="pt")
+            pixel_inputs = reference_hybrid_pixels(square, image_processor)
+        else:
             encoded = self.processor(
                 images=[square], text=[prompt], do_resize=False, do_pad=False, return_tensors="pt"
             )
-        else:
-            encoded = self.processor(images=[sample.image], text=[prompt], return_tensors="pt")
-        pixel_inputs = {"pixel_values": encoded["pixel_values"]}  # [1, 3, 384, 384]
-        if HIGH_RES_PIXELS in encoded:
-            pixel_inputs[HIGH_RES_PIXELS] = encoded[HIGH_RES_PIXELS]  # [1, 3, 1024, 1024]
+            pixel_inputs = {"pixel_values": encoded["pixel_values"]}  # [1, 3, 384, 384]
         cells = math.isqrt(self.processor.num_image_tokens)  # a square grid, checked when the processor loads
         return EncodedImage(
             prompt_ids=encoded["input_ids"][0],
             pixel_inputs=pixel_inputs,
             grid_hw=(cells, cells),
             padded_hw=(side, side),
-            content_box=box,
+            content_box=(top, left, height, width),
         )
+
+
+def _square_side(image_processor: Any) -> int:
+    high_res = getattr(image_processor, "high_res_size", None)
+    return (image_processor.size if high_res is None else high_res)["height"]
+
+
+def reference_hybrid_pixels(square: Image.Image, image_processor: Any) -> dict[str, torch.Tensor]:
+    """The hybrid's two inputs from its padded high-res ``square``, as the reference computes them: the
+    square rescaled to [0, 1] is what its processor gives; inside the model the SAM tower normalises it with
+    its own statistics, and the SigLIP tower takes it resized to its side (bilinear, antialiased, on the
+    [0, 1] floats) and normalised with its own."""
+    # rescaled in float64, then float32, as the reference's processor
+    unit = np.asarray(square, dtype=np.float64) * image_processor.rescale_factor
+    unit = torch.from_numpy(unit.astype(np.float32)).permute(2, 0, 1)[None]  # [1, 3, 1024, 1024]
+    low_side = image_processor.size["height"]
+    low = F.interpolate(unit, size=(low_side, low_side), mode="bilinear", align_corners=False, antialias=True)
+
+    def normalise(pixels: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:
+        return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+    return {
+        "pixel_values": normalise(
+            low, image_processor.image_mean, image_processor.image_std
+        ),  # [1, 3, 384, 384]
+        HIGH_RES_PIXELS: normalise(
+            unit, image_processor.high_res_image_mean, image_processor.high_res_image_std
+        ),
+    }
 
 
 def reference_resized_size(height: int, width: int, side: int, min_size: int) -> tuple[int, int]:
