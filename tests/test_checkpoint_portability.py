@@ -159,7 +159,7 @@ def test_missing_sam_weights_name_the_key_the_path_and_the_override(
     assert f"sam.refiner.sam.checkpoint = {elsewhere / 'sam_tiny.pth'} does not exist" in message
     assert "set paths.checkpoint_dir=" in message and str(checkpoint) in message
 
-    module, config = module_from_checkpoint(checkpoint, paths=paths)
+    config = module_from_checkpoint(checkpoint, paths=paths).config
     assert config.sam.refiner.sam.checkpoint == str(tmp_path / "weights" / "sam_tiny.pth")
 
 
@@ -267,9 +267,10 @@ def test_a_tiny_sam_checkpoint_from_before_the_move_to_assets_loads_and_builds_i
     torch.save(saved, legacy)
 
     empty_cache = tmp_path / "empty_cache"
-    module, config = module_from_checkpoint(legacy, paths={**cfg.paths, "cache_dir": str(empty_cache)})
+    loaded = module_from_checkpoint(legacy, paths={**cfg.paths, "cache_dir": str(empty_cache)})
+    module, config = loaded.module, loaded.config
     assert config.sam.refiner.sam.checkpoint == str(empty_cache / TINY_SAM / TINY_SAM_FILE)
-    assert module.run_config["sam"]["refiner"]["sam"] == written  # what a checkpoint of it will store
+    assert loaded.stored["sam"]["refiner"]["sam"] == written  # what a checkpoint of it will store
     assert (empty_cache / TINY_SAM / TINY_SAM_FILE).is_file() and (empty_cache / TINY_QWEN2_5_VL).is_dir()
     for key, value in saved["state_dict"].items():
         assert torch.equal(module.state_dict()[key], value), key

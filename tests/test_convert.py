@@ -45,7 +45,7 @@ def tiny_llava_config() -> DictConfig:
 @pytest.fixture(scope="module")
 def source_module(tiny_llava_config: DictConfig):
     torch.manual_seed(0)
-    module = build_module(tiny_llava_config, stored_config=run_config(tiny_llava_config))
+    module = build_module(tiny_llava_config)
     with torch.no_grad():
         module.model.lmm.text_layer_weights.normal_()  # initialised to ones: make the layer weighting matter
     return module
@@ -117,13 +117,14 @@ def refcoco_eval_config(compose_config: Callable[..., DictConfig], ckpt: Path, o
 def test_converted_checkpoint_evaluates_like_the_source_model(
     converted: Path,
     source_module,
+    tiny_llava_config: DictConfig,
     compose_config: Callable[..., DictConfig],
     fixtures_dir: Path,
     tmp_path: Path,
 ) -> None:
     source_ckpt = tmp_path / "source.ckpt"
     torch.save(
-        {"state_dict": source_module.state_dict(), "flmm_config": source_module.run_config}, source_ckpt
+        {"state_dict": source_module.state_dict(), "flmm_config": run_config(tiny_llava_config)}, source_ckpt
     )
     data_root = fixtures_dir / "coco_sample"
     from_official = evaluate(refcoco_eval_config(compose_config, converted, tmp_path / "a", data_root))

@@ -112,14 +112,13 @@ def test_checkpoint_round_trip_gives_identical_predictions(parts, tmp_path, tiny
     batch = parts[1]
     with torch.no_grad():
         module.model.mask_head.conv_seg.bias.add_(0.25)  # differ from a fresh initialisation
-    module.run_config = run_config(tiny_config)
     path = tmp_path / "model.ckpt"
     state_dict = module.state_dict() if layout == "current" else before_the_core(module.state_dict())
-    torch.save({"state_dict": state_dict, "flmm_config": module.run_config}, path)
+    torch.save({"state_dict": state_dict, "flmm_config": run_config(tiny_config)}, path)
 
     frozen = ("model.lmm.model.", "model.sam.sam.image_encoder.")
     assert not any(key.startswith(frozen) for key in module.state_dict())
-    restored, _ = module_from_checkpoint(path)
+    restored = module_from_checkpoint(path).module
     module.eval()
     restored.eval()
     with torch.no_grad():

@@ -62,8 +62,8 @@ def test_from_pretrained_grounds_like_the_checkpoint(
 
 
 def test_entry_points_read_the_directory_as_a_checkpoint(pretrained_dir: Path, tiny_checkpoint: Path) -> None:
-    from_dir, _ = module_from_checkpoint(pretrained_dir)
-    from_file, _ = module_from_checkpoint(tiny_checkpoint)
+    from_dir = module_from_checkpoint(pretrained_dir).module
+    from_file = module_from_checkpoint(tiny_checkpoint).module
     a, b = from_dir.model.trainable_state_dict(), from_file.model.trainable_state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -103,7 +103,7 @@ def test_train_exports_its_heads_as_a_pretrained_directory(compose_config, tmp_p
     train(cfg)
     exported = load_pretrained(tmp_path / "run" / "pretrained")
     assert exported["flmm_config"]["model"]["name"] == cfg.model.name
-    rebuilt, _ = module_from_checkpoint(tmp_path / "run" / "pretrained")
+    rebuilt = module_from_checkpoint(tmp_path / "run" / "pretrained").module
     weights = rebuilt.model.trainable_state_dict()
     assert weights.keys() == exported["state_dict"].keys()
     assert all(torch.equal(weights[key], exported["state_dict"][key]) for key in weights)

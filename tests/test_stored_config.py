@@ -284,9 +284,11 @@ def test_an_asset_build_never_replaces_a_folder_it_did_not_build(tmp_path: Path)
 _BOMB = """
 import io, resource, struct, sys, zipfile
 import torch
+from flmm_lightning.heads.sam_refiner import read_sam_weights
 from flmm_lightning.runs.checkpoints import load_checkpoint
 
 path, small, big = sys.argv[1], 100_003, 2**29  # 2**29 float32 = 2 GiB
+load = read_sam_weights if sys.argv[2] == "sam" else load_checkpoint
 buffer = io.BytesIO()
 torch.save({"state_dict": {"model.mask_head.weight": torch.zeros(small)}, "flmm_config": {}}, buffer)
 source = zipfile.ZipFile(buffer)
@@ -302,7 +304,7 @@ with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=
             out.writestr(info.filename, data, zipfile.ZIP_STORED)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
-    load_checkpoint(path)
+    load(path)
     outcome = "loaded"
 except ValueError as error:
     outcome = str(error)
@@ -313,10 +315,16 @@ print(f"{grown // 1024}\\n{outcome}")
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_checkpoint_declaring_a_huge_tensor_is_refused_without_allocating_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("reader", "refusal"), [("checkpoint", "cannot load checkpoint"), ("sam", "cannot load SAM checkpoint")]
+)
+def test_a_checkpoint_declaring_a_huge_tensor_is_refused_without_allocating_it(
+    tmp_path: Path, reader: str, refusal: str
+) -> None:
+    """A trained checkpoint and SAM's own ``.pth`` alike."""
     checkpoint = tmp_path / "bomb.ckpt"
     run = subprocess.run(
-        [sys.executable, "-c", _BOMB, str(checkpoint)],
+        [sys.executable, "-c", _BOMB, str(checkpoint), reader],
         capture_output=True,
         text=True,
         check=True,
@@ -324,14 +332,13 @@ def test_a_checkpoint_declaring_a_huge_tensor_is_refused_without_allocating_it(t
     )
     grown_mib, outcome = run.stdout.strip().split("\n", 1)
     assert checkpoint.stat().st_size < 30 * 2**20
-    assert outcome.startswith(f"cannot load checkpoint {checkpoint} safely")
+    assert outcome.startswith(f"{refusal} {checkpoint} safely")
     assert int(grown_mib) < 512  # the declared tensor is 2048 MiB
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_checkpoint: Path):
-    module, _ = module_from_checkpoint(tiny_checkpoint)
-    return module
+    return module_from_checkpoint(tiny_checkpoint).module
 
 
 def _first_float_key(state_dict: dict[str, torch.Tensor]) -> str:
@@ -449,7 +456,7 @@ def machine(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "checkpoint_dir": str(root / "checkpoints"),
         "cache_dir": default_paths()["cache_dir"],
     }
-    module, _ = module_from_checkpoint(tiny_checkpoint, paths=paths)  # the assets are there from now on
+    module = module_from_checkpoint(tiny_checkpoint, paths=paths).module  # the assets are there from now on
     return {
         "root": root,
         "paths": paths,
@@ -476,7 +483,7 @@ def test_a_mutated_stored_config_loads_as_the_same_model_or_is_refused(
     torch.save({**saved, "flmm_config": _mutated(stored, location, value)}, checkpoint)
     before = files_under(machine["root"]) | files_under(Path(machine["paths"]["cache_dir"]))
     try:
-        module, _ = module_from_checkpoint(checkpoint, paths=machine["paths"])
+        module = module_from_checkpoint(checkpoint, paths=machine["paths"]).module
     except UnsafeConfigError as error:
         assert str(checkpoint) in str(error) and "flmm_config." in str(error)
     else:

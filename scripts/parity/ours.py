@@ -13,7 +13,7 @@ from flmm_lightning.boundaries import GroundingSample
 from flmm_lightning.convert import compose_model_config
 from flmm_lightning.heads.sam_refiner import binarize_coarse, mask_boxes_exclusive
 from flmm_lightning.inference.grounder import Grounder
-from flmm_lightning.runs.build import build_module, build_prompt_builder, run_config
+from flmm_lightning.runs.build import build_module, build_prompt_builder
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "coco_sample" / "images"
 # (photo, phrases): real COCO images of the fixtures, a landscape and a portrait-free wide one
@@ -40,7 +40,7 @@ def main() -> None:
         source = compose_model_config(args.model, "tiny", None, overrides).model.pretrained
         overrides.append(f"model.pretrained={perturbed_copy(Path(source), args.out / 'lmm')}")
     cfg = compose_model_config(args.model, "tiny", None, overrides)
-    module = build_module(cfg, stored_config=run_config(cfg))
+    module = build_module(cfg)
     with torch.no_grad():
         module.model.lmm.text_layer_weights.normal_()
     grounder = Grounder(module.model, build_prompt_builder(cfg), cfg.sam.image_size, device="cpu")

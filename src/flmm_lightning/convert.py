@@ -136,7 +136,8 @@ def convert(official: str | Path, output: str | Path, cfg: DictConfig) -> dict[s
             f"{', '.join(sorted(OFFICIAL_LMM_ATTRIBUTE))}"
         )
     mapped, dropped = official_to_core(state_dict, OFFICIAL_LMM_ATTRIBUTE[target], source=str(official))
-    module = build_module(cfg, stored_config=run_config(cfg))
+    stored = run_config(cfg)
+    module = build_module(cfg)
     try:
         module.load_checkpoint_weights(mapped)
     except CheckpointMismatchError as error:
@@ -148,7 +149,7 @@ def convert(official: str | Path, output: str | Path, cfg: DictConfig) -> dict[s
     handle, partial = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial")
     os.close(handle)
     try:
-        torch.save({"state_dict": module.state_dict(), "flmm_config": module.run_config}, partial)
+        torch.save({"state_dict": module.state_dict(), "flmm_config": stored}, partial)
         os.replace(partial, output)
     finally:
         Path(partial).unlink(missing_ok=True)

@@ -25,7 +25,6 @@ from flmm_lightning.runs.build import (
     MODEL_KEYS,
     build_datamodule,
     build_loggers,
-    build_prompt_builder,
     finish_wandb,
     output_dir_of,
     test_results,
@@ -55,15 +54,15 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     data_chosen = cfg.get("data") is not None and "_target_" in cfg.data
     patched = [key for key in (*MODEL_KEYS, "data") if cfg.get(key) is not None]
     overrides = {key: cfg[key] for key in patched if not (key == "data" and data_chosen)}
-    module, config = module_from_checkpoint(cfg.ckpt, paths=cfg.paths, overrides=overrides)
+    loaded = module_from_checkpoint(cfg.ckpt, paths=cfg.paths, overrides=overrides)
+    module, config, prompt_builder = loaded.module, loaded.config, loaded.prompt_builder
     data_cfg = cfg.data if data_chosen else config.get("data")
     if data_cfg is None:
         raise ValueError(f"{cfg.ckpt} stores no data config: pass data=<name> (see conf/data/)")
-    prompt_builder = build_prompt_builder(config)
     try:
         datamodule = build_datamodule(data_cfg, prompt_builder, config.sam.image_size)
     except ConfigError as error:
-        read = [] if data_chosen else paths_read(module.run_config.get("data"))
+        read = [] if data_chosen else paths_read(loaded.stored.get("data"))
         if not read:
             raise
         here = ", ".join(f"{key} = {OmegaConf.select(config, key)}" for key in read)

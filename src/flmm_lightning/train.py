@@ -41,7 +41,12 @@ from flmm_lightning.runs.checkpoints import check_init_from, check_resume, initi
 from flmm_lightning.runs.folders import claim_run_dir, mark_latest
 from flmm_lightning.runs.pretrained import save_pretrained
 from flmm_lightning.selection import every_word_baseline
-from flmm_lightning.training.callbacks import HyperparameterLogger, MetricsJsonWriter, with_training_guards
+from flmm_lightning.training.callbacks import (
+    HyperparameterLogger,
+    MetricsJsonWriter,
+    StoredConfigWriter,
+    with_training_guards,
+)
 from flmm_lightning.training.feature_cache import FeatureCacheWriter, open_feature_cache
 from flmm_lightning.training.module import FLMMModule
 
@@ -134,7 +139,7 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     metrics_path = output_dir / "metrics.json"
     prompt_builder = build_prompt_builder(cfg)
     datamodule = build_datamodule(cfg.data, prompt_builder, cfg.sam.image_size)
-    module = build_module(cfg, stored_config=stored)
+    module = build_module(cfg)
     if init_from:
         initialize_from(module, init_from)
         print(f"fine-tuning from the weights of {init_from}")
@@ -144,7 +149,11 @@ def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
     run_test = after_fit and bool(datamodule.test_names)
     run_reasoning = after_fit and OmegaConf.select(cfg, "reasonseg_after_fit.data") is not None
     callbacks = with_training_guards(
-        [*build_callbacks(cfg.get("callbacks")), HyperparameterLogger.from_config(cfg)]
+        [
+            *build_callbacks(cfg.get("callbacks")),
+            HyperparameterLogger.from_config(cfg),
+            StoredConfigWriter(stored),
+        ]
     )
     if run_test or run_reasoning:
         callbacks.append(MetricsJsonWriter(metrics_path))

@@ -173,8 +173,19 @@ def config_on_this_machine(
     line; ``default_paths()`` when None), and each section of ``overrides`` (the command line's
     ``++data.x=y``, ``++model.pretrained=...``) merged over the stored section of that name.
     ``trust_remote_code`` is the command line's (``overrides``), never the checkpoint's: off unless given."""
+    return checked_config_on_this_machine(parse_stored_config(dict(stored), source), paths, overrides, source)
+
+
+def checked_config_on_this_machine(
+    checked: dict[str, Any],
+    paths: DictConfig | Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    source: str = "the checkpoint",
+) -> DictConfig:
+    """``config_on_this_machine`` of a stored config that ``config.stored.parse_stored_config`` returned (a
+    loader that checked it when reading the checkpoint does not check it again)."""
     here = resolved_paths(paths) if paths is not None else default_paths()
-    config = OmegaConf.create(on_this_machine(parse_stored_config(dict(stored), source), here, source))
+    config = OmegaConf.create(on_this_machine(checked, here, source))
     for key, section in (overrides or {}).items():
         patch = OmegaConf.to_container(section, resolve=False) if OmegaConf.is_config(section) else section
         config[key] = OmegaConf.merge(config[key], patch) if key in config else patch

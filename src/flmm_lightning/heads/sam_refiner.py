@@ -8,6 +8,7 @@ sparse tokens (reference: ``flmm/models/mask_head/mask_refiner.py``).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +33,21 @@ def build_sam(name: str, checkpoint: str | None) -> Sam:
     return load_sam_weights(sam_model_registry[name](checkpoint=None), checkpoint, name)
 
 
+def read_sam_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of SAM's ``.pth`` file, read as a checkpoint is (``weights_only``: nothing in it runs;
+    ``mmap``: a tensor's bytes are read when it is copied into the model, after its key and shape matched, so
+    a small file declaring huge tensors allocates nothing; a compressed record is refused)."""
+    try:
+        return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"cannot load SAM checkpoint {checkpoint} safely: {error}") from error
+
+
 def load_sam_weights(sam: Sam, checkpoint: str | None, name: str) -> Sam:
     """``sam`` in eval mode with the state dict of the file ``checkpoint`` (none: as built); an error names
     the file and the keys that do not match the ``name`` architecture."""
     if checkpoint is not None:
-        state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state_dict = read_sam_weights(checkpoint)
         missing, unexpected = sam.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
             raise ValueError(

@@ -35,8 +35,7 @@ from flmm_lightning.inference.conversation import GroundedAnswer, answer_and_gro
 from flmm_lightning.inference.inspection import AttentionView, read_attention
 from flmm_lightning.inference.pipeline import GroundingRunner
 from flmm_lightning.inference.reasoning import ReasonedSegmentation, reason_and_segment
-from flmm_lightning.runs.build import build_prompt_builder
-from flmm_lightning.runs.checkpoints import module_from_checkpoint
+from flmm_lightning.runs.checkpoints import load_model
 from flmm_lightning.runs.pretrained import save_pretrained
 from flmm_lightning.selection import KEYWORD_THRESHOLD
 
@@ -89,10 +88,8 @@ class Grounder(GroundingRunner):
     ) -> Grounder:
         """``paths``: this machine's ``paths.*`` (data, SAM weights, asset cache), the defaults when None;
         ``overrides``: patches of stored settings by section (``{"model": {"pretrained": <dir>}}``)."""
-        module, config = module_from_checkpoint(path, paths=paths, overrides=overrides)
-        return cls(
-            module.model, build_prompt_builder(config), config.sam.image_size, device, module.run_config
-        )
+        loaded = load_model(path, paths=paths, overrides=overrides)
+        return cls(loaded.core, loaded.prompt_builder, loaded.config.sam.image_size, device, loaded.stored)
 
     @classmethod
     def from_pretrained(cls, directory_or_hub_id: str | Path, **kwargs: Any) -> Grounder:

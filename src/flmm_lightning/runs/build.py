@@ -17,12 +17,15 @@ from flmm_lightning.config.composition import prepare_inputs, stored_config
 from flmm_lightning.config.data_schema import DATASET_GROUPS, INTERPOLATION_HELPERS, check_data_config
 from flmm_lightning.config.errors import ConfigError
 from flmm_lightning.config.stored import parse_stored_config
+from flmm_lightning.core import FLMM
 from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.outputs.reporting import read_metrics_json
 from flmm_lightning.training.module import FLMMModule
 
 # The parts of a run's config that define the model; stored in every checkpoint.
 MODEL_KEYS = ("model", "sam", "module")
+# The module settings that change what the core computes at inference.
+INFERENCE_SETTINGS = ("eval_heads_fp32",)
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:
@@ -45,17 +48,26 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     return parse_stored_config(stored, "this run's config (as a checkpoint stores it)")
 
 
-def build_module(
-    config: dict[str, Any] | DictConfig, stored_config: dict[str, Any] | None = None
-) -> FLMMModule:
+def build_module(config: dict[str, Any] | DictConfig) -> FLMMModule:
+    """The LightningModule a composed config names, its generated inputs (tiny assets) built first."""
     config = OmegaConf.create(config) if not OmegaConf.is_config(config) else config
     prepare_inputs(config.model, config.sam)
+    return instantiate_module(config)
+
+
+def instantiate_module(config: DictConfig) -> FLMMModule:
+    """The LightningModule of a config whose inputs exist (``build_module`` builds them first)."""
+    return instantiate(config.module, lmm=instantiate(config.model.lmm), sam=instantiate(config.sam.refiner))
+
+
+def build_core(config: DictConfig) -> FLMM:
+    """The model core alone, for inference: the LMM, SAM and the mask head that the module settings describe,
+    without the training shell (optimizer, schedule, metrics) ``instantiate_module`` adds. The config's
+    inputs must exist. Loss weights are left at the core's defaults: inference computes no loss."""
     lmm = instantiate(config.model.lmm)
-    sam = instantiate(config.sam.refiner)
-    module = instantiate(config.module, lmm=lmm, sam=sam)
-    # Set after instantiation: Hydra would try to instantiate the ``_target_`` nodes inside it.
-    module.run_config = stored_config or {}
-    return module
+    mask_head = instantiate(config.module.mask_head)(lmm.attention_channels)
+    settings = {key: config.module[key] for key in INFERENCE_SETTINGS if key in config.module}
+    return FLMM(lmm, instantiate(config.sam.refiner), mask_head, **settings)
 
 
 def build_prompt_builder(config: dict[str, Any] | DictConfig) -> PromptBuilder:

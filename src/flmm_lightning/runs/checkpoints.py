@@ -4,18 +4,25 @@ carries, checking that it continues or fine-tunes the same model, and rebuilding
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from flmm_lightning.config.composition import check_input_files, config_on_this_machine, prepare_stored_assets
+from flmm_lightning.boundaries import PromptBuilder
+from flmm_lightning.config.composition import (
+    check_input_files,
+    checked_config_on_this_machine,
+    prepare_stored_assets,
+)
 from flmm_lightning.config.stored import parse_stored_config
-from flmm_lightning.core import CheckpointMismatchError
-from flmm_lightning.runs.build import MODEL_KEYS, build_module
+from flmm_lightning.core import FLMM, CheckpointMismatchError
+from flmm_lightning.runs.build import MODEL_KEYS, build_core, instantiate_module
 from flmm_lightning.runs.pretrained import is_pretrained_dir, load_pretrained
-from flmm_lightning.training.module import FLMMModule
+from flmm_lightning.training.module import FLMMModule, core_state_dict
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -65,7 +72,7 @@ def check_resume(
     """A resume must continue the same model: the checkpoint's stored config must pass ``config.stored`` and
     name the LMM and SAM of this run (``config``: its ``run_config``), both read with this machine's
     ``paths`` (the defaults when None). Lightning then loads its state."""
-    stored = _stored_config(load_checkpoint(path), path)
+    stored = read_checkpoint(path).stored
     mismatches = _identity_mismatches(stored, config, paths, path)
     if mismatches:
         raise CheckpointMismatchError(
@@ -77,8 +84,8 @@ def check_resume(
 def _identity_mismatches(
     stored: dict[str, Any], config: dict[str, Any], paths: DictConfig | Mapping[str, Any] | None, path: Path
 ) -> list[str]:
-    stored_identity = model_identity(config_on_this_machine(stored, paths, source=str(path)))
-    identity = model_identity(config_on_this_machine(config, paths, source="this run"))
+    stored_identity = model_identity(checked_config_on_this_machine(stored, paths, source=str(path)))
+    identity = model_identity(checked_config_on_this_machine(config, paths, source="this run"))
     return [
         f"{key}: {stored_identity[key]!r} in the checkpoint, {identity[key]!r} in this run"
         for key in identity
@@ -98,7 +105,7 @@ def check_init_from(
     """Fine-tuning's source, checked before anything is built: a checkpoint written by this project (or a
     run folder holding one) of this run's LMM and SAM (``config``: its ``run_config``). Returns its path."""
     path = trained_checkpoint_path(source)
-    mismatches = _identity_mismatches(_stored_config(load_checkpoint(path), path), config, paths, path)
+    mismatches = _identity_mismatches(read_checkpoint(path).stored, config, paths, path)
     if mismatches:
         raise CheckpointMismatchError(
             f"cannot fine-tune from {path}: it was trained with another model ({'; '.join(mismatches)}). "
@@ -113,28 +120,94 @@ def initialize_from(module: FLMMModule, path: str | Path) -> None:
     module.load_checkpoint_weights(load_checkpoint(path)["state_dict"])
 
 
+@dataclass
+class CheckpointContents:
+    """A checkpoint read once: where it came from, its stored config (checked by ``config.stored``) and its
+    tensors (memory-mapped)."""
+
+    path: Path
+    stored: dict[str, Any]
+    state_dict: dict[str, Any]
+
+
+def read_checkpoint(path: str | Path) -> CheckpointContents:
+    """Reads ``path`` (``load_checkpoint``) and checks its stored config, once."""
+    checkpoint = load_checkpoint(path)
+    stored = _stored_config(checkpoint, path)
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(state_dict, dict):
+        raise CheckpointMismatchError(f"{path}: no state_dict of tensors inside")
+    return CheckpointContents(Path(path), stored, state_dict)
+
+
+def config_here(
+    contents: CheckpointContents,
+    paths: DictConfig | Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> DictConfig:
+    """The checkpoint's stored config resolved on this machine (``config.composition.config_on_this_machine``:
+    ``paths``, this machine's ``paths.*``, the defaults when None; ``overrides``, the command line's patches
+    of stored sections), with the inputs it names prepared: a tiny asset built here as on the machine that
+    trained it, and any other input file checked to exist."""
+    source = str(contents.path)
+    config = checked_config_on_this_machine(contents.stored, paths, overrides, source=source)
+    prepare_stored_assets(contents.stored, config)
+    check_input_files(config, contents.stored, source=source)
+    return config
+
+
+@dataclass
+class LoadedModel:
+    """A trained model ready for inference: the core with its weights, the prompt builder of its LMM, the
+    config it was built from (on this machine) and the config the checkpoint stores."""
+
+    core: FLMM
+    prompt_builder: PromptBuilder
+    config: DictConfig
+    stored: dict[str, Any]
+
+
+def load_model(
+    path: str | Path,
+    paths: DictConfig | Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> LoadedModel:
+    """The model core of checkpoint ``path`` (a ``.ckpt`` or a ``save_pretrained`` directory) for inference:
+    the checkpoint read once, its config checked once and its inputs prepared once (``config_here``), the
+    core built without a LightningModule and its trainable weights checked, then loaded."""
+    contents = read_checkpoint(path)
+    config = config_here(contents, paths, overrides)
+    core = build_core(config)
+    try:
+        core.load_trainable_state_dict(core_state_dict(contents.state_dict))
+    except CheckpointMismatchError as error:
+        raise CheckpointMismatchError(f"{path}: {error}") from None
+    return LoadedModel(core, instantiate(config.model.prompt), config, contents.stored)
+
+
+@dataclass
+class LoadedModule:
+    """A trained model in its LightningModule, for an evaluation loop; ``config`` and ``stored`` as in
+    ``LoadedModel``."""
+
+    module: FLMMModule
+    prompt_builder: PromptBuilder
+    config: DictConfig
+    stored: dict[str, Any]
+
+
 def module_from_checkpoint(
     path: str | Path,
     paths: DictConfig | Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
-) -> tuple[FLMMModule, DictConfig]:
-    """Rebuilds the module from the config stored in the checkpoint and loads its trainable weights.
-
-    The stored config is checked first (``config.stored``), then resolved on this machine
-    (``config.composition.config_on_this_machine``): ``paths`` (this machine's ``paths.*``; the defaults
-    when None) and the command line's ``overrides`` of stored sections. Returns the module and that config."""
-    checkpoint = load_checkpoint(path)
-    stored = _stored_config(checkpoint, path)
-    config = config_on_this_machine(stored, paths, overrides, source=str(path))
-    # A tiny asset the stored config names is built here, as on the machine that trained it.
-    prepare_stored_assets(stored, config)
-    check_input_files(config, stored, source=str(path))
-    state_dict = checkpoint.get("state_dict")
-    if not isinstance(state_dict, dict):
-        raise CheckpointMismatchError(f"{path}: no state_dict of tensors inside")
-    module = build_module(config, stored_config=stored)
+) -> LoadedModule:
+    """The LightningModule of checkpoint ``path`` with its trainable weights (read, checked and prepared once,
+    as in ``load_model``)."""
+    contents = read_checkpoint(path)
+    config = config_here(contents, paths, overrides)
+    module = instantiate_module(config)
     try:
-        module.load_checkpoint_weights(state_dict)
+        module.load_checkpoint_weights(contents.state_dict)
     except CheckpointMismatchError as error:
         raise CheckpointMismatchError(f"{path}: {error}") from None
-    return module, config
+    return LoadedModule(module, instantiate(config.model.prompt), config, contents.stored)

@@ -122,6 +122,20 @@ def _pad_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.pad(labels, ((0, height - labels.shape[0]), (0, width - labels.shape[1])))
 
 
+class StoredConfigWriter(Callback):
+    """Puts the run's model-defining config (``runs.build.run_config``: plain, checked data) into every
+    checkpoint as ``flmm_config``, so that eval, predict and ``Grounder`` rebuild the same model from
+    ``ckpt=`` alone."""
+
+    def __init__(self, stored: dict[str, Any]) -> None:
+        self.stored = stored
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["flmm_config"] = self.stored
+
+
 class HyperparameterLogger(Callback):
     """Gives every logger the run's resolved config (model, SAM, data, optimizer, trainer, ...), so that the
     runs of a sweep can be told apart: W&B shows it as the run config, the CSV logger writes

@@ -102,9 +102,6 @@ class FLMMModule(LightningModule):
         self.warmup_ratio = warmup_ratio
         self.warmup_start_factor = warmup_start_factor
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
-        # The resolved config (plain containers) rides in every checkpoint so that eval/predict rebuild
-        # the same model from ``ckpt=`` alone.
-        self.run_config: dict[str, Any] = {}
         self.eval_metrics = nn.ModuleDict()
         self._narrative_tokenizer: Any = None  # the LMM's tokenizer, to score the selector on narratives
         # Reasoning (``"reasonseg"``) splits: each query is answered by the frozen LMM through
@@ -275,9 +272,6 @@ class FLMMModule(LightningModule):
                     group["lr"] = base_lr * factor
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["flmm_config"] = self.run_config
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checks the checkpoint's weights against this model before Lightning loads them (a mismatch raises
         ``CheckpointMismatchError`` naming the keys, and nothing is loaded); a checkpoint written before the

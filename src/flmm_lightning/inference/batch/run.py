@@ -26,8 +26,7 @@ from flmm_lightning.inference.batch.manifest import ManifestError, read_manifest
 from flmm_lightning.inference.batch.output import PredictionOutput, PredictionWriter
 from flmm_lightning.inference.batch.predictor import BatchPredictor
 from flmm_lightning.inference.batch.progress import ImagesProgressBar
-from flmm_lightning.runs.build import build_prompt_builder
-from flmm_lightning.runs.checkpoints import module_from_checkpoint
+from flmm_lightning.runs.checkpoints import load_model
 
 SUMMARY = "summary.json"
 
@@ -87,10 +86,10 @@ def predict_batch(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> BatchS
         output.claim({"ckpt": str(Path(cfg.ckpt).resolve()), "inputs": str(Path(cfg.inputs).resolve())})
     done_before = output.completed_ids()
     patches = {key: cfg[key] for key in CHECKPOINT_GROUPS if cfg.get(key) is not None}
-    module, config = module_from_checkpoint(cfg.ckpt, paths=cfg.paths, overrides=patches)
-    prompt_builder = build_prompt_builder(config)
+    loaded = load_model(cfg.ckpt, paths=cfg.paths, overrides=patches)
+    config, prompt_builder = loaded.config, loaded.prompt_builder
     predictor = BatchPredictor(
-        module.model, prompt_builder, config.sam.image_size, settings.overlays, generation_settings(cfg)
+        loaded.core, prompt_builder, config.sam.image_size, settings.overlays, generation_settings(cfg)
     )
     data = BatchPredictionData(
         entries,
