@@ -55,3 +55,16 @@ def test_a_configuration_error_in_the_task_ends_the_command_line_in_one_line(
     message = str(cli_exit(train_entry.main, argv, monkeypatch))
     assert message.startswith("error: unknown value: model.lmm.capture='fuse': must be one of")
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("setting", ["chat_after_fit.max_new_tokens", "reasonseg_after_fit.max_new_tokens"])
+def test_train_refuses_the_earlier_generation_length_keys(
+    setting: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    argv = ["train", f"hydra.run.dir={tmp_path / 'run'}", f"{setting}=16"]
+    message = str(cli_exit(train_entry.main, argv, monkeypatch))
+    assert message == (
+        f"error: train: `{setting}=16`: {setting} is now generation.max_new_tokens; "
+        "write generation.max_new_tokens=16"
+    )
+    assert not (tmp_path / "run").exists()  # refused before Hydra made the run folder

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from flmm_lightning.boundaries import PromptBuilder
 from flmm_lightning.chat import write_turn
+from flmm_lightning.config.settings import generation_settings
 from flmm_lightning.data.datamodule import GroundingDataModule, split_name
 from flmm_lightning.inference.grounder import Grounder
 from flmm_lightning.inference.narration import ground_what_you_say
@@ -125,7 +126,7 @@ def reasonseg_after_fit(
     answered by the trained model's frozen LMM inside the test step (as ``eval data=reasonseg`` does)."""
     settings = cfg.reasonseg_after_fit
     datamodule = build_datamodule(settings.data, prompt_builder, cfg.sam.image_size)
-    module.reasoning_settings = {"max_new_tokens": settings.max_new_tokens}
+    module.reasoning_settings = generation_settings(cfg)
     trainer.test(module, datamodule=datamodule, weights_only=True, verbose=False)
     return test_results(module, metrics_path)
 
@@ -267,9 +268,8 @@ class ChatTurn(AfterFitTask):
         dataset = fitted.split(self.setting)
         if dataset is None:
             return None
-        settings = fitted.cfg.chat_after_fit
-        question = settings.question
-        turn = fitted.grounder().chat(dataset[0].image, question, max_new_tokens=settings.max_new_tokens)
+        question = fitted.cfg.chat_after_fit.question
+        turn = fitted.grounder().chat(dataset[0].image, question, **generation_settings(fitted.cfg))
         chat_dir = fitted.output_dir / "chat"
         chat_dir.mkdir(parents=True, exist_ok=True)
         overlay_path, _ = write_turn(turn, chat_dir, 1)
