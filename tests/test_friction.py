@@ -114,11 +114,20 @@ def test_earlier_spellings_of_the_generation_length_name_the_new_key(
 def test_generation_length_has_one_key_in_every_entry_point(
     compose_config: Callable[..., DictConfig],
 ) -> None:
-    required = {"chat": ["image=photo.png"], "predict": ["image=photo.png"], "eval": [], "app": []}
-    for name, extra in required.items():
-        cfg = compose_config(["ckpt=model.ckpt", *extra], config_name=name)
+    checkpoint = ["ckpt=model.ckpt"]
+    required = {
+        "chat": [*checkpoint, "image=photo.png"],
+        "predict": [*checkpoint, "image=photo.png"],
+        "eval": checkpoint,
+        "app": checkpoint,
+        "train": [],
+    }
+    for name, overrides in required.items():
+        cfg = compose_config(overrides, config_name=name)
         assert cfg.generation.max_new_tokens > 0, name
-        assert "max_new_tokens" not in cfg and "max_new_tokens" not in (cfg.get("reasonseg") or {}), name
+        assert "max_new_tokens" not in cfg, name
+        for section in ("reasonseg", "chat_after_fit", "reasonseg_after_fit"):
+            assert "max_new_tokens" not in (cfg.get(section) or {}), (name, section)
 
 
 def test_a_folder_given_as_the_image_says_it_is_a_folder(

@@ -16,8 +16,9 @@ import torch
 from conftest import tiny_overrides
 from test_reliability_resume import FAST, QUIET
 
+from flmm_lightning.runs.after_fit import drop_unresolvable_reasonseg_data
 from flmm_lightning.runs.checkpoints import load_checkpoint
-from flmm_lightning.train import drop_unresolvable_reasonseg_data, train
+from flmm_lightning.train import train
 from flmm_lightning.training.reliability import AtomicCheckpointIO, CheckpointSpaceError
 
 pytestmark = pytest.mark.usefixtures("pinned_threads")
@@ -94,7 +95,7 @@ def test_extras_on_splits_the_data_lacks_are_skipped_with_a_message(
             "reasonseg_after_fit.data=null",
         ]
     )
-    with caplog.at_level(logging.WARNING, logger="flmm_lightning.train"):
+    with caplog.at_level(logging.WARNING, logger="flmm_lightning.runs.after_fit"):
         results = train(cfg)
     assert set(results) == {"mine"}
     for setting in ("every_word_baseline_split", "ground_what_you_say_split", "chat_after_fit.split"):

@@ -142,8 +142,6 @@ def main() -> None:
     from deepseek_vl.models.image_processing_vlm import VLMImageProcessor
     from flmm.models.frozen_deepseek_vl import FrozenDeepseekVLSAM
 
-    unet_head, interp_conv = load_unet_head(args.official, args.deps)
-    sam_wrapper = load_sam_wrapper(args.official, mask_input_size=64)
     ours = torch.load(args.work / "ours.pt", weights_only=True)
     lmm_dir = Path(ours["lmm_dir"])
     lmm = deepseek_439(lmm_dir)
@@ -158,7 +156,20 @@ def main() -> None:
     )
     grid = int(processor_cfg["num_image_tokens"] ** 0.5)
 
-    model = FrozenDeepseekVLSAM.__new__(FrozenDeepseekVLSAM)
+    model, prompt_ids = official_model(FrozenDeepseekVLSAM, lmm, tokenizer, grid, ours, args)
+
+    def preprocess(image):
+        processed = image_processor.preprocess(image)
+        return torch.from_numpy(processed["pixel_values"][0]), processed["meta_datas"][0]
+
+    run_official(model, ours, tokenizer, prompt_ids, preprocess, args.work)
+
+
+def official_model(model_class, lmm, tokenizer, grid: int, ours: dict, args: argparse.Namespace):
+    """The official ``FrozenDeepseekVLSAM`` around ``lmm`` (built with ``__new__``, given what its constructor
+    would build from the configs), our trainable weights under the official names, its state dict written to
+    the work folder; and the grounding prompt's token ids."""
+    model = model_class.__new__(model_class)
     nn.Module.__init__(model)
     model.deepseek_vl = lmm
     model.image_token_idx = tokenizer.encode("<image_placeholder>", add_special_tokens=False)[-1]
@@ -166,6 +177,7 @@ def main() -> None:
     model.patch_size = 16
     model.clip_shape = grid  # hard-coded 24 (384 px) in the official code: the tiny grid here
     language = lmm.config.language_config
+    unet_head, interp_conv = load_unet_head(args.official, args.deps)
     model.mask_head = unet_head(
         normalize_input=True,
         upsample_input=64,
@@ -181,7 +193,7 @@ def main() -> None:
         norm_cfg=dict(type=nn.GroupNorm, num_groups=1),
         upsample_cfg=dict(type=interp_conv),
     )
-    model.sam = sam_wrapper_for(sam_wrapper, args.sam_checkpoint)
+    model.sam = sam_wrapper_for(load_sam_wrapper(args.official, mask_input_size=64), args.sam_checkpoint)
     model.text_proj = nn.Linear(language.hidden_size, model.sam.model.prompt_encoder.embed_dim)
     model.text_layer_weights = nn.Parameter(torch.ones(language.num_hidden_layers))
     missing, unexpected = model.load_state_dict(official_names(ours["trainable"]), strict=False)
@@ -194,11 +206,7 @@ def main() -> None:
     prompt = "<image_placeholder>" * (grid * grid) + "Please give me a description of the image."
     prompt_ids = tokenizer.encode(template["INSTRUCTION"].format(input=prompt), add_special_tokens=True)
 
-    def preprocess(image):
-        processed = image_processor.preprocess(image)
-        return torch.from_numpy(processed["pixel_values"][0]), processed["meta_datas"][0]
-
-    run_official(model, ours, tokenizer, prompt_ids, preprocess, args.work)
+    return model, prompt_ids
 
 
 def sam_wrapper_for(sam_wrapper, checkpoint: Path):

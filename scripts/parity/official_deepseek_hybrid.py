@@ -17,12 +17,9 @@ import types
 from pathlib import Path
 
 import torch
-from official_deepseek import merge_qkv, sam_wrapper_for, siglip_key
+from official_deepseek import merge_qkv, official_model, siglip_key
 from official_llava import (
     install_stubs,
-    load_sam_wrapper,
-    load_unet_head,
-    official_names,
     run_official,
     tokenizer_439,
 )
@@ -196,8 +193,6 @@ def main() -> None:
     from deepseek_vl.models.image_processing_vlm import VLMImageProcessor
     from flmm.models.frozen_deepseek_vl import FrozenDeepseekVLSAM
 
-    unet_head, interp_conv = load_unet_head(args.official, args.deps)
-    sam_wrapper = load_sam_wrapper(args.official, mask_input_size=64)
     lmm = deepseek_hybrid_439(lmm_dir)
     tokenizer = tokenizer_439(lmm_dir, args.work)
     image_cfg = processor_cfg["image_processor"]
@@ -211,41 +206,7 @@ def main() -> None:
         do_normalize=False,
     )
 
-    model = FrozenDeepseekVLSAM.__new__(FrozenDeepseekVLSAM)
-    nn.Module.__init__(model)
-    model.deepseek_vl = lmm
-    model.image_token_idx = tokenizer.encode("<image_placeholder>", add_special_tokens=False)[-1]
-    model.merge = "mean"
-    model.patch_size = 16
-    model.clip_shape = grid  # hard-coded 24 (384 px) in the official code: the tiny grid here
-    language = lmm.config.language_config
-    model.mask_head = unet_head(
-        normalize_input=True,
-        upsample_input=64,
-        in_channels=language.num_hidden_layers * language.num_attention_heads,
-        base_channels=64,
-        num_stages=4,
-        strides=(1, 1, 1, 1),
-        enc_num_convs=(2, 2, 2, 2),
-        dec_num_convs=(2, 2, 2),
-        downsamples=(True, True, True),
-        enc_dilations=(1, 1, 1, 1),
-        dec_dilations=(1, 1, 1),
-        norm_cfg=dict(type=nn.GroupNorm, num_groups=1),
-        upsample_cfg=dict(type=interp_conv),
-    )
-    model.sam = sam_wrapper_for(sam_wrapper, args.sam_checkpoint)
-    model.text_proj = nn.Linear(language.hidden_size, model.sam.model.prompt_encoder.embed_dim)
-    model.text_layer_weights = nn.Parameter(torch.ones(language.num_hidden_layers))
-    missing, unexpected = model.load_state_dict(official_names(ours["trainable"]), strict=False)
-    assert not unexpected, unexpected
-    assert all(k.startswith(("deepseek_vl.", "sam.model.image_encoder.")) for k in missing), missing
-    model.eval()
-    torch.save(model.state_dict(), args.work / "official_state_dict.pth")
-
-    template = {"INSTRUCTION": "User: {input}\n\nAssistant:"}  # configs/deepseek_vl/*.py (SYSTEM='')
-    prompt = "<image_placeholder>" * (grid * grid) + "Please give me a description of the image."
-    prompt_ids = tokenizer.encode(template["INSTRUCTION"].format(input=prompt), add_special_tokens=True)
+    model, prompt_ids = official_model(FrozenDeepseekVLSAM, lmm, tokenizer, grid, ours, args)
 
     def preprocess(image):
         processed = image_processor.preprocess(image)

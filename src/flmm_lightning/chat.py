@@ -11,27 +11,23 @@ span, score, box and COCO RLE mask) into the run folder. In Python: ``Grounder.c
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.text import Text
 
 from flmm_lightning.boundaries import ContextOverflowError
-from flmm_lightning.config.composition import CONF_DIR, register_resolvers
-from flmm_lightning.config.errors import ConfigError
+from flmm_lightning.config.composition import register_resolvers
 from flmm_lightning.config.settings import (
     CHECKPOINT_GROUPS,
     chosen_checkpoint_groups,
     generation_settings,
     refuse_checkpoint_groups,
-    refuse_renamed,
 )
 from flmm_lightning.data.images import ImageLimits, UnreadableImageError, load_photo
 from flmm_lightning.inference.conversation import ChatInputError, Conversation, GroundedAnswer
@@ -40,6 +36,7 @@ from flmm_lightning.outputs.documents import empty_mask_notices, json_document
 from flmm_lightning.outputs.overlays import object_color, overlay_masks
 from flmm_lightning.runs.build import output_dir_of
 from flmm_lightning.runs.folders import claim_run_dir, mark_latest
+from flmm_lightning.runs.task import task_wrapper
 
 register_resolvers()
 
@@ -170,27 +167,17 @@ def chat(
     return conversation.turns
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="chat")
-def hydra_main(cfg: DictConfig) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A bad image, question or phrase list is the user's to fix: one line, no traceback.
+@task_wrapper("chat", user_errors=(UnreadableImageError, *TURN_ERRORS), checkpoint_groups=True)
+def chat_command(cfg: DictConfig) -> None:
+    """The command line's work: the conversation; Ctrl-C (outside an interactive turn) ends it in a line."""
     try:
         chat(cfg)
-    except (UnreadableImageError, *TURN_ERRORS) as error:
-        # A bad image, question or phrase list is the user's to fix: one line, no traceback.
-        raise SystemExit(f"chat: {error}") from None
     except KeyboardInterrupt:
         raise SystemExit("chat: cancelled") from None
 
 
-def main() -> None:
-    """The CLI: a model, SAM or module override is refused before Hydra composes anything."""
-    try:
-        refuse_checkpoint_groups(sys.argv[1:], "chat")
-        refuse_renamed(sys.argv[1:], "chat")
-    except ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
-    hydra_main()
-
+main = chat_command.main
 
 if __name__ == "__main__":
     main()

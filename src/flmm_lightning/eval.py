@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from flmm_lightning.config.composition import CONF_DIR, register_resolvers
+from flmm_lightning.config.composition import register_resolvers
 from flmm_lightning.config.errors import ConfigError
 from flmm_lightning.config.settings import (
     check_choices,
     chosen_checkpoint_groups,
     generation_settings,
     refuse_checkpoint_groups,
-    refuse_renamed,
 )
 from flmm_lightning.config.stored import paths_read
 from flmm_lightning.outputs.reporting import print_metrics
@@ -25,12 +22,12 @@ from flmm_lightning.runs.build import (
     MODEL_KEYS,
     build_datamodule,
     build_loggers,
-    finish_wandb,
     output_dir_of,
     test_results,
 )
 from flmm_lightning.runs.checkpoints import module_from_checkpoint
 from flmm_lightning.runs.folders import claim_run_dir, mark_latest
+from flmm_lightning.runs.task import task_wrapper
 from flmm_lightning.training.callbacks import (
     BadSampleReport,
     HyperparameterLogger,
@@ -42,6 +39,7 @@ from flmm_lightning.training.feature_cache import FeatureCacheWriter, open_featu
 register_resolvers()
 
 
+@task_wrapper("eval", checkpoint_groups=True)
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     refuse_checkpoint_groups(chosen_checkpoint_groups(cfg), "eval")
     check_choices(cfg)
@@ -97,25 +95,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if trainer.is_global_zero:
         print_metrics(results, title=f"{Path(cfg.ckpt).name}: metrics (%)")
         print(f"metrics.json and per_object.csv written to {output_dir}")
-    finish_wandb(trainer)
     return results
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
-def hydra_main(cfg: DictConfig) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    evaluate(cfg)
-
-
-def main() -> None:
-    """The CLI: a model, SAM or module override is refused before Hydra composes anything."""
-    try:
-        refuse_checkpoint_groups(sys.argv[1:], "eval")
-        refuse_renamed(sys.argv[1:], "eval")
-    except ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
-    hydra_main()
-
+main = evaluate.main
 
 if __name__ == "__main__":
     main()

@@ -12,22 +12,17 @@ image.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from flmm_lightning.common.masks import mask_record
-from flmm_lightning.config.composition import CONF_DIR, register_resolvers
-from flmm_lightning.config.errors import ConfigError
+from flmm_lightning.config.composition import register_resolvers
 from flmm_lightning.config.settings import (
     CHECKPOINT_GROUPS,
     chosen_checkpoint_groups,
     generation_settings,
     refuse_checkpoint_groups,
-    refuse_renamed,
 )
 from flmm_lightning.data.images import (
     ImageLimits,
@@ -42,6 +37,7 @@ from flmm_lightning.outputs.documents import empty_mask_notices, json_document
 from flmm_lightning.outputs.overlays import overlay_masks
 from flmm_lightning.runs.build import output_dir_of
 from flmm_lightning.runs.folders import claim_run_dir, mark_latest
+from flmm_lightning.runs.task import task_wrapper
 
 register_resolvers()
 
@@ -98,32 +94,30 @@ def predict(cfg: DictConfig) -> tuple[Path, Path]:
     return overlay_path, json_path
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
-def hydra_main(cfg: DictConfig) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        if cfg.get("inputs") is not None:
-            summary = predict_batch(cfg)
-            if summary.failed:
-                raise SystemExit(f"predict: {summary.failed} of {summary.inputs} inputs failed (error lines)")
-            return
+# A bad manifest, input file, phrase list or query is the user's to fix: one line, no traceback.
+USER_ERRORS = (
+    ManifestError,
+    OutputMismatchError,
+    UnreadableImageError,
+    PhraseError,
+    PredictInputError,
+    ChatInputError,
+    EmptyAnswerError,
+)
+
+
+@task_wrapper("predict", user_errors=USER_ERRORS, checkpoint_groups=True)
+def predict_command(cfg: DictConfig) -> None:
+    """The command line's work: every input of the manifest ``inputs``, else the one ``image``."""
+    if cfg.get("inputs") is None:
         predict(cfg)
-    except (ManifestError, OutputMismatchError) as error:
-        raise SystemExit(f"predict: {error}") from None
-    except (UnreadableImageError, PhraseError, PredictInputError, ChatInputError, EmptyAnswerError) as error:
-        # A bad input file, phrase list or query is the user's to fix: one line, no traceback.
-        raise SystemExit(f"predict: {error}") from None
+        return
+    summary = predict_batch(cfg)
+    if summary.failed:
+        raise SystemExit(f"predict: {summary.failed} of {summary.inputs} inputs failed (error lines)")
 
 
-def main() -> None:
-    """The CLI: a model, SAM or module override is refused before Hydra composes anything."""
-    try:
-        refuse_checkpoint_groups(sys.argv[1:], "predict")
-        refuse_renamed(sys.argv[1:], "predict")
-    except ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
-    hydra_main()
-
+main = predict_command.main
 
 if __name__ == "__main__":
     main()

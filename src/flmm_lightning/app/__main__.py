@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
-import hydra
 from omegaconf import DictConfig
 
 from flmm_lightning.app.limits import Limits
 from flmm_lightning.app.sessions import SessionFolders
-from flmm_lightning.chat import generation_settings
-from flmm_lightning.config.composition import CONF_DIR, register_resolvers
-from flmm_lightning.config.errors import ConfigError
+from flmm_lightning.config.composition import register_resolvers
 from flmm_lightning.config.settings import (
     CHECKPOINT_GROUPS,
     chosen_checkpoint_groups,
+    generation_settings,
     refuse_checkpoint_groups,
 )
 from flmm_lightning.inference.grounder import Grounder
+from flmm_lightning.runs.task import task_wrapper
 
 register_resolvers()
 
@@ -29,6 +27,7 @@ def _stop(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+@task_wrapper("app", checkpoint_groups=True)
 def serve(cfg: DictConfig) -> None:
     """Loads the checkpoint and serves the app until interrupted; every file it wrote goes with it."""
     refuse_checkpoint_groups(chosen_checkpoint_groups(cfg), "app")
@@ -62,20 +61,7 @@ def serve(cfg: DictConfig) -> None:
         folders.remove()
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="app")
-def hydra_main(cfg: DictConfig) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    serve(cfg)
-
-
-def main() -> None:
-    """The CLI: a model, SAM or module override is refused before Hydra composes anything."""
-    try:
-        refuse_checkpoint_groups(sys.argv[1:], "app")
-    except ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
-    hydra_main()
-
+main = serve.main
 
 if __name__ == "__main__":
     main()

@@ -30,11 +30,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     **{f"data.{group}.*.on_bad_sample": ON_BAD_SAMPLE_CHOICES for group in _DATASET_GROUPS},
 }
 
-# Settings renamed, by their earlier spelling: one name for the generation length in chat, predict, eval and
-# the app. A command line with an earlier spelling stops naming the new one.
+# Settings renamed, by their earlier spelling: one name for the generation length in train (its chat turn and
+# ReasonSeg after fitting), chat, predict, eval and the app. A command line with an earlier spelling stops
+# naming the new one.
 RENAMED: dict[str, str] = {
     "max_new_tokens": "generation.max_new_tokens",
     "reasonseg.max_new_tokens": "generation.max_new_tokens",
+    "chat_after_fit.max_new_tokens": "generation.max_new_tokens",
+    "reasonseg_after_fit.max_new_tokens": "generation.max_new_tokens",
 }
 
 # Where eval and predict take the model from: the checkpoint, never the command line.

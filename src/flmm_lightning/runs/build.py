@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning import Callback, Trainer
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning import Callback
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from flmm_lightning.assets.synthetic_data import write_synthetic_dataset
@@ -144,12 +145,11 @@ def test_results(module: FLMMModule, metrics_path: Path) -> dict[str, dict[str, 
     return dict(computed) if computed else read_metrics_json(metrics_path)
 
 
-def finish_wandb(trainer: Trainer) -> None:
-    """Closes the W&B run of this process's ``WandbLogger``: its files are complete when the entry point
-    returns, and a next run in the same process (a notebook, the tests) starts its own run instead of
-    appending to this one (``WandbLogger`` reuses a run in progress)."""
-    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
+def finish_wandb() -> None:
+    """Closes this process's W&B run, if one is open: its files are complete when the entry point returns, and
+    a next run in the same process (a notebook, the tests) starts its own run instead of appending to this one
+    (``WandbLogger`` reuses a run in progress). W&B is looked up, not imported: a run that never logged to it
+    has not loaded it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
