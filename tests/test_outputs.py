@@ -11,10 +11,10 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from flmm_lightning.chat import write_turn
 from flmm_lightning.inference.grounder import Grounder
 from flmm_lightning.outputs.documents import json_document
 from flmm_lightning.predict import predict
+from flmm_lightning.runs.chat_turns import write_turn
 
 pytestmark = pytest.mark.usefixtures("pinned_threads")
 

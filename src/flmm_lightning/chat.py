@@ -14,9 +14,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
-import torch
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.text import Text
@@ -31,10 +30,10 @@ from flmm_lightning.config.settings import (
 )
 from flmm_lightning.data.images import ImageLimits, UnreadableImageError, load_photo
 from flmm_lightning.inference.conversation import ChatInputError, Conversation, GroundedAnswer
-from flmm_lightning.inference.grounder import Grounder, Grounding, PhraseError, phrase_list
-from flmm_lightning.outputs.documents import empty_mask_notices, json_document
-from flmm_lightning.outputs.overlays import object_color, overlay_masks
+from flmm_lightning.inference.grounder import Grounder, PhraseError, phrase_list
+from flmm_lightning.outputs.overlays import object_color
 from flmm_lightning.runs.build import output_dir_of
+from flmm_lightning.runs.chat_turns import write_turn
 from flmm_lightning.runs.folders import claim_run_dir, mark_latest
 from flmm_lightning.runs.task import task_wrapper
 
@@ -46,35 +45,6 @@ EXIT_WORDS = ("exit", "quit")
 TURN_ERRORS = (ChatInputError, ContextOverflowError, PhraseError)
 
 
-def turn_record(turn: GroundedAnswer) -> dict[str, Any]:
-    """The JSON of a turn: question, answer and per phrase ``predict``'s record of its mask (COCO RLE at the
-    image's size, inclusive box, area, mask score) with the phrase's text, character and token spans and
-    selector score."""
-    boxes = torch.tensor([phrase.box or (-1.0,) * 4 for phrase in turn.phrases]).reshape(-1, 4)
-    maps = [phrase.attention_map for phrase in turn.phrases]
-    grounding = Grounding(
-        [phrase.text for phrase in turn.phrases],
-        turn.masks,
-        boxes,
-        torch.stack(maps) if maps else torch.zeros(0),
-        turn.image,
-        torch.tensor([phrase.mask_score for phrase in turn.phrases]),
-    )
-    phrases = []
-    for phrase, record in zip(turn.phrases, grounding.to_json(), strict=True):
-        del record["phrase"]
-        phrases.append(
-            {
-                "text": phrase.text,
-                "char_span": list(phrase.char_span),
-                "token_span": list(phrase.token_span),
-                "score": phrase.score,
-                **record,
-            }
-        )
-    return {"question": turn.question, "answer": turn.answer, "selector": turn.selector, "phrases": phrases}
-
-
 def coloured_answer(turn: GroundedAnswer) -> Text:
     """The answer with each grounded phrase in its mask's colour (bold), as the overlay draws it."""
     text = Text(turn.answer)
@@ -82,17 +52,6 @@ def coloured_answer(turn: GroundedAnswer) -> Text:
         red, green, blue = object_color(index)
         text.stylize(f"bold rgb({red},{green},{blue})", *phrase.char_span)
     return text
-
-
-def write_turn(turn: GroundedAnswer, output_dir: Path, number: int) -> tuple[Path, Path]:
-    """``turn_<number>_overlay.png`` (each phrase's mask in its colour, legend in answer order) and
-    ``turn_<number>.json`` in ``output_dir``."""
-    overlay_path = output_dir / f"turn_{number:02d}_overlay.png"
-    overlay_masks(turn.image, turn.masks, [phrase.text for phrase in turn.phrases]).save(overlay_path)
-    json_path = output_dir / f"turn_{number:02d}.json"
-    record = turn_record(turn)
-    json_path.write_text(json_document(record, empty_mask_notices(record["phrases"], label="text"))[0])
-    return overlay_path, json_path
 
 
 def print_turn(console: Console, turn: GroundedAnswer, overlay_path: Path, json_path: Path) -> None:

@@ -14,13 +14,13 @@ from PIL import Image, ImageDraw
 from flmm_lightning.app.limits import AppInputError, Limits, checked_phrases, checked_question, read_photo
 from flmm_lightning.app.sessions import SessionFolders, UploadError
 from flmm_lightning.boundaries import ContextOverflowError
-from flmm_lightning.chat import write_turn
 from flmm_lightning.data.images import UnreadableImageError
 from flmm_lightning.inference.conversation import ChatInputError, GroundedAnswer
 from flmm_lightning.inference.grounder import Grounder, PhraseError
 from flmm_lightning.inference.inspection import AttentionView
 from flmm_lightning.outputs.documents import empty_mask_notices, finite_values, json_document
 from flmm_lightning.outputs.overlays import object_hex_color, overlay_heatmap, overlay_masks
+from flmm_lightning.runs.chat_turns import write_turn
 
 # Errors a user fixes by changing the request: shown as the request's error message, the app goes on.
 USER_ERRORS = (

@@ -23,7 +23,6 @@ from omegaconf.errors import InterpolationResolutionError
 from torch.utils.data import Dataset
 
 from flmm_lightning.boundaries import PromptBuilder
-from flmm_lightning.chat import write_turn
 from flmm_lightning.config.settings import generation_settings
 from flmm_lightning.data.datamodule import GroundingDataModule, split_name
 from flmm_lightning.inference.grounder import Grounder
@@ -31,6 +30,7 @@ from flmm_lightning.inference.narration import ground_what_you_say
 from flmm_lightning.metrics import ReferringSegmentationMetric
 from flmm_lightning.outputs.reporting import print_metrics, write_metrics_json
 from flmm_lightning.runs.build import build_datamodule, test_results
+from flmm_lightning.runs.chat_turns import write_turn
 from flmm_lightning.runs.pretrained import save_pretrained
 from flmm_lightning.selection import every_word_baseline
 from flmm_lightning.training.module import FLMMModule
