@@ -1,0 +1,1 @@
+"""What a person or a program reads back: JSON documents, mask overlays, metric tables and files."""
