@@ -110,11 +110,15 @@ def reasonseg_after_fit(
 ) -> dict[str, dict[str, float]]:
     """The test loop over ``cfg.reasonseg_after_fit.data``'s splits: reasoning segmentation, each query
     answered by the trained model's frozen LMM inside the test step (as ``eval data=reasonseg`` does)."""
+    from flmm_lightning.training.reasoning_eval import ReasoningEvaluator
+
     settings = cfg.reasonseg_after_fit
     datamodule = build_datamodule(settings.data, prompt_builder, cfg.sam.image_size)
-    module.reasoning_settings = {"max_new_tokens": settings.max_new_tokens}
-    trainer.test(module, datamodule=datamodule, weights_only=True, verbose=False)
-    return test_results(module, metrics_path)
+    evaluator = ReasoningEvaluator(
+        module.model, prompt_builder, cfg.sam.image_size, max_new_tokens=settings.max_new_tokens
+    )
+    trainer.test(evaluator, datamodule=datamodule, weights_only=True, verbose=False)
+    return test_results(evaluator, metrics_path)
 
 
 def train(cfg: DictConfig) -> dict[str, dict[str, float]]:
