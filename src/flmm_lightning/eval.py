@@ -54,15 +54,15 @@ register_resolvers()
 
 
 def evaluators(
-    module: FLMMModule, datamodule: GroundingDataModule, reasoning_settings: dict[str, Any]
+    module: FLMMModule, datamodule: GroundingDataModule, reasonseg_settings: dict[str, Any]
 ) -> list[tuple[SplitEvaluation, GroundingDataModule]]:
     """Each evaluating module with the test splits it scores: ``module`` the grounding splits, a
-    ``ReasoningEvaluator`` of its core with ``reasoning_settings`` the reasoning splits."""
+    ``ReasoningEvaluator`` of its core with ``reasonseg_settings`` the reasoning splits."""
     answered = [name for name in datamodule.test_names if datamodule.is_reasoning(name)]
     if not answered:
         return [(module, datamodule)]
     reasoner = ReasoningEvaluator(
-        module.model, datamodule.prompt_builder, datamodule.sam_image_size, **reasoning_settings
+        module.model, datamodule.prompt_builder, datamodule.sam_image_size, **reasonseg_settings
     )
     grounded = [name for name in datamodule.test_names if name not in answered]
     runs = [(module, datamodule.with_test_sets(grounded))] if grounded else []
@@ -123,7 +123,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
         ) from error
     reasoning = cfg.get("reasonseg")
     # eval.reasonseg.* and generation.* (the latter wins where both set a key)
-    reasoning_settings = {
+    reasonseg_settings = {
         **(OmegaConf.to_container(reasoning, resolve=True) if reasoning else {}),
         **generation_settings(cfg),
     }
@@ -144,7 +144,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.get("logger")) or False
     )
-    runs = evaluators(module, datamodule, reasoning_settings)
+    runs = evaluators(module, datamodule, reasonseg_settings)
     results = score_every_split(trainer, runs, datamodule.test_names, output_dir)
     if trainer.is_global_zero:
         print_metrics(results, title=f"{Path(cfg.ckpt).name}: metrics (%)")

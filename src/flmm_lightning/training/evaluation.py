@@ -34,7 +34,7 @@ _STAGE_SPLITS = {"fit": "val_names", "validate": "val_names", "test": "test_name
 
 class SplitEvaluation(LightningModule, ABC):
     """A LightningModule that scores the datamodule's evaluation splits, one ``SplitMetrics`` each (made by
-    ``split_metrics`` from the ``eval_kind`` the split's dataset declares), in ``evaluate(batch, split)``."""
+    ``split_metrics`` from the ``eval_kind`` the split's dataset declares), each batch in ``evaluate``."""
 
     def __init__(self) -> None:
         super().__init__()
