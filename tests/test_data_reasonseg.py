@@ -25,6 +25,7 @@ from flmm_lightning.data import (
     reasoning_prompt,
     write_synthetic_dataset,
 )
+from flmm_lightning.data.batch import GroundingBatch, SampleBatch
 from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.data.reasonseg import ANSWER_PREFIX, is_sentence_query, polygon_mask
 from flmm_lightning.runs.build import build_datamodule, build_prompt_builder
@@ -314,6 +315,40 @@ def test_split_kind_and_context_cut_keep_reasonseg_fields(split_dir: Path, tiny_
     with pytest.warns(UserWarning, match="its last 1 of 3 objects are dropped"):
         fitted = prompt_builder.fit_to_context(sample)
     assert torch.equal(fitted.ignore_masks, ignore[:2]) and fitted.is_sentence.tolist() == [False, True]
+
+
+def test_a_reasoning_split_is_loaded_unencoded(synthetic_data: SyntheticPaths, tiny_config) -> None:
+    """A reasoning split's loader gives the dataset's samples as they are (the inference pipeline encodes
+    each query with the LMM's answer); a referring split's loader encodes its samples for the model, and
+    only it is walked by the feature-cache pre-pass."""
+    prompt_builder = build_prompt_builder(tiny_config)
+    reasoning = ReasonSegDataset(**synthetic_data.reasonseg_kwargs("val"), query_mode="all")
+    referring = RefCocoDataset(**synthetic_data.refcoco_kwargs("val"), text_mode="first")
+    datamodule = GroundingDataModule(
+        prompt_builder,
+        tiny_config.sam.image_size,
+        test_sets={"refcoco_val": referring, "reasonseg_val": reasoning},
+        eval_batch_size=4,
+        num_workers=0,
+    )
+    assert [datamodule.is_reasoning(name) for name in datamodule.test_names] == [False, True]
+    referring_loader, reasoning_loader = datamodule.test_dataloader()
+
+    batches = list(reasoning_loader)
+    assert all(isinstance(batch, SampleBatch) and not batch.skipped for batch in batches)
+    loaded = [sample for batch in batches for sample in batch.samples]
+    assert [(s.image_id, s.phrases) for s in loaded] == [
+        (reasoning[i].image_id, reasoning[i].phrases) for i in range(len(reasoning))
+    ]
+    assert all(torch.equal(s.masks, reasoning[i].masks) for i, s in enumerate(loaded))
+
+    batch = next(iter(referring_loader))
+    assert isinstance(batch, GroundingBatch) and batch.lmm is not None
+    assert len(batch.sam_images) == len(batch.samples) == 4
+
+    assert list(datamodule.encoded_sets()) == ["refcoco_val"]
+    only = datamodule.with_test_sets(["reasonseg_val"])
+    assert only.test_names == ["reasonseg_val"] and datamodule.test_names == ["refcoco_val", "reasonseg_val"]
 
 
 # The property words of the synthetic queries, per kind (the colour ones come from COLOUR_THINGS).

@@ -54,7 +54,8 @@ def layered_modules() -> set[str]:
 
 def test_every_module_of_the_package_is_in_a_layer() -> None:
     """A module in no layer is checked by no contract; a package counts when it or each of its modules is
-    named (``inference`` spans layers: ``Grounder`` above the builders, its pipeline below the model)."""
+    named (``inference`` spans layers: ``Grounder`` above the builders, its pipeline below training's
+    reasoning evaluator and above the LightningModule)."""
     named = layered_modules()
     missing = []
     for module in pkgutil.iter_modules([str(SOURCE)]):
@@ -67,7 +68,7 @@ def test_every_module_of_the_package_is_in_a_layer() -> None:
     assert missing == []
 
 
-def test_the_inference_pipeline_lies_between_the_model_and_the_core() -> None:
+def test_the_inference_pipeline_lies_between_the_reasoning_evaluator_and_the_lightning_module() -> None:
     settings = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
     (layers,) = [contract["layers"] for contract in settings["contracts"] if contract["id"] == "layers"]
 
@@ -75,10 +76,15 @@ def test_the_inference_pipeline_lies_between_the_model_and_the_core() -> None:
         return next(i for i, layer in enumerate(layers) if module in layer.replace("|", ":").split(" : "))
 
     assert layer_of("flmm_lightning.inference.grounder") < layer_of("flmm_lightning.runs.build")
-    model, core = layer_of("flmm_lightning.training.module"), layer_of("flmm_lightning.core")
+    evaluator = layer_of("flmm_lightning.training.reasoning_eval")
     reasoning = layer_of("flmm_lightning.inference.reasoning")
     conversation = layer_of("flmm_lightning.inference.conversation")
-    assert model < reasoning < conversation < layer_of("flmm_lightning.inference.pipeline") < core
+    pipeline = layer_of("flmm_lightning.inference.pipeline")
+    module, core = layer_of("flmm_lightning.training.module"), layer_of("flmm_lightning.core")
+    assert evaluator < reasoning < conversation < pipeline < module < core
+    # every inference module lies above the LightningModule: it may import none of them
+    inference = [name for name in layered_modules() if name.startswith("flmm_lightning.inference.")]
+    assert inference and all(layer_of(name) < module for name in inference)
 
 
 def test_the_package_keeps_every_contract() -> None:
@@ -107,3 +113,17 @@ def test_the_core_importing_the_inference_package_breaks_the_layers_contract(tmp
     result = lint_imports(copy.parent)
     assert result.returncode != 0
     assert "flmm_lightning.core -> flmm_lightning.inference.reasoning" in result.stdout
+
+
+def test_the_lightning_module_importing_the_inference_pipeline_breaks_the_layers_contract(
+    tmp_path: Path,
+) -> None:
+    copy = tmp_path / "src" / "flmm_lightning"
+    shutil.copytree(SOURCE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    module = copy / "training" / "module.py"
+    module.write_text(
+        module.read_text() + "\nfrom flmm_lightning.inference.pipeline import GroundingRunner  # noqa\n"
+    )
+    result = lint_imports(copy.parent)
+    assert result.returncode != 0
+    assert "flmm_lightning.training.module -> flmm_lightning.inference.pipeline" in result.stdout

@@ -1,10 +1,12 @@
 """Reasoning segmentation through the entry points on the tiny offline models: ``eval data=<ReasonSeg>``
-(each query answered by the LMM inside the test step) and ``predict query=...``."""
+(each query answered by the LMM inside the reasoning evaluator's test step), alone and beside referring
+splits, and ``predict query=...``."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from cli_exit import cli_exit
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -138,6 +140,63 @@ def test_ddp_spawn_evaluation_of_reasoning_splits_equals_a_single_process(
     assert list(single) == list(distributed) == [SPLIT]
     assert distributed[SPLIT] == pytest.approx(single[SPLIT], abs=1e-12, nan_ok=True)
     assert distributed_rows == single_rows
+
+
+def comparable(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """``results`` with NaN (an empty subset) as None, so that equal figures compare equal."""
+    return {
+        split: {name: None if math.isnan(value) else value for name, value in figures.items()}
+        for split, figures in results.items()
+    }
+
+
+@pytest.mark.slow
+def test_eval_of_a_config_mixing_reasoning_and_referring_splits_reports_every_split(
+    tiny_checkpoint: Path,
+    tiny_config: DictConfig,
+    compose_config: Callable[..., DictConfig],
+    tmp_path: Path,
+) -> None:
+    """The referring split is scored by the Lightning module, the reasoning split by the reasoning
+    evaluator; one metrics.json and one per_object.csv hold both, in the data config's order, each split's
+    figures and rows those of evaluating it alone."""
+    reasoning = {
+        "_target_": "flmm_lightning.data.reasonseg.ReasonSegDataset",
+        "split_dir": "${data.synthetic.root}/reasonseg/val",
+        "query_mode": "all",
+    }
+
+    def evaluate_in(folder: Path, *splits: str) -> tuple[dict[str, dict[str, float]], list[dict[str, str]]]:
+        overrides = [
+            f"ckpt={tiny_checkpoint}",
+            "data=synthetic",
+            f"paths.data_dir={tiny_config.paths.data_dir}",
+            f"data.synthetic.num_train={tiny_config.data.synthetic.num_train}",
+            f"data.synthetic.num_val={tiny_config.data.synthetic.num_val}",
+            "data.num_workers=0",
+            f"generation.max_new_tokens={MAX_NEW_TOKENS}",
+            f"paths.output_dir={folder}",
+            f"hydra.run.dir={folder}",
+        ]
+        cfg = compose_config(overrides, config_name="eval")
+        configured = {"synthetic_refcoco_val": cfg.data.val_sets.synthetic_refcoco_val, SPLIT: reasoning}
+        with open_dict(cfg):
+            cfg.data.test_sets = {name: configured[name] for name in splits}
+        results = evaluate(cfg)
+        assert comparable(read_metrics_json(folder / "metrics.json")) == comparable(results)
+        with (folder / "per_object.csv").open() as handle:
+            return results, list(csv.DictReader(handle))
+
+    referring, referring_rows = evaluate_in(tmp_path / "res", "synthetic_refcoco_val")
+    reasoned, reasoned_rows = evaluate_in(tmp_path / "reasonseg", SPLIT)
+    mixed, mixed_rows = evaluate_in(tmp_path / "mixed", SPLIT, "synthetic_refcoco_val")
+
+    assert list(mixed) == [SPLIT, "synthetic_refcoco_val"]
+    expected = {**reasoned, **referring}
+    assert comparable(mixed) == comparable(expected)
+    assert {"gIoU", "cIoU"} <= set(mixed[SPLIT]) and {"cIoU", "mIoU"} <= set(mixed["synthetic_refcoco_val"])
+    assert mixed_rows == reasoned_rows + referring_rows
+    assert {row["split"] for row in mixed_rows} == {SPLIT, "synthetic_refcoco_val"}
 
 
 def test_predict_query_writes_the_answer_and_its_mask(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -17,7 +18,13 @@ from flmm_lightning.config.settings import (
     refuse_checkpoint_groups,
 )
 from flmm_lightning.config.stored import paths_read
-from flmm_lightning.outputs.reporting import print_metrics
+from flmm_lightning.data.datamodule import GroundingDataModule
+from flmm_lightning.outputs.reporting import (
+    print_metrics,
+    read_per_object_csv,
+    write_metrics_json,
+    write_per_object_csv,
+)
 from flmm_lightning.runs.build import (
     MODEL_KEYS,
     build_datamodule,
@@ -34,9 +41,52 @@ from flmm_lightning.training.callbacks import (
     MetricsJsonWriter,
     PerObjectRecorder,
 )
+from flmm_lightning.training.evaluation import SplitEvaluation
 from flmm_lightning.training.feature_cache import FeatureCacheWriter, open_feature_cache
+from flmm_lightning.training.module import FLMMModule
+from flmm_lightning.training.reasoning_eval import ReasoningEvaluator
 
 register_resolvers()
+
+
+def evaluators(
+    module: FLMMModule, datamodule: GroundingDataModule, reasonseg_settings: dict[str, Any]
+) -> list[tuple[SplitEvaluation, GroundingDataModule]]:
+    """Each evaluating module with the test splits it scores: ``module`` the grounding splits, a
+    ``ReasoningEvaluator`` of its core with ``reasonseg_settings`` the reasoning splits."""
+    answered = [name for name in datamodule.test_names if datamodule.is_reasoning(name)]
+    if not answered:
+        return [(module, datamodule)]
+    reasoner = ReasoningEvaluator(
+        module.model, datamodule.prompt_builder, datamodule.sam_image_size, **reasonseg_settings
+    )
+    grounded = [name for name in datamodule.test_names if name not in answered]
+    runs = [(module, datamodule.with_test_sets(grounded))] if grounded else []
+    return [*runs, (reasoner, datamodule.with_test_sets(answered))]
+
+
+def score_every_split(
+    trainer: L.Trainer,
+    runs: list[tuple[SplitEvaluation, GroundingDataModule]],
+    splits: list[str],
+    output_dir: Path,
+) -> dict[str, dict[str, float]]:
+    """The test loop of each of ``runs``; the metrics of every split, in the order of ``splits``. Each loop's
+    callbacks write its own splits to metrics.json and per_object.csv; after several loops global rank 0
+    writes both files again with every split."""
+    metrics_path, rows_path = output_dir / "metrics.json", output_dir / "per_object.csv"
+    results: dict[str, dict[str, float]] = {}
+    rows: list[dict[str, str]] = []
+    for module, datamodule in runs:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        results.update(test_results(module, metrics_path))
+        if len(runs) > 1 and trainer.is_global_zero:
+            rows += read_per_object_csv(rows_path)
+    results = {split: results[split] for split in splits if split in results}
+    if len(runs) > 1 and trainer.is_global_zero:
+        write_metrics_json(results, metrics_path)
+        write_per_object_csv(sorted(rows, key=lambda row: splits.index(row["split"])), rows_path)
+    return results
 
 
 @task_wrapper("eval", checkpoint_groups=True)
@@ -69,7 +119,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
             f"{read[0]}=<the folder that holds the data>, or choose data=<name>"
         ) from error
     reasoning = cfg.get("reasonseg")
-    module.reasoning_settings = {
+    # eval.reasonseg.* and generation.* (the latter wins where both set a key)
+    reasonseg_settings = {
         **(OmegaConf.to_container(reasoning, resolve=True) if reasoning else {}),
         **generation_settings(cfg),
     }
@@ -90,8 +141,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.get("logger")) or False
     )
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    results = test_results(module, metrics_path)
+    runs = evaluators(module, datamodule, reasonseg_settings)
+    results = score_every_split(trainer, runs, datamodule.test_names, output_dir)
     if trainer.is_global_zero:
         print_metrics(results, title=f"{Path(cfg.ckpt).name}: metrics (%)")
         print(f"metrics.json and per_object.csv written to {output_dir}")

@@ -1,4 +1,5 @@
-"""Encoding samples for the model in dataloader workers, and collating them into one batch."""
+"""Encoding samples for the model in dataloader workers, and collating them into one batch; reasoning
+splits' samples are batched as they are (the inference pipeline encodes each query)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,26 @@ class GroundingBatch:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+
+@dataclass
+class SampleBatch:
+    """Samples as the dataset gives them, not encoded: a reasoning split's, whose prompts depend on the
+    LMM's answers, so the inference pipeline encodes each query when it answers it."""
+
+    samples: list[GroundingSample]
+    skipped: list[SkippedSample]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def collate_samples(items: Sequence[GroundingSample | SkippedSample]) -> SampleBatch:
+    """Batches samples as they are; skipped samples ride along to be counted."""
+    return SampleBatch(
+        samples=[item for item in items if not isinstance(item, SkippedSample)],
+        skipped=[item for item in items if isinstance(item, SkippedSample)],
+    )
 
 
 @runtime_checkable

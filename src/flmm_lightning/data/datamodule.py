@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch.distributed as dist
@@ -11,7 +12,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from flmm_lightning.boundaries import PromptBuilder
 from flmm_lightning.common.feature_store import FeatureStore
-from flmm_lightning.data.batch import EncodedDataset, GroundingCollate
+from flmm_lightning.data.batch import EncodedDataset, GroundingCollate, collate_samples
+from flmm_lightning.data.reasonseg import REASONING_KIND
 from flmm_lightning.data.sampler import ResumableDataLoader, TrainingSampler, UnpaddedDistributedSampler
 from flmm_lightning.data.workers import dataloader_worker_init
 
@@ -27,6 +29,11 @@ def split_name(key: str) -> str:
         if key.startswith(spelling):
             return name + key[len(spelling) :]
     return key
+
+
+def is_reasoning_set(dataset: Dataset | None) -> bool:
+    """Whether ``dataset`` declares itself a reasoning split (``eval_kind``)."""
+    return getattr(dataset, "eval_kind", None) == REASONING_KIND
 
 
 class GroundingDataModule(LightningDataModule):
@@ -81,10 +88,14 @@ class GroundingDataModule(LightningDataModule):
     def test_names(self) -> list[str]:
         return list(self.test_sets)
 
+    def _split_dataset(self, name: str) -> Dataset | None:
+        # by key: an empty dataset is falsy
+        return self.val_sets[name] if name in self.val_sets else self.test_sets.get(name)
+
     def split_kind(self, name: str) -> str:
         """How split ``name`` is scored: the ``eval_kind`` its dataset declares (``"res"`` referring,
         ``"png"`` narratives, ``"reasonseg"`` reasoning segmentation)."""
-        dataset = self.val_sets.get(name) or self.test_sets.get(name)
+        dataset = self._split_dataset(name)
         kind = getattr(dataset, "eval_kind", None)
         if kind is None:
             raise TypeError(
@@ -92,23 +103,37 @@ class GroundingDataModule(LightningDataModule):
             )
         return kind
 
+    def is_reasoning(self, name: str) -> bool:
+        """Whether split ``name`` is a reasoning split: its loader gives the samples unencoded, and a
+        reasoning evaluator (``training.reasoning_eval``) scores it."""
+        return is_reasoning_set(self._split_dataset(name))
+
+    def with_test_sets(self, names: Iterable[str]) -> GroundingDataModule:
+        """This datamodule with only the test splits ``names`` (the same dataset objects): one test loop per
+        evaluating module where a config mixes reasoning splits with the others."""
+        subset = copy.copy(self)
+        subset.test_sets = {name: self.test_sets[name] for name in names}
+        return subset
+
     def _encoded(self, dataset: Dataset, fit_to_context: bool = False) -> EncodedDataset:
         return EncodedDataset(dataset, self.prompt_builder, self.sam_image_size, fit_to_context)
 
     def encoded_sets(self) -> dict[str, EncodedDataset]:
-        """Every configured set by split name, encoded as its loader encodes it (training sets fitted to the
-        LMM's context): what a feature-cache pre-pass walks (``python -m flmm_lightning.cache fill``)."""
+        """Every configured set by split name that its loader encodes, encoded as it does (training sets
+        fitted to the LMM's context): what a feature-cache pre-pass walks (``python -m flmm_lightning.cache
+        fill``). Reasoning splits are left out: their loaders do not encode them."""
         sets = {
             name: self._encoded(dataset, fit_to_context=True) for name, dataset in self.train_sets.items()
         }
         for name, dataset in {**self.val_sets, **self.test_sets}.items():
-            sets.setdefault(name, self._encoded(dataset))
+            if not is_reasoning_set(dataset):
+                sets.setdefault(name, self._encoded(dataset))
         return sets
 
-    def _loader_settings(self) -> dict[str, Any]:
+    def _loader_settings(self, collate: Callable[..., Any]) -> dict[str, Any]:
         return {
             "num_workers": self.num_workers,
-            "collate_fn": self.collate,
+            "collate_fn": collate,
             "pin_memory": self.pin_memory,
             "persistent_workers": self.num_workers > 0,
             "worker_init_fn": dataloader_worker_init,
@@ -122,19 +147,25 @@ class GroundingDataModule(LightningDataModule):
         dataset = self._encoded(ConcatDataset(list(self.train_sets.values())), fit_to_context=True)
         sampler = TrainingSampler(len(dataset), seed=self.seed)
         return ResumableDataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, **self._loader_settings()
+            dataset, batch_size=self.batch_size, sampler=sampler, **self._loader_settings(self.collate)
         )
 
     def _eval_loaders(self, sets: Mapping[str, Dataset]) -> list[DataLoader]:
+        """One loader per split: encoded samples in a ``GroundingBatch``, or for a reasoning split the
+        samples as they are in a ``SampleBatch`` (each query's prompt holds the LMM's answer, so the
+        inference pipeline encodes it; encoding the grounding prompt and SAM's input here would be waste)."""
         loaders = []
         for dataset in sets.values():
-            encoded = self._encoded(dataset)
+            if is_reasoning_set(dataset):
+                items, collate = dataset, collate_samples
+            else:
+                items, collate = self._encoded(dataset), self.collate
             sampler = None
             if dist.is_available() and dist.is_initialized():
-                sampler = UnpaddedDistributedSampler(encoded)
+                sampler = UnpaddedDistributedSampler(items)
             loaders.append(
                 DataLoader(
-                    encoded, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_settings()
+                    items, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_settings(collate)
                 )
             )
         return loaders

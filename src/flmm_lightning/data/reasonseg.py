@@ -35,6 +35,10 @@ from flmm_lightning.data.bad_samples import (
 )
 from flmm_lightning.data.images import load_rgb_image
 
+# The ``eval_kind`` of a reasoning split: each query is answered by the LMM and segmented from its answer,
+# so its samples reach the evaluation step unencoded (``datamodule.GroundingDataModule.is_reasoning``).
+REASONING_KIND = "reasonseg"
+
 # The reference protocol (F-LMM's ReasonSeg evaluation with a frozen LMM): a short query is asked about,
 # a sentence query is asked as it is; the answer is forced to start with ANSWER_PREFIX.
 SHORT_QUERY_TEMPLATE = "What is {query} in this image?"
@@ -189,7 +193,7 @@ class ReasonSegDataset(Dataset):
     """
 
     # How an evaluation split of this dataset is scored (reasoning segmentation: gIoU / cIoU per query).
-    eval_kind = "reasonseg"
+    eval_kind = REASONING_KIND
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Metric tables for people (rich) and for programs (metrics.json)."""
+"""Metric tables for people (rich) and for programs (metrics.json, per_object.csv)."""
 
 from __future__ import annotations
 
@@ -110,3 +110,9 @@ def write_per_object_csv(rows: list[dict[str, object]], path: str | Path) -> Pat
     with atomic_write(path) as handle:
         handle.write(text.getvalue().encode())
     return path
+
+
+def read_per_object_csv(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a ``write_per_object_csv`` file, as text: written back unchanged."""
+    with Path(path).open(newline="") as handle:
+        return list(csv.DictReader(handle))

@@ -34,6 +34,7 @@ from flmm_lightning.runs.chat_turns import write_turn
 from flmm_lightning.runs.pretrained import save_pretrained
 from flmm_lightning.selection import every_word_baseline
 from flmm_lightning.training.module import FLMMModule
+from flmm_lightning.training.reasoning_eval import ReasoningEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +124,15 @@ def reasonseg_after_fit(
     trainer: L.Trainer, module: FLMMModule, prompt_builder: PromptBuilder, cfg: DictConfig, metrics_path: Path
 ) -> dict[str, dict[str, float]]:
     """The test loop over ``cfg.reasonseg_after_fit.data``'s splits: reasoning segmentation, each query
-    answered by the trained model's frozen LMM inside the test step (as ``eval data=reasonseg`` does)."""
+    answered by the trained model's frozen LMM through the inference pipeline (``ReasoningEvaluator``, as
+    ``eval data=reasonseg`` does), with the run's ``generation`` settings."""
     settings = cfg.reasonseg_after_fit
     datamodule = build_datamodule(settings.data, prompt_builder, cfg.sam.image_size)
-    module.reasoning_settings = generation_settings(cfg)
-    trainer.test(module, datamodule=datamodule, weights_only=True, verbose=False)
-    return test_results(module, metrics_path)
+    evaluator = ReasoningEvaluator(
+        module.model, prompt_builder, cfg.sam.image_size, **generation_settings(cfg)
+    )
+    trainer.test(evaluator, datamodule=datamodule, weights_only=True, verbose=False)
+    return test_results(evaluator, metrics_path)
 
 
 class AfterFitTask(ABC):

@@ -21,6 +21,7 @@ from flmm_lightning.config.stored import parse_stored_config
 from flmm_lightning.core import FLMM
 from flmm_lightning.data.datamodule import GroundingDataModule
 from flmm_lightning.outputs.reporting import read_metrics_json
+from flmm_lightning.training.evaluation import SplitEvaluation
 from flmm_lightning.training.module import FLMMModule
 
 # The parts of a run's config that define the model; stored in every checkpoint.
@@ -137,7 +138,7 @@ def output_dir_of(cfg: DictConfig) -> Path:
     return Path(value)
 
 
-def test_results(module: FLMMModule, metrics_path: Path) -> dict[str, dict[str, float]]:
+def test_results(module: SplitEvaluation, metrics_path: Path) -> dict[str, dict[str, float]]:
     """The metrics of the last test loop. With ``ddp_spawn`` that loop ran in worker processes and this
     process's module never saw them: they come back through the ``metrics.json`` that global rank 0 wrote
     (``training.callbacks.MetricsJsonWriter``)."""

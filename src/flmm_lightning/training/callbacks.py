@@ -19,7 +19,7 @@ from flmm_lightning.data.bad_samples import BadSampleSummary
 from flmm_lightning.metrics.functional import mask_box_iou
 from flmm_lightning.outputs.overlays import label_map, overlay_masks, pad_to, side_by_side
 from flmm_lightning.outputs.reporting import write_metrics_json, write_per_object_csv
-from flmm_lightning.training.module import EvalStepOutput
+from flmm_lightning.training.evaluation import EvalStepOutput
 from flmm_lightning.training.reliability import COUNTERS_KEY, FinalCheckpoint, NonFiniteLossGuard
 
 
@@ -254,7 +254,7 @@ class PerObjectRecorder(Callback):
 
 
 class MetricsJsonWriter(Callback):
-    """Writes the test metrics of every split (``FLMMModule.last_results``) to ``path`` on global rank 0 at
+    """Writes the test metrics of every split (the module's ``last_results``) to ``path`` on global rank 0 at
     the end of testing: from the process that computed them, so that they reach the caller under
     ``ddp_spawn`` as well (read them back with ``outputs.reporting.read_metrics_json``)."""
 

@@ -1,45 +1,30 @@
 """The LightningModule: a thin Lightning shell around the model core (``core.FLMM``) that adds the optimiser
-and its schedule, the evaluation metrics, and the checkpoint format. Cross-cutting training policies are
+and its schedule, the evaluation of grounding splits (``training.evaluation``; reasoning splits have their
+own evaluator, ``training.reasoning_eval``), and the checkpoint format. Cross-cutting training policies are
 callbacks (``training.reliability.NonFiniteLossGuard``, ``training.callbacks.BadSampleReport``)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lightning import LightningModule
-from torch import nn
 
-from flmm_lightning.boundaries import GroundingSample
 from flmm_lightning.common.masks import mask_iou
 from flmm_lightning.core import FLMM, SELECTOR_TERM, GroundingPrediction
 from flmm_lightning.data.batch import GroundingBatch
-from flmm_lightning.data.reasonseg import is_sentence_query
+from flmm_lightning.data.reasonseg import REASONING_KIND
 from flmm_lightning.heads.sam_refiner import SamRefiner, binarize_coarse
 from flmm_lightning.heads.unet import UNetMaskHead
-from flmm_lightning.inference.pipeline import GroundingRunner
-from flmm_lightning.inference.reasoning import EmptyAnswerError, reason_and_segment
 from flmm_lightning.lmm.base import FrozenLMM
 from flmm_lightning.metrics import SplitMetrics
 from flmm_lightning.selection.targets import narrative_selection_spans
+from flmm_lightning.training.evaluation import EvalStepOutput, SplitEvaluation
 
 # The core's state-dict keys inside this module's (``self.model``); checkpoints written before the core
 # existed have the core's keys without it.
 MODEL_PREFIX = "model."
-
-
-@dataclass
-class EvalStepOutput:
-    """What a validation/test step hands to callbacks (overlays, per-object tables)."""
-
-    batch: GroundingBatch
-    pred_masks: list[torch.Tensor]  # bool [n, H, W] per sample: the fine (SAM) masks
-    ious: list[torch.Tensor]  # float64 [n] per sample: mask IoU of the fine masks
-    coarse_masks: list[torch.Tensor]  # bool [n, H, W] per sample: the U-Net's masks at the image's size
-    coarse_ious: list[torch.Tensor]  # float64 [n] per sample
 
 
 def warmup_cosine_factor(
@@ -60,7 +45,7 @@ def core_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {key.removeprefix(MODEL_PREFIX): value for key, value in state_dict.items()}
 
 
-class FLMMModule(LightningModule):
+class FLMMModule(SplitEvaluation):
     def __init__(
         self,
         lmm: FrozenLMM,
@@ -102,13 +87,7 @@ class FLMMModule(LightningModule):
         self.warmup_ratio = warmup_ratio
         self.warmup_start_factor = warmup_start_factor
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
-        self.eval_metrics = nn.ModuleDict()
         self._narrative_tokenizer: Any = None  # the LMM's tokenizer, to score the selector on narratives
-        # Reasoning (``"reasonseg"``) splits: each query is answered by the frozen LMM through
-        # ``reasoning.reason_and_segment`` (``Grounder.segment``'s path) with these keyword arguments
-        # (``max_new_tokens``, ``tokens``, ``answer_prefix``, generation settings); the entry points set them.
-        self.reasoning_settings: dict[str, Any] = {}
-        self._reasoner: GroundingRunner | None = None
 
     def forward(self, batch: GroundingBatch) -> list[GroundingPrediction]:
         return self.model(batch)
@@ -128,30 +107,24 @@ class FLMMModule(LightningModule):
         return loss
 
     # ----------------------------------------------------------------------------------------- evaluation
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None:
-            return
-        for name in dict.fromkeys(datamodule.val_names + datamodule.test_names):
-            if name not in self.eval_metrics:
-                kind = datamodule.split_kind(name)
-                selection = self.model.has_keyword_selector and kind == "png"
-                self.eval_metrics[name] = SplitMetrics(kind, keyword_selection=selection)
-        if self.model.has_keyword_selector:
-            self._narrative_tokenizer = datamodule.prompt_builder.processor.tokenizer
-        self._reasoner = GroundingRunner(self.model, datamodule.prompt_builder, datamodule.sam_image_size)
-        self._split_names = {"validate": datamodule.val_names, "test": datamodule.test_names}
+    def split_metrics(self, name: str, kind: str) -> SplitMetrics:
+        if kind == REASONING_KIND:
+            raise ValueError(
+                f"evaluation split {name} is a reasoning split (eval_kind {kind!r}): its queries are "
+                "answered by the LMM, which FLMMModule does not do; evaluate it with the reasoning "
+                "evaluator (training.reasoning_eval.ReasoningEvaluator: python -m flmm_lightning.eval "
+                "data=<its config>, or reasonseg_after_fit.data in training)"
+            )
+        return SplitMetrics(kind, keyword_selection=self.model.has_keyword_selector and kind == "png")
 
-    def _eval_step(self, batch: GroundingBatch, dataloader_idx: int, stage: str) -> EvalStepOutput:
-        split = self._split_names[stage][dataloader_idx]
-        metrics: SplitMetrics = self.eval_metrics[split]
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and self.model.has_keyword_selector:
+            self._narrative_tokenizer = datamodule.prompt_builder.processor.tokenizer
+
+    def evaluate(self, batch: GroundingBatch, metrics: SplitMetrics) -> EvalStepOutput:
         output = EvalStepOutput(batch, [], [], [], [])
-        if not batch.samples:
-            return output
-        if metrics.kind == "reasonseg":
-            for sample in batch.samples:
-                self._reasoning_step(sample, metrics, output)
-            return output
         for sample, prediction in zip(batch.samples, self.model(batch), strict=True):
             gt = sample.masks.to(prediction.fine_logits.device)
             # Binarised as the reference's evaluation does it: sigmoid, bilinear resize to the image, > 0.5.
@@ -169,68 +142,6 @@ class FLMMModule(LightningModule):
             output.coarse_masks.append(coarse)
             output.coarse_ious.append(mask_iou(coarse, gt))
         return output
-
-    def _reasoning_step(self, sample: GroundingSample, metrics: SplitMetrics, output: EvalStepOutput) -> None:
-        """Every query of ``sample`` answered by the LMM and segmented from its answer; an answer that ends
-        right after the prefix segments nothing (an empty mask)."""
-        is_sentence = sample.is_sentence
-        if is_sentence is None:
-            is_sentence = torch.tensor([is_sentence_query(query) for query in sample.phrases])
-        fine, coarse = [], []
-        for query, sentence in zip(sample.phrases, is_sentence.tolist(), strict=True):
-            try:
-                result = reason_and_segment(
-                    self._reasoner, sample.image, query, sentence, **self.reasoning_settings
-                )
-                fine.append(result.mask)
-                coarse.append(result.coarse_mask)
-            except EmptyAnswerError:
-                fine.append(torch.zeros(sample.masks.shape[1:], dtype=torch.bool))
-                coarse.append(fine[-1])
-        gt = sample.masks.to(self.device)
-        fine_masks, coarse_masks = torch.stack(fine).to(gt.device), torch.stack(coarse).to(gt.device)
-        ignore = None if sample.ignore_masks is None else sample.ignore_masks.to(gt.device)
-        unused = torch.zeros(len(gt), dtype=torch.bool, device=gt.device)  # PNG's flags
-        metrics.update(fine_masks, coarse_masks, gt, unused, unused, is_sentence.to(gt.device), ignore)
-        # Per-query IoU as the metric counts it: ignored pixels belong to neither mask.
-        kept = torch.ones_like(gt) if ignore is None else ~ignore
-        output.pred_masks.append(fine_masks)
-        output.ious.append(mask_iou(fine_masks & kept, gt & kept))
-        output.coarse_masks.append(coarse_masks)
-        output.coarse_ious.append(mask_iou(coarse_masks & kept, gt & kept))
-
-    def validation_step(
-        self, batch: GroundingBatch, batch_idx: int, dataloader_idx: int = 0
-    ) -> EvalStepOutput:
-        return self._eval_step(batch, dataloader_idx, "validate")
-
-    def test_step(self, batch: GroundingBatch, batch_idx: int, dataloader_idx: int = 0) -> EvalStepOutput:
-        return self._eval_step(batch, dataloader_idx, "test")
-
-    def split_results(self, stage: str) -> dict[str, dict[str, float]]:
-        """Computes (synchronised across ranks) and resets the metrics of every split of ``stage``."""
-        results: dict[str, dict[str, float]] = {}
-        for split in self._split_names[stage]:
-            metrics = self.eval_metrics[split]
-            results[split] = {name: float(value) for name, value in metrics.compute().items()}
-            metrics.reset()
-        return results
-
-    def _log_split_results(self, stage: str) -> None:
-        results = self.split_results(stage)
-        self.last_results = results
-        flat = {
-            f"{split}/{name}": value for split, values in results.items() for name, value in values.items()
-        }
-        self.log_dict(
-            {k: v for k, v in flat.items() if not math.isnan(v)}, sync_dist=False, rank_zero_only=True
-        )
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_split_results("validate")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_split_results("test")
 
     # ----------------------------------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:

@@ -198,7 +198,9 @@ class NonFiniteLossGuard(Callback):
         self._window_has_samples = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.streak is None:
+        # Only a fit trains: a test loop after it may run another module (the reasoning evaluator), in a
+        # process where the fit never set the streak up (ddp_spawn's parent)
+        if self.streak is None and stage == "fit":
             limit = self.max_consecutive
             if limit is None:
                 limit = pl_module.max_consecutive_nonfinite
