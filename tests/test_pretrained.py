@@ -1,13 +1,20 @@
 """``Grounder.save_pretrained`` / ``from_pretrained``: a directory of safetensors, JSON and a model card that
-grounds like the ``.ckpt`` it came from and that every entry point takes as ``ckpt=``."""
+grounds like the ``.ckpt`` it came from and that every entry point takes as ``ckpt=``; ``push_to_hub``
+uploads that directory (the hub client replaced by a recorder, or refused offline)."""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import huggingface_hub
 import pytest
 import torch
+from huggingface_hub.errors import OfflineModeIsEnabled
 from safetensors.torch import load_file
 
 from flmm_lightning.inference.grounder import Grounder
@@ -107,3 +114,58 @@ def test_train_exports_its_heads_as_a_pretrained_directory(compose_config, tmp_p
     weights = rebuilt.model.trainable_state_dict()
     assert weights.keys() == exported["state_dict"].keys()
     assert all(torch.equal(weights[key], exported["state_dict"][key]) for key in weights)
+
+
+class RecordingHfApi:
+    """Stands in for ``huggingface_hub.HfApi``: records what would be sent, with the uploaded files' bytes
+    (their folder is gone once ``push_to_hub`` returns)."""
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def __init__(self, token: str | None = None) -> None:
+        self.calls.append(("init", {"token": token}))
+
+    def create_repo(self, repo_id: str, *, exist_ok: bool, private: bool) -> SimpleNamespace:
+        self.calls.append(("create_repo", {"repo_id": repo_id, "exist_ok": exist_ok, "private": private}))
+        return SimpleNamespace(repo_id=f"user/{repo_id}")  # the hub adds the namespace a bare name lacks
+
+    def upload_folder(self, *, repo_id: str, folder_path: Path, commit_message: str) -> SimpleNamespace:
+        files = {path.name: path.read_bytes() for path in Path(folder_path).iterdir()}
+        self.calls.append(("upload_folder", {"repo_id": repo_id, "files": files, "message": commit_message}))
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/abc123")
+
+
+@pytest.fixture
+def staging_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The temporary-file folder ``tempfile`` hands out during the test, to see what is left in it."""
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    return staging
+
+
+def test_push_to_hub_uploads_exactly_the_save_pretrained_folder(
+    from_ckpt: Grounder, pretrained_dir: Path, staging_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingHfApi)
+    monkeypatch.setattr(RecordingHfApi, "calls", [])
+    url = from_ckpt.push_to_hub("flmm-heads", metrics=METRICS, private=True, token="hf_test")
+
+    (_, init), (_, create), (_, upload) = RecordingHfApi.calls
+    assert init == {"token": "hf_test"}
+    assert create == {"repo_id": "flmm-heads", "exist_ok": True, "private": True}
+    assert upload["repo_id"] == "user/flmm-heads" and upload["message"]
+    expected = {path.name: path.read_bytes() for path in pretrained_dir.iterdir()}
+    assert sorted(upload["files"]) == sorted([WEIGHTS_NAME, CONFIG_NAME, CARD_NAME])
+    assert upload["files"] == expected
+    assert url == "https://huggingface.co/user/flmm-heads/commit/abc123"
+    assert list(staging_dir.iterdir()) == []
+
+
+def test_push_to_hub_offline_fails_with_the_hub_error_and_leaves_no_folder(
+    from_ckpt: Grounder, staging_dir: Path
+) -> None:
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # set by conftest for the whole suite
+    with pytest.raises(OfflineModeIsEnabled):
+        from_ckpt.push_to_hub("user/flmm-heads", token="hf_test")
+    assert list(staging_dir.iterdir()) == []

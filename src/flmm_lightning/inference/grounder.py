@@ -1,13 +1,15 @@
 """``Grounder``: a trained F-LMM wrapped for inference (as segment-anything's ``SamPredictor`` wraps ``Sam``),
 with no file or command-line I/O. It grounds given phrases (``ground``), answers and grounds its answer
 (``chat``), segments what its answer to a query names (``segment``) and shows the LMM's attention
-(``attention``); loaded with ``Grounder.from_checkpoint(path)`` or ``Grounder.from_pretrained(dir_or_id)``.
+(``attention``); loaded with ``Grounder.from_checkpoint(path)`` or ``Grounder.from_pretrained(dir_or_id)``,
+shared with ``save_pretrained(dir)`` or ``push_to_hub(repo_id)``.
 Photos are grounded as viewers show them (EXIF orientation applied), so masks line up with the displayed
 image.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +113,29 @@ class Grounder(GroundingRunner):
         if not self.run_config:
             raise ValueError("this Grounder has no stored model config: load it with from_checkpoint first")
         return save_pretrained(directory, self.model.trainable_state_dict(), self.run_config, metrics)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        metrics: Mapping[str, Mapping[str, float]] | None = None,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str = "Upload F-LMM heads (flmm-lightning save_pretrained)",
+    ) -> str:
+        """Publishes what ``save_pretrained`` writes to the hub repository ``repo_id`` (created if missing),
+        so that ``from_pretrained(repo_id)`` reads it anywhere; ``token``: huggingface_hub's (the logged-in
+        one when None). The folder is written to a temporary directory, removed whatever happens. Returns
+        the commit's URL."""
+        from huggingface_hub import HfApi  # the hub client only for the users who publish
+
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory(prefix="flmm_push_") as staging:
+            folder = self.save_pretrained(Path(staging) / "heads", metrics)
+            repo = api.create_repo(repo_id, exist_ok=True, private=private)
+            commit = api.upload_folder(
+                repo_id=repo.repo_id, folder_path=folder, commit_message=commit_message
+            )
+        return str(commit.commit_url)
 
     def chat(
         self,
