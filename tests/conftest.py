@@ -22,8 +22,9 @@ _TEMP_HOME = pytest.StashKey[Path]()
 
 def pytest_configure(config: pytest.Config) -> None:
     """Runs before any test module is imported (this file imports no project code at module level), so before
-    anything imports transformers: nothing reaches the network, and the tiny assets, the Hugging Face, W&B
-    and other XDG caches go to one temporary folder, removed at the end, instead of the user's home."""
+    anything imports transformers: nothing reaches the network, and the tiny assets, the default data folder,
+    the Hugging Face, W&B and other XDG caches go to one temporary folder, removed at the end, instead of the
+    user's home and working tree."""
     home = Path(tempfile.mkdtemp(prefix="flmm_tests_"))
     config.stash[_TEMP_HOME] = home
     os.environ.update(
@@ -31,6 +32,9 @@ def pytest_configure(config: pytest.Config) -> None:
         TRANSFORMERS_OFFLINE="1",
         WANDB_MODE="offline",
         FLMM_CACHE_DIR=str(home / "flmm_assets"),
+        # the default data folder of every config: a checkpoint's stored ``${paths.data_dir}/synthetic`` is
+        # written there, never into the working tree's data/ (a developer's demo data)
+        FLMM_DATA_DIR=str(home / "data"),
         HF_HOME=str(home / "huggingface"),
         XDG_CACHE_HOME=str(home / "cache"),
         WANDB_CACHE_DIR=str(home / "wandb_cache"),

@@ -7,13 +7,13 @@ import csv
 import math
 import pickle
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from cli_exit import cli_exit
 from conftest import tiny_overrides
 from omegaconf import DictConfig
 
@@ -277,7 +277,7 @@ def test_a_tiny_sam_checkpoint_from_before_the_move_to_assets_loads_and_builds_i
 
 
 def test_eval_command_line_names_a_misspelled_key_of_its_stored_data_config_patch(
-    compose_config: Callable[..., DictConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    compose_config: Callable[..., DictConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``python -m flmm_lightning.eval ckpt=... ++data.<key>=...`` (Hydra's main, in process, struct mode on):
     a key the data schema does not declare stops the run, named, before any data is read."""
@@ -286,8 +286,9 @@ def test_eval_command_line_names_a_misspelled_key_of_its_stored_data_config_patc
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # as a user's shell has it (`make` sets 1): message, exit
     here = [f"hydra.run.dir={tmp_path / 'eval'}", f"paths.data_dir={tmp_path / 'data'}"]
-    monkeypatch.setattr(sys, "argv", ["eval", f"ckpt={checkpoint}", *here, "++data.eval_batch_sise=2"])
-    with pytest.raises(SystemExit):
-        eval_main()
-    assert "data.eval_batch_sise is not a key of a data config" in capsys.readouterr().err
+    message = cli_exit(
+        eval_main, ["eval", f"ckpt={checkpoint}", *here, "++data.eval_batch_sise=2"], monkeypatch
+    )
+    # the one line a shell shows (SystemExit's message goes to stderr), no traceback
+    assert str(message).startswith("error: data.eval_batch_sise is not a key of a data config")
     assert not (tmp_path / "data").exists()
