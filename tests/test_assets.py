@@ -62,6 +62,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_loads_offline_like_a_real_checkpoint(tmp_path):
     """A fresh process, offline, with an empty hub cache: everything comes from the directory."""
     path = assets.ensure_tiny_qwen2_5_vl()

@@ -21,6 +21,7 @@ from flmm_lightning.data.refcoco import RefCocoDataset
 from flmm_lightning.runs.build import build_prompt_builder
 
 
+@pytest.mark.slow
 def test_tiny_bench_writes_a_sane_report(tmp_path: Path):
     out = tmp_path / "tiny.json"
     command = [

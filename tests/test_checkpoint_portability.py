@@ -68,6 +68,7 @@ def assert_identical(actual: dict[str, dict[str, float]], expected: dict[str, di
             assert (math.isnan(value) and math.isnan(other)) or other == value, f"{split}/{name}"
 
 
+@pytest.mark.slow
 def test_moved_checkpoint_evaluates_this_machines_data_with_rebuilt_assets(
     compose_config: Callable[..., DictConfig], tmp_path: Path
 ) -> None:

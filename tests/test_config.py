@@ -203,6 +203,7 @@ def test_refcoco_plus_splits_are_addressed_from_the_command_line(
     assert datamodule.train_sets["refcocop_train"].text_mode == "first"
 
 
+@pytest.mark.slow
 def test_eval_without_checkpoint_is_a_missing_mandatory_value(tmp_path: Path) -> None:
     """The CLI itself: Hydra names the missing key instead of failing somewhere later."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}

@@ -73,6 +73,7 @@ def fit(compose_config, tmp_path: Path, cache: Path | None) -> dict[str, Any]:
     return {"recorder": recorder, "module": module, "store": store, "cfg": cfg}
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_matches_live_features_bit_for_bit(compose_config, tmp_path: Path) -> None:
     live = fit(compose_config, tmp_path / "live", cache=None)
     cached = fit(compose_config, tmp_path / "cached", cache=tmp_path / "features")
@@ -234,6 +235,7 @@ def test_random_per_epoch_grouped_by_image_is_refused(compose_config, tmp_path: 
     check_cacheable(build_datamodule(cfg.data, build_prompt_builder(cfg), cfg.sam.image_size))
 
 
+@pytest.mark.slow
 def test_prepass_fills_what_training_reads_and_sizing_predicts_its_bytes(
     compose_config, tmp_path: Path
 ) -> None:

@@ -80,6 +80,7 @@ sys.exit(finished.returncode)
 """
 
 
+@pytest.mark.slow
 def test_predict_refuses_the_sixteen_bit_bomb_in_little_memory(
     bombs: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -157,6 +157,7 @@ def test_adapter_rejects_bad_options(tiny_qwen_dir):
         Qwen2VLAdapter(tiny_qwen_dir, text_proj_dim=8, torch_dtype="float16")
 
 
+@pytest.mark.slow
 def test_use_fast_picks_the_image_processor(tiny_qwen_dir):
     from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 

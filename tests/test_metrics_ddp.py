@@ -107,6 +107,7 @@ def _metrics_of_rank(rank: int) -> list[dict[str, float]]:
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_metrics_sync_across_two_gloo_ranks(tmp_path: Path) -> None:
     expected = [single_process_result(length) for length, *_ in SCENARIOS]
     for results in results_of_gloo_ranks(_metrics_of_rank, tmp_path):

@@ -135,6 +135,7 @@ def _keywords_of_rank(rank: int) -> list[dict[str, float]]:
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_exact_across_two_gloo_ranks(tmp_path: Path):
     expected = []
     for length, *_ in SCENARIOS:

@@ -399,6 +399,7 @@ def test_a_bad_record_stops_training_before_it_starts(
     assert not (run_dir / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_own_photos_train_evaluate_predict_and_fine_tune(
     good_records: list[dict],
     coco_sample: Path,

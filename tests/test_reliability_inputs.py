@@ -81,6 +81,7 @@ def test_checkpoint_carrying_a_pickled_callable_is_refused(compose_config, tmp_p
     assert not target.exists()
 
 
+@pytest.mark.slow
 def test_trust_remote_code_stays_off_unless_set(compose_config, tmp_path: Path, monkeypatch) -> None:
     calls: list[tuple[str, Any]] = []
 
@@ -155,6 +156,7 @@ def no_network(monkeypatch) -> Iterator[list[str]]:
     assert not attempts, attempts
 
 
+@pytest.mark.slow
 def test_offline_demo_train_eval_predict_never_touch_the_network(
     compose_config, tmp_path: Path, no_network
 ) -> None:
@@ -267,6 +269,7 @@ def prompt_builder(tiny_config):
     return build_prompt_builder(tiny_config)
 
 
+@pytest.mark.slow
 def test_phrases_beyond_the_lmm_context_lose_their_trailing_objects(tiny_config, prompt_builder) -> None:
     """12 phrases of ~390 tokens: far beyond the tiny LMM's 4096 positions (Qwen's rotary positions would
     not fail there: the limit is ours). Training keeps the objects that fit, warns, and counts the rest;

@@ -91,6 +91,7 @@ def assert_old_checkpoint_intact(target: Path, old_bytes: bytes) -> None:
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
 
 
+@pytest.mark.slow
 def test_checkpoint_write_killed_midway_leaves_the_old_file_intact(tmp_path: Path) -> None:
     target = tmp_path / "checkpoints" / "last.ckpt"
     old_bytes = write_old_checkpoint(target)

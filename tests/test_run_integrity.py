@@ -41,6 +41,7 @@ def checkpoint_names(run_dir: Path) -> list[str]:
 
 
 # ---- resume ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resuming_in_the_run_folder_keeps_last_ckpt_the_newest_through_two_interruptions(
     compose_config: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
