@@ -13,7 +13,7 @@ from flmm_lightning.boundaries import GroundingSample, PromptBuilder
 from flmm_lightning.common.masks import mask_iou
 from flmm_lightning.core import FLMM
 from flmm_lightning.data.batch import SampleBatch
-from flmm_lightning.data.reasonseg import ANSWER_PREFIX, REASONING_KIND, is_sentence_query
+from flmm_lightning.data.reasonseg import REASONING_KIND, is_sentence_query
 from flmm_lightning.inference.pipeline import GroundingRunner
 from flmm_lightning.inference.reasoning import EmptyAnswerError, reason_and_segment
 from flmm_lightning.metrics import SplitMetrics
@@ -22,29 +22,18 @@ from flmm_lightning.training.evaluation import EvalStepOutput, SplitEvaluation
 
 class ReasoningEvaluator(SplitEvaluation):
     """Scores the datamodule's reasoning splits with the model core ``model`` (trained elsewhere: nothing
-    here trains); ``max_new_tokens``, ``tokens``, ``answer_prefix`` and the ``generation`` keyword arguments
-    are ``Grounder.segment``'s. Its step output and ``last_results`` are ``FLMMModule``'s, so the same
-    callbacks write the per-object table, overlays and metrics.json."""
+    here trains); ``settings`` are ``inference.reasoning.reason_and_segment``'s keyword arguments
+    (``max_new_tokens``, ``tokens``, ``answer_prefix``, generation settings), its defaults where not given.
+    Its step output and ``last_results`` are ``FLMMModule``'s, so the same callbacks write the per-object
+    table, overlays and metrics.json."""
 
     def __init__(
-        self,
-        model: FLMM,
-        prompt_builder: PromptBuilder,
-        sam_image_size: int,
-        max_new_tokens: int = 32,
-        tokens: str = "all",
-        answer_prefix: str = ANSWER_PREFIX,
-        **generation: Any,
+        self, model: FLMM, prompt_builder: PromptBuilder, sam_image_size: int, **settings: Any
     ) -> None:
         super().__init__()
         self.model = model
         self.runner = GroundingRunner(model, prompt_builder, sam_image_size)
-        self.settings: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
-            "tokens": tokens,
-            "answer_prefix": answer_prefix,
-            **generation,
-        }
+        self.settings = settings
 
     def split_metrics(self, name: str, kind: str) -> SplitMetrics:
         if kind != REASONING_KIND:
